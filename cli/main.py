@@ -1,0 +1,26 @@
+"""Entry point of the `kat-diag` console script.
+
+Each command group lives in its own module and registers itself here, so that the CLI stays a
+thin layer: parse the options, call the library, print.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from cli import analysis_cmd, trace_cmd, train_cmd, world_cmd
+
+app = typer.Typer(
+    name="kat-diag",
+    help="On-policy distillation with KAT, and diagnostics of the KL agreement trap.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+for module in (world_cmd, train_cmd, trace_cmd, analysis_cmd):
+    module.register(app)
+
+
+if __name__ == "__main__":
+    app()
