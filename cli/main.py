@@ -6,9 +6,16 @@ thin layer: parse the options, call the library, print.
 
 from __future__ import annotations
 
+import os
+
 import typer
 
-from cli import analysis_cmd, trace_cmd, train_cmd, world_cmd
+# Quiet the per-load progress bars and advisory warnings of transformers: our own bars say more.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from cli import analysis_cmd  # noqa: E402, trace_cmd, train_cmd, world_cmd
 
 app = typer.Typer(
     name="kat-diag",

@@ -1,0 +1,114 @@
+"""Evaluation: greedy accuracy, avg@k and the unbiased pass@k on benchmark splits.
+
+avg@k is the mean accuracy over k sampled completions per problem; pass@k is the unbiased
+estimator 1 - C(n-c, k) / C(n, k) from n samples with c correct (Chen et al., 2021), computed as a
+product so it never overflows. Answers are checked by `tasks.check_answer` (exact match in the
+arithmetic world, math-verify on real data).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from kat_diag.tasks import Problem, check_answer
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct."""
+    if not 0 <= c <= n:
+        raise ValueError(f"need 0 <= c <= n, got n={n}, c={c}")
+    if k < 1 or k > n:
+        raise ValueError(f"need 1 <= k <= n, got k={k}, n={n}")
+    if n - c < k:
+        return 1.0
+    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def avg_at_k(correct_PK: np.ndarray) -> float:
+    """Mean accuracy over all problems and samples."""
+    return float(np.mean(correct_PK)) if correct_PK.size else float("nan")
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int = 96,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    batch_size: int = 256,
+    seed: int = 0,
+    progress: bool = False,
+    desc: str = "generate",
+) -> list[str]:
+    """Batched completions (left-padded), decoded without special tokens."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    out: list[str] = []
+    starts = range(0, len(prompts), batch_size)
+    for start in tqdm(starts, desc=desc, disable=not progress, mininterval=2.0):
+        chunk = list(prompts[start : start + batch_size])
+        enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = {k: v.to(device) for k, v in enc.items()}
+        # generate() draws from the global RNG; seed it per batch so results don't depend on history.
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+        kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                      eos_token_id=tokenizer.eos_token_id, do_sample=do_sample)
+        if do_sample:
+            kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+        seqs = model.generate(**enc, **kwargs)
+        new = seqs[:, enc["input_ids"].shape[1]:]
+        out.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+    if was_training:
+        model.train()
+    return out
+
+
+def evaluate_split(
+    model,
+    tokenizer,
+    problems: Sequence[Problem],
+    k: int = 8,
+    greedy: bool = True,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 96,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, float]:
+    """Greedy accuracy and avg@k / pass@k (k samples per problem) on one split."""
+    result: dict[str, float] = {"n": float(len(problems))}
+    prompts = [p.prompt for p in problems]
+    if greedy:
+        outs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, progress=progress,
+                        desc="greedy")
+        result["greedy"] = float(np.mean([check_answer(p, o) for p, o in zip(problems, outs, strict=True)]))
+    if k > 0:
+        rep = [pr for pr in prompts for _ in range(k)]
+        outs = generate(model, tokenizer, rep, max_new_tokens=max_new_tokens, do_sample=True,
+                        temperature=temperature, top_p=top_p, seed=seed, progress=progress,
+                        desc=f"sample@{k}")
+        correct_PK = np.array(
+            [check_answer(problems[i // k], o) for i, o in enumerate(outs)], dtype=float
+        ).reshape(len(problems), k)
+        result[f"avg@{k}"] = avg_at_k(correct_PK)
+        result[f"pass@{k}"] = float(np.mean([pass_at_k(k, int(c), k) for c in correct_PK.sum(1)]))
+    return result
+
+
+def evaluate_benchmarks(
+    model, tokenizer, splits: dict[str, Sequence[Problem]], **kwargs
+) -> dict[str, dict[str, float]]:
+    """`evaluate_split` on every split, plus their unweighted mean under "mean"."""
+    res = {name: evaluate_split(model, tokenizer, probs, **kwargs) for name, probs in splits.items()}
+    keys = [k for k in next(iter(res.values())) if k != "n"] if res else []
+    res["mean"] = {k: float(np.mean([r[k] for r in res.values()])) for k in keys}
+    return res

@@ -1,0 +1,298 @@
+"""Tasks: the embedded arithmetic world's problems, real math data sets, and answer checking.
+
+The embedded world (DESIGN §5) is a seeded chain of integer operations solved step by step:
+
+    prompt      "23 +7 -5 *2\\n"
+    completion  "23+7=30\\n30-5=25\\n25*2=50\\n#50"
+
+Every intermediate value stays in [0, 99], so a character-level model of ~1 M parameters can learn
+the arithmetic in minutes on a CPU, and a wrong intermediate result is a recoverable-looking but
+wrong state that a teacher conditioned on it will happily continue from (the agreement trap).
+
+Real data (GSM8K-style `#### 42` answers, MATH-style `\\boxed{}` answers) load from local JSONL or
+Parquet with a field mapping and are graded with math-verify.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ANSWER_MARKER = "#"
+MAX_VALUE = 99
+
+# Benchmark splits of rising difficulty: name -> number of operations.
+BENCHMARK_OPS: dict[str, int] = {"ops2": 2, "ops3": 3, "ops4": 4, "ops5": 5}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem: the prompt the model sees, the reference answer and (optionally) a solution."""
+
+    id: str
+    prompt: str
+    answer: str
+    solution: str = ""
+    kind: str = "arith"  # "arith" -> exact match; "math" -> math-verify
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_json(d: dict) -> Problem:
+        return Problem(**d)
+
+
+# ---------------------------------------------------------------------------------------------
+# The arithmetic world
+# ---------------------------------------------------------------------------------------------
+
+
+def _next_op(rng: random.Random, value: int) -> tuple[str, int, int]:
+    """Draw an operation that keeps the running value inside [0, MAX_VALUE]."""
+    choices: list[str] = []
+    if value < MAX_VALUE:
+        choices.append("+")
+    if value > 0:
+        choices.append("-")
+    if 1 <= value <= MAX_VALUE // 2:
+        choices.append("*")
+    op = rng.choice(choices)
+    if op == "+":
+        b = rng.randint(1, min(40, MAX_VALUE - value))
+        return op, b, value + b
+    if op == "-":
+        b = rng.randint(1, min(40, value))
+        return op, b, value - b
+    b = rng.randint(2, min(5, MAX_VALUE // value))
+    return op, b, value * b
+
+
+def make_problem(rng: random.Random, n_ops: int, pid: str) -> Problem:
+    """One chain of `n_ops` operations with its step-by-step solution."""
+    value = rng.randint(2, 60)
+    ops_text = [str(value)]
+    lines = []
+    for _ in range(n_ops):
+        op, b, new = _next_op(rng, value)
+        ops_text.append(f"{op}{b}")
+        lines.append(f"{value}{op}{b}={new}")
+        value = new
+    prompt = " ".join(ops_text) + "\n"
+    solution = "\n".join(lines) + f"\n{ANSWER_MARKER}{value}"
+    return Problem(id=pid, prompt=prompt, answer=str(value), solution=solution, kind="arith")
+
+
+def generate_problems(n: int, n_ops: int | Sequence[int], seed: int, prefix: str) -> list[Problem]:
+    """`n` problems, deterministic in `seed`; `n_ops` an int or a set to draw from uniformly."""
+    rng = random.Random(seed)
+    ops_choices = [n_ops] if isinstance(n_ops, int) else list(n_ops)
+    return [make_problem(rng, rng.choice(ops_choices), f"{prefix}-{i}") for i in range(n)]
+
+
+def world_splits(
+    seed: int, n_train: int, n_bench: int, train_ops: Sequence[int] = (2, 3, 4, 5)
+) -> dict[str, list[Problem]]:
+    """The training prompt split and the four benchmark splits, disjoint by prompt text."""
+    splits: dict[str, list[Problem]] = {}
+    seen: set[str] = set()
+    for i, (name, k) in enumerate(BENCHMARK_OPS.items()):
+        rng = random.Random(seed * 1000 + 17 + i)
+        probs: list[Problem] = []
+        while len(probs) < n_bench:
+            p = make_problem(rng, k, f"{name}-{len(probs)}")
+            if p.prompt not in seen:
+                seen.add(p.prompt)
+                probs.append(p)
+        splits[name] = probs
+    rng = random.Random(seed * 1000 + 3)
+    train: list[Problem] = []
+    while len(train) < n_train:
+        p = make_problem(rng, rng.choice(list(train_ops)), f"train-{len(train)}")
+        if p.prompt not in seen:
+            seen.add(p.prompt)
+            train.append(p)
+    splits["train"] = train
+    return splits
+
+
+def sft_stream(seed: int, ops: Sequence[int], exclude: set[str]) -> Iterable[Problem]:
+    """Endless SFT examples (prompt + solution), never a benchmark prompt."""
+    rng = random.Random(seed)
+    i = 0
+    while True:
+        p = make_problem(rng, rng.choice(list(ops)), f"sft-{i}")
+        i += 1
+        if p.prompt not in exclude:
+            yield p
+
+
+def write_jsonl(problems: Iterable[Problem], path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for p in problems:
+            f.write(json.dumps(p.to_json()) + "\n")
+
+
+def read_problems(path: str | Path) -> list[Problem]:
+    """Read problems written by `write_jsonl` (the world's own format)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"problem file not found: {path}")
+    out = []
+    with path.open() as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    out.append(Problem.from_json(json.loads(line)))
+                except (json.JSONDecodeError, TypeError) as e:
+                    raise ValueError(f"{path}:{lineno}: not a kat-diag problem record ({e})") from e
+    if not out:
+        raise ValueError(f"{path}: no problems in file")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Real math data sets from local files
+# ---------------------------------------------------------------------------------------------
+
+_GSM8K_RE = re.compile(r"####\s*(.+?)\s*$", re.S)
+
+
+def extract_gsm8k_answer(text: str) -> str | None:
+    """`... #### 1,234` -> `1234`."""
+    m = _GSM8K_RE.search(text)
+    return m.group(1).replace(",", "").strip() if m else None
+
+
+def extract_boxed(text: str) -> str | None:
+    """Content of the last `\\boxed{...}` (or `\\fbox{...}`), with nested braces."""
+    starts = [m.end() for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text)]
+    if not starts:
+        return None
+    i = start = starts[-1]
+    depth = 1
+    while i < len(text):
+        if text[i] == "{":
+            depth += 1
+        elif text[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[start:i].strip()
+        i += 1
+    return None
+
+
+def _read_records(path: Path) -> list[dict]:
+    if not path.exists():
+        raise FileNotFoundError(f"data file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        records = []
+        with path.open() as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        records.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
+        return records
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    raise ValueError(f"{path}: unsupported data format {suffix!r} (use .jsonl or .parquet)")
+
+
+def load_math_dataset(
+    path: str | Path,
+    question_field: str = "question",
+    answer_field: str = "answer",
+    answer_format: str = "auto",
+    id_field: str | None = None,
+    limit: int | None = None,
+) -> list[Problem]:
+    """Load a real math set from local JSONL/Parquet with a field mapping.
+
+    answer_format: "gsm8k" (`#### 42` inside the answer field), "boxed" (MATH-style `\\boxed{}`
+    inside a solution field), "plain" (the field is the answer), or "auto" (try gsm8k, boxed, plain).
+    """
+    path = Path(path)
+    if answer_format not in ("auto", "gsm8k", "boxed", "plain"):
+        raise ValueError(f"answer_format must be auto|gsm8k|boxed|plain, got {answer_format!r}")
+    records = _read_records(path)
+    if not records:
+        raise ValueError(f"{path}: the data set is empty")
+    problems = []
+    for i, rec in enumerate(records[:limit] if limit else records):
+        for field in (question_field, answer_field) + ((id_field,) if id_field else ()):
+            if field not in rec:
+                raise KeyError(
+                    f"{path}: record {i} has no field {field!r} (fields: {sorted(rec)}); "
+                    f"set the field mapping"
+                )
+        raw = str(rec[answer_field])
+        ans = None
+        if answer_format in ("auto", "gsm8k"):
+            ans = extract_gsm8k_answer(raw)
+        if ans is None and answer_format in ("auto", "boxed"):
+            ans = extract_boxed(raw)
+        if ans is None and answer_format in ("auto", "plain"):
+            ans = raw.strip()
+        if ans is None or ans == "":
+            raise ValueError(
+                f"{path}: record {i}: no {answer_format} answer found in field {answer_field!r}"
+            )
+        pid = str(rec[id_field]) if id_field else f"{path.stem}-{i}"
+        problems.append(
+            Problem(id=pid, prompt=str(rec[question_field]), answer=ans, solution=raw, kind="math")
+        )
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Answer checking
+# ---------------------------------------------------------------------------------------------
+
+_MARKER_RE = re.compile(re.escape(ANSWER_MARKER) + r"\s*(-?\d+)")
+
+
+def extract_arith_answer(completion: str) -> str | None:
+    """The integer after the first answer marker, or None."""
+    m = _MARKER_RE.search(completion)
+    return m.group(1) if m else None
+
+
+def check_arith(completion: str, answer: str) -> bool:
+    """Exact match of the marked final answer."""
+    got = extract_arith_answer(completion)
+    return got is not None and int(got) == int(answer)
+
+
+def check_math(completion: str, answer: str) -> bool:
+    """math-verify: parse the completion's final answer and the gold one, compare symbolically."""
+    from math_verify import parse, verify
+
+    gold = parse("$" + answer + "$") or parse(answer)
+    boxed = extract_boxed(completion)
+    gsm = extract_gsm8k_answer(completion)
+    candidate_text = f"${boxed}$" if boxed is not None else (f"${gsm}$" if gsm is not None else completion)
+    pred = parse(candidate_text)
+    if not gold or not pred:
+        return False
+    try:
+        return bool(verify(gold, pred))
+    except Exception:  # math-verify raises on exotic expressions; such an answer is not verified
+        return False
+
+
+def check_answer(problem: Problem, completion: str) -> bool:
+    """Grade a completion: exact match in the arithmetic world, math-verify on real data."""
+    if problem.kind == "arith":
+        return check_arith(completion, problem.answer)
+    return check_math(completion, problem.answer)

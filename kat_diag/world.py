@@ -1,0 +1,130 @@
+"""The embedded world: data, tokenizer, tiny teacher and student, built reproducibly from a seed.
+
+Nothing can be downloaded here, so the project ships its own model organism (DESIGN §5): the
+arithmetic task of `tasks`, the character tokenizer of `tokenizer`, and two Qwen3-architecture
+models SFT'd by `sft` — a teacher that solves the easy splits and a smaller, weaker student. The
+result is a directory laid out like real checkpoints on disk:
+
+    WORLD/world.json            config, parameter counts, build time, SFT losses
+    WORLD/data/{train,ops2,ops3,ops4,ops5}.jsonl
+    WORLD/tokenizer/            AutoTokenizer.from_pretrained
+    WORLD/teacher/, WORLD/student/   AutoModelForCausalLM.from_pretrained (tokenizer saved too)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from kat_diag.models import count_parameters, tiny_qwen3_config
+from kat_diag.sft import SFTConfig, train_sft
+from kat_diag.tasks import BENCHMARK_OPS, Problem, read_problems, sft_stream, world_splits, write_jsonl
+from kat_diag.tokenizer import save_char_tokenizer
+
+DEFAULT_WORLD_DIR = Path(__file__).resolve().parent.parent / "data" / "world"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
+    sft: SFTConfig = field(default_factory=SFTConfig)
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    seed: int = 0
+    n_train: int = 4000  # OPD training prompts
+    n_bench: int = 200  # problems per benchmark split
+    sft_ops: tuple[int, ...] = (2, 3, 4, 5)
+    teacher: ModelSpec = ModelSpec(128, 4, 4, 384, SFTConfig(steps=1000, batch_size=64, lr=3e-3, seed=1))
+    student: ModelSpec = ModelSpec(64, 2, 2, 192, SFTConfig(steps=500, batch_size=64, lr=3e-3, seed=2))
+
+    @staticmethod
+    def quick() -> WorldConfig:
+        """A small world for tests: same code path, seconds instead of minutes."""
+        return WorldConfig(
+            n_train=64,
+            n_bench=16,
+            teacher=ModelSpec(32, 2, 2, 64, SFTConfig(steps=30, batch_size=16, lr=3e-3, seed=1)),
+            student=ModelSpec(16, 1, 2, 32, SFTConfig(steps=15, batch_size=16, lr=3e-3, seed=2)),
+        )
+
+
+def _spec_from_dict(d: dict) -> ModelSpec:
+    return ModelSpec(**{**d, "sft": SFTConfig(**d["sft"])})
+
+
+def world_config_from_dict(d: dict) -> WorldConfig:
+    return replace(
+        WorldConfig(**{k: v for k, v in d.items() if k not in ("teacher", "student", "sft_ops")}),
+        sft_ops=tuple(d["sft_ops"]),
+        teacher=_spec_from_dict(d["teacher"]),
+        student=_spec_from_dict(d["student"]),
+    )
+
+
+def _build_model(spec: ModelSpec, tok, seed: int):
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_qwen3_config(
+        vocab_size=len(tok),
+        hidden_size=spec.hidden,
+        num_layers=spec.layers,
+        num_heads=spec.heads,
+        intermediate_size=spec.intermediate,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg)
+
+
+def build_world(out_dir: str | Path, cfg: WorldConfig = WorldConfig(), progress: bool = True) -> dict:
+    """Build data, tokenizer, teacher and student into `out_dir`; return the world summary."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    torch.manual_seed(cfg.seed)
+
+    splits = world_splits(cfg.seed, cfg.n_train, cfg.n_bench)
+    for name, probs in splits.items():
+        write_jsonl(probs, out / "data" / f"{name}.jsonl")
+    bench_prompts = {p.prompt for name in BENCHMARK_OPS for p in splits[name]}
+    tok = save_char_tokenizer(out / "tokenizer")
+
+    summary: dict = {"config": asdict(cfg), "models": {}}
+    for role, spec, seed_off in (("teacher", cfg.teacher, 11), ("student", cfg.student, 23)):
+        t_model = time.time()
+        model = _build_model(spec, tok, cfg.seed * 100 + seed_off)
+        stream = iter(sft_stream(cfg.seed * 100 + seed_off, cfg.sft_ops, bench_prompts))
+        losses = train_sft(model, tok, stream, spec.sft, desc=f"sft {role}", progress=progress)
+        model.save_pretrained(out / role)
+        tok.save_pretrained(out / role)
+        summary["models"][role] = {
+            "parameters": count_parameters(model),
+            "sft_final_loss": float(sum(losses[-20:]) / max(1, len(losses[-20:]))),
+            "sft_seconds": round(time.time() - t_model, 1),
+        }
+    summary["build_seconds"] = round(time.time() - t0, 1)
+    (out / "world.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def load_world_splits(world_dir: str | Path = DEFAULT_WORLD_DIR) -> dict[str, list[Problem]]:
+    """The world's data splits: "train" and the benchmark splits, in difficulty order."""
+    d = Path(world_dir) / "data"
+    if not d.exists():
+        raise FileNotFoundError(f"no world data at {d}; run `kat-diag world build` first")
+    return {name: read_problems(d / f"{name}.jsonl") for name in ("train", *BENCHMARK_OPS)}
+
+
+def world_paths(world_dir: str | Path = DEFAULT_WORLD_DIR) -> dict[str, Path]:
+    w = Path(world_dir)
+    return {"teacher": w / "teacher", "student": w / "student", "tokenizer": w / "tokenizer", "data": w / "data"}
