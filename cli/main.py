@@ -15,7 +15,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from cli import analysis_cmd  # noqa: E402, trace_cmd, train_cmd, world_cmd
+from cli import analysis_cmd, trace_cmd, train_cmd, world_cmd  # noqa: E402
 
 app = typer.Typer(
     name="kat-diag",

@@ -127,4 +127,4 @@ def load_world_splits(world_dir: str | Path = DEFAULT_WORLD_DIR) -> dict[str, li
 
 def world_paths(world_dir: str | Path = DEFAULT_WORLD_DIR) -> dict[str, Path]:
     w = Path(world_dir)
-    return {"teacher": w / "teacher", "student": w / "student", "tokenizer": w / "tokenizer", "data": w / "data"}
+    return {name: w / name for name in ("teacher", "student", "tokenizer", "data")}
