@@ -1,0 +1,156 @@
+"""Tasks: generator determinism, splits, real-data loading with field mapping, answer checking."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from kat_diag.tasks import (
+    BENCHMARK_OPS,
+    check_answer,
+    check_arith,
+    check_math,
+    extract_boxed,
+    extract_gsm8k_answer,
+    generate_problems,
+    load_math_dataset,
+    read_problems,
+    world_splits,
+    write_jsonl,
+)
+
+
+def _eval_chain(problem) -> int:
+    """Independent reference: recompute the answer from the prompt's chain of operations."""
+    first, *ops = problem.prompt.split()
+    v = int(first)
+    for op in ops:
+        b = int(op[1:])
+        v = {"+": v + b, "-": v - b, "*": v * b}[op[0]]
+    return v
+
+
+def test_generator_is_deterministic_and_seed_dependent():
+    a = generate_problems(50, (2, 3), seed=7, prefix="x")
+    b = generate_problems(50, (2, 3), seed=7, prefix="x")
+    c = generate_problems(50, (2, 3), seed=8, prefix="x")
+    assert a == b
+    assert a != c
+
+
+def test_solutions_are_correct_and_values_bounded():
+    for p in generate_problems(300, (2, 3, 4, 5), seed=1, prefix="t"):
+        assert int(p.answer) == _eval_chain(p)
+        lines = p.solution.split("\n")
+        assert lines[-1] == f"#{p.answer}"
+        for line in lines[:-1]:
+            lhs, rhs = line.split("=")
+            assert 0 <= int(rhs) <= 99
+            assert eval(lhs) == int(rhs)  # noqa: S307 - arithmetic of our own generator
+        assert check_arith(p.solution, p.answer)
+
+
+def test_world_splits_rising_difficulty_and_disjoint():
+    s = world_splits(seed=0, n_train=200, n_bench=30)
+    assert list(s) == [*BENCHMARK_OPS, "train"]
+    for name, k in BENCHMARK_OPS.items():
+        assert len(s[name]) == 30
+        assert all(len(p.prompt.split()) == k + 1 for p in s[name])
+    prompts = [p.prompt for v in s.values() for p in v]
+    assert len(prompts) == len(set(prompts))
+    assert world_splits(seed=0, n_train=200, n_bench=30) == s
+
+
+def test_jsonl_round_trip(tmp_path):
+    probs = generate_problems(10, 3, seed=0, prefix="r")
+    write_jsonl(probs, tmp_path / "p.jsonl")
+    assert read_problems(tmp_path / "p.jsonl") == probs
+
+
+def test_read_problems_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        read_problems(tmp_path / "missing.jsonl")
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match="no problems"):
+        read_problems(tmp_path / "empty.jsonl")
+
+
+def test_gsm8k_and_boxed_extraction():
+    assert extract_gsm8k_answer("She has 3+4=7 apples.\n#### 1,234") == "1234"
+    assert extract_gsm8k_answer("no marker") is None
+    assert extract_boxed(r"so \boxed{\frac{1}{2}} and") == r"\frac{1}{2}"
+    assert extract_boxed(r"\boxed{1} then \boxed{x^{2}+1}") == "x^{2}+1"
+    assert extract_boxed("nothing") is None
+
+
+def test_load_gsm8k_jsonl_with_field_mapping(tmp_path):
+    f = tmp_path / "gsm.jsonl"
+    rows = [{"q": "What is 2+2?", "sol": "2+2=4\n#### 4", "uid": "a"},
+            {"q": "Half of 10?", "sol": "10/2=5\n#### 5", "uid": "b"}]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    probs = load_math_dataset(f, question_field="q", answer_field="sol", id_field="uid")
+    assert [(p.id, p.prompt, p.answer, p.kind) for p in probs] == [
+        ("a", "What is 2+2?", "4", "math"), ("b", "Half of 10?", "5", "math")]
+
+
+def test_load_math_parquet_boxed(tmp_path):
+    f = tmp_path / "math.parquet"
+    pq.write_table(pa.table({"problem": ["Simplify 2/4."], "solution": [r"It is $\boxed{\frac12}$."]}), f)
+    probs = load_math_dataset(f, question_field="problem", answer_field="solution", answer_format="boxed")
+    assert probs[0].answer == r"\frac12"
+
+
+def test_loader_errors_name_file_and_field(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        load_math_dataset(tmp_path / "nope.jsonl")
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps({"question": "x"}) + "\n")
+    with pytest.raises(KeyError, match=r"d\.jsonl.*'answer'"):
+        load_math_dataset(f)
+    e = tmp_path / "e.jsonl"
+    e.write_text("")
+    with pytest.raises(ValueError, match="e.jsonl.*empty"):
+        load_math_dataset(e)
+    g = tmp_path / "g.jsonl"
+    g.write_text(json.dumps({"question": "x", "answer": "no answer here"}) + "\n")
+    with pytest.raises(ValueError, match="gsm8k"):
+        load_math_dataset(g, answer_format="gsm8k")
+    h = tmp_path / "h.csv"
+    h.write_text("a,b\n")
+    with pytest.raises(ValueError, match="unsupported"):
+        load_math_dataset(h)
+
+
+@pytest.mark.parametrize(
+    ("completion", "answer", "ok"),
+    [
+        ("12+3=15\n#15", "15", True),
+        ("12+3=15\n#16", "15", False),
+        ("12+3=15\n", "15", False),  # no final answer marker
+        ("#07", "7", True),
+        ("#0", "0", True),
+    ],
+)
+def test_check_arith(completion, answer, ok):
+    assert check_arith(completion, answer) is ok
+
+
+@pytest.mark.parametrize(
+    ("completion", "answer", "ok"),
+    [
+        (r"The result is \boxed{\frac{1}{2}}.", "0.5", True),
+        (r"The result is \boxed{\frac{1}{2}}.", r"\frac{2}{4}", True),
+        (r"The result is \boxed{3}.", "4", False),
+        ("Adding up gives 18.\n#### 18", "18", True),
+        ("Adding up gives 18.\n#### 19", "18", False),
+        (r"\boxed{x^2+2x+1}", "(x+1)^2", True),
+    ],
+)
+def test_check_math_with_math_verify(completion, answer, ok):
+    assert check_math(completion, answer) is ok
+
+
+def test_check_answer_dispatches_on_kind():
+    arith = generate_problems(1, 2, seed=0, prefix="k")[0]
+    assert check_answer(arith, arith.solution)
