@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from kat_diag.detector import KATConfig
 from kat_diag.traces import TraceReader
 
 SUMMARY_COLUMNS = ["step", "policy", "fire", "onset", "gen_len", "kept_len", "correct", "stop_reason"]
@@ -235,6 +236,52 @@ def rollout_marks(row: dict[str, Any], phases: tuple[int, int] | None = None) ->
     if 0 <= kept < n and kept != row.get("onset", -1):
         add(kept, "kept-end")
     return marks
+
+
+def kat_config(config: dict[str, Any] | None, **overrides: Any) -> KATConfig:
+    """KATConfig of a run: its recorded config's ``kat`` section, with non-None overrides applied."""
+    names = set(KATConfig.__dataclass_fields__)
+    section = (config or {}).get("kat") or {}
+    values = {k: v for k, v in section.items() if k in names} if isinstance(section, dict) else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return KATConfig(**values)
+
+
+def rollout_phases(row: dict[str, Any], cfg: KATConfig) -> tuple[int, int] | None:
+    """(pre_end, agree_end) of the rollout under its recorded tau, or None when undefined.
+
+    Uses :mod:`kat_diag.phases` (the same detector code as online); None when the rollout's tau is
+    NaN (KAT inactive: no agreement phase can be defined).
+    """
+    tau = row.get("tau", math.nan)
+    if tau is None or not math.isfinite(tau) or len(row["kl"]) == 0:
+        return None
+    try:
+        from kat_diag import phases as _phases
+    except ImportError:  # pragma: no cover - phases not built yet
+        return None
+    kl = np.asarray(row["kl"], dtype=np.float64)
+    spans = _phases.segment(kl, np.array([0, len(kl)], dtype=np.int64), cfg, np.array([tau]))
+    return int(spans.pre_end[0]), int(spans.agree_end[0])
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # strict JSON has no NaN / inf
+    if isinstance(value, np.generic):
+        return _jsonable(value.item())
+    return value
+
+
+def rollout_json(row: dict[str, Any], phases: tuple[int, int] | None = None) -> dict[str, Any]:
+    """One rollout as a JSON-ready dict (non-finite floats become null), with its phase spans."""
+    out = {k: _jsonable(v) for k, v in row.items()}
+    out["phases"] = None if phases is None else {"pre_end": phases[0], "agree_end": phases[1]}
+    return out
 
 
 def _header(row: dict[str, Any], phases: tuple[int, int] | None) -> list[tuple[str, str]]:
