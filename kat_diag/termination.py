@@ -1,0 +1,477 @@
+"""Termination policies: when to stop a rollout, and how much of it to train on.
+
+The rollout engine talks to every policy through one interface, so OPD, KAT and the baselines
+of DESIGN §2 (random length-matched termination, fixed prefix, KAT inside a prefix budget) run
+through the same code path and differ only in the object `make_policy` returns.
+
+Interface (`TerminationPolicy`), all per-row state vectorised over the engine's live batch:
+
+    policy.begin_step(step)            # once per training step, before any rollout (KAT: tau)
+    budget = policy.max_new_tokens(default)   # generation budget (prefix policies: min(P, default))
+    policy.add_rows(n)                 # n new rollouts start, appended as the last n rows
+    loop:
+        dec = policy.update(kl_BC, valid_BC)  # C new tokens per row (valid tokens: row prefix)
+        # dec.stop_B  bool  (B,): stop this rollout (sticky: stays True once set)
+        # dec.end_B   int64 (B,): where stop_B, the rollout's final length; tokens generated
+        #                         beyond it (chunked scoring) are to be discarded; -1 elsewhere
+        # dec.keep_B  int64 (B,): where stop_B, train on tokens [0, keep_B); -1 elsewhere
+        policy.keep_rows(idx_B)        # compaction: keep these rows, in this order (finished
+                                       # rows not in idx_B are booked for the step's metrics)
+        policy.add_rows(k)             # refill freed slots
+    metrics = policy.end_step()        # dict[str, float]; drops remaining rows; KAT pushes the
+                                       # step's window means into its buffer here
+    policy.row_info()                  # per live row: tokens, stopped, keep, end, fire, onset
+    policy.state_dict() / load_state_dict(state)   # what persists across steps (KAT buffer and
+                                       # tau, random generator); take it between steps
+
+A rollout that ends on its own (EOS, budget) trains on all its tokens; `keep_B`/`end_B` only
+describe rollouts the policy stopped. Metrics of every policy share the keys `rollouts`,
+`stopped_share`, `gen_len_mean`, `kept_len_mean`, `tokens_generated`, `tokens_kept`; KAT adds
+`tau`, `kat_active`, `fired_share`, `onset_mean`, `fire_mean`, `nonfinite_count`,
+`window_means`, `buffer_size`.
+
+Policies: `none` (plain OPD), `kat`, `random`, `prefix`, `kat+prefix`.
+
+`random` cuts a rollout after a geometric number of tokens with mean `target` (support 1, 2,
+...), drawn from a seeded `torch.Generator` when the row is added. That is distributionally the
+same as stopping after each token with probability 1/target (memoryless), but does not depend
+on how the engine chunks tokens. The target is a mean kept length given directly, or read from
+a KAT run's metrics.jsonl (`target_from_metrics`: the rollout-weighted mean of
+`kept_len_mean`). Rollouts that end on their own before the cut pull the realised mean below
+the target, just as unfired rollouts do in the KAT run being matched.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from kat_diag.detector import AdaptiveThreshold, KATConfig, StreamingDetector
+
+POLICY_NAMES = ("none", "kat", "random", "prefix", "kat+prefix")
+
+
+@dataclass(frozen=True)
+class StopDecision:
+    """Result of `TerminationPolicy.update` for the live rows (see module docstring)."""
+
+    stop_B: torch.Tensor  # bool
+    keep_B: torch.Tensor  # int64, -1 where not stopped
+    end_B: torch.Tensor  # int64, -1 where not stopped
+
+
+@runtime_checkable
+class TerminationPolicy(Protocol):
+    """The interface the rollout engine uses (see module docstring for the call sequence)."""
+
+    name: str
+
+    def begin_step(self, step: int) -> None: ...
+
+    def add_rows(self, n: int) -> None: ...
+
+    def keep_rows(self, idx_B: torch.Tensor) -> None: ...
+
+    def update(self, kl_BC: torch.Tensor, valid_BC: torch.Tensor | None = None) -> StopDecision: ...
+
+    def max_new_tokens(self, default: int) -> int: ...
+
+    def row_info(self) -> dict[str, torch.Tensor]: ...
+
+    def end_step(self) -> dict[str, float]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def _mean(x: torch.Tensor) -> float:
+    return float(x.double().mean()) if x.numel() else math.nan
+
+
+class _RowPolicy:
+    """Shared row bookkeeping: tokens seen, sticky stop decisions, per-step finished rows."""
+
+    name = "base"
+
+    def __init__(self, device: str | torch.device = "cpu") -> None:
+        self.device = torch.device(device)
+        self._step = -1
+        self._new_rows()
+        self._done: list[dict[str, torch.Tensor]] = []
+
+    # -- hooks for subclasses
+    def _decide(self, kl_BC: torch.Tensor, valid_BC: torch.Tensor | None, nvalid_B: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(stop_B, keep_B, end_B) for rows that should be stopped given this chunk."""
+        z = torch.zeros_like(self._n_B)
+        return z.bool(), z, z
+
+    def _fire_onset(self) -> tuple[torch.Tensor, torch.Tensor]:
+        m = torch.full_like(self._n_B, -1)
+        return m, m
+
+    def _add_rows_hook(self, n: int) -> None:
+        pass
+
+    def _keep_rows_hook(self, idx_B: torch.Tensor) -> None:
+        pass
+
+    def _step_metrics(self, done: dict[str, torch.Tensor]) -> dict[str, float]:
+        return {}
+
+    # -- interface
+    def _new_rows(self) -> None:
+        i64 = dict(dtype=torch.int64, device=self.device)
+        self._n_B = torch.zeros(0, **i64)
+        self._stop_B = torch.zeros(0, dtype=torch.bool, device=self.device)
+        self._keep_B = torch.zeros(0, **i64)
+        self._end_B = torch.zeros(0, **i64)
+
+    @property
+    def num_rows(self) -> int:
+        return int(self._n_B.shape[0])
+
+    def begin_step(self, step: int) -> None:
+        if self.num_rows:
+            raise RuntimeError(f"begin_step({step}) with {self.num_rows} rollouts in flight; "
+                               "call end_step first")
+        self._step = int(step)
+        self._done = []
+
+    def max_new_tokens(self, default: int) -> int:
+        return default
+
+    def add_rows(self, n: int) -> None:
+        if n < 0:
+            raise ValueError(f"add_rows: n={n} must be >= 0")
+        i64 = dict(dtype=torch.int64, device=self.device)
+        self._n_B = torch.cat([self._n_B, torch.zeros(n, **i64)])
+        self._stop_B = torch.cat([self._stop_B, torch.zeros(n, dtype=torch.bool, device=self.device)])
+        self._keep_B = torch.cat([self._keep_B, torch.full((n,), -1, **i64)])
+        self._end_B = torch.cat([self._end_B, torch.full((n,), -1, **i64)])
+        self._add_rows_hook(n)
+
+    def keep_rows(self, idx_B: torch.Tensor) -> None:
+        idx_B = torch.as_tensor(idx_B, dtype=torch.int64, device=self.device).reshape(-1)
+        kept = torch.zeros(self.num_rows, dtype=torch.bool, device=self.device)
+        kept[idx_B] = True
+        self._book(~kept)
+        for name in ("_n_B", "_stop_B", "_keep_B", "_end_B"):
+            setattr(self, name, getattr(self, name)[idx_B])
+        self._keep_rows_hook(idx_B)
+
+    def _book(self, rows_B: torch.Tensor) -> None:
+        """Record finished rows (bool mask) for the step metrics."""
+        fire_B, onset_B = self._fire_onset()
+        info = self._info(fire_B, onset_B)
+        self._done.append({k: v[rows_B] for k, v in info.items()})
+
+    def _info(self, fire_B: torch.Tensor, onset_B: torch.Tensor) -> dict[str, torch.Tensor]:
+        stopped = self._stop_B
+        return {
+            "tokens": torch.where(stopped, self._end_B, self._n_B),
+            "kept": torch.where(stopped, self._keep_B, self._n_B),
+            "stopped": stopped,
+            "fire": fire_B,
+            "onset": onset_B,
+        }
+
+    def row_info(self) -> dict[str, torch.Tensor]:
+        """Per live row: tokens (final length if stopped), kept, stopped, keep, end, fire, onset."""
+        info = self._info(*self._fire_onset())
+        info.update(keep=self._keep_B.clone(), end=self._end_B.clone())
+        return info
+
+    def update(self, kl_BC: torch.Tensor, valid_BC: torch.Tensor | None = None) -> StopDecision:
+        if kl_BC.dim() != 2 or kl_BC.shape[0] != self.num_rows:
+            raise ValueError(f"update: kl_BC of shape {tuple(kl_BC.shape)}, policy has {self.num_rows} rows")
+        if kl_BC.device != self.device:
+            self._to(kl_BC.device)
+        if valid_BC is None:
+            nvalid_B = torch.full_like(self._n_B, kl_BC.shape[1])
+        else:
+            valid_BC = valid_BC.to(device=self.device, dtype=torch.bool)
+            nvalid_B = valid_BC.sum(1)
+        stop_B, keep_B, end_B = self._decide(kl_BC, valid_BC, nvalid_B)
+        new_B = stop_B & ~self._stop_B
+        self._keep_B = torch.where(new_B, keep_B, self._keep_B)
+        self._end_B = torch.where(new_B, end_B, self._end_B)
+        self._stop_B = self._stop_B | stop_B
+        self._n_B = self._n_B + nvalid_B
+        return StopDecision(self._stop_B.clone(), self._keep_B.clone(), self._end_B.clone())
+
+    def _to(self, device: torch.device) -> None:
+        for name in ("_n_B", "_stop_B", "_keep_B", "_end_B"):
+            setattr(self, name, getattr(self, name).to(device))
+        self.device = device
+
+    def end_step(self) -> dict[str, float]:
+        self._book(torch.ones(self.num_rows, dtype=torch.bool, device=self.device))
+        self._new_rows()
+        self._keep_rows_hook(torch.zeros(0, dtype=torch.int64, device=self.device))
+        done = {k: torch.cat([d[k] for d in self._done]) for k in self._done[0]}
+        self._done = []
+        tokens, kept, stopped = done["tokens"], done["kept"], done["stopped"]
+        metrics = {
+            "step": float(self._step),
+            "rollouts": float(tokens.numel()),
+            "stopped_share": _mean(stopped),
+            "gen_len_mean": _mean(tokens),
+            "kept_len_mean": _mean(kept),
+            "tokens_generated": float(tokens.sum()),
+            "tokens_kept": float(kept.sum()),
+        }
+        metrics.update(self._step_metrics(done))
+        return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "step": self._step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("name") != self.name:
+            raise ValueError(f"state_dict of policy {state.get('name')!r} loaded into {self.name!r}")
+        self._step = int(state["step"])
+
+
+class NonePolicy(_RowPolicy):
+    """Plain OPD: never stops a rollout, trains on every token."""
+
+    name = "none"
+
+
+class PrefixPolicy(_RowPolicy):
+    """Prefix-only OPD: generate and train on the first P tokens."""
+
+    name = "prefix"
+
+    def __init__(self, prefix_len: int, device: str | torch.device = "cpu") -> None:
+        _check_prefix(prefix_len)
+        super().__init__(device)
+        self.prefix_len = int(prefix_len)
+
+    def max_new_tokens(self, default: int) -> int:
+        return min(self.prefix_len, default)
+
+    def _decide(self, kl_BC: torch.Tensor, valid_BC: torch.Tensor | None, nvalid_B: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        p = self.prefix_len
+        stop_B = self._n_B + nvalid_B >= p
+        full_B = torch.full_like(self._n_B, p)
+        return stop_B, full_B, full_B
+
+    def _step_metrics(self, done: dict[str, torch.Tensor]) -> dict[str, float]:
+        return {"prefix_len": float(self.prefix_len)}
+
+
+class RandomPolicy(_RowPolicy):
+    """Random termination, length-matched: cut after Geometric(1/target) tokens (see module doc)."""
+
+    name = "random"
+
+    def __init__(self, target: float, seed: int = 0, device: str | torch.device = "cpu") -> None:
+        if not (isinstance(target, (int, float)) and math.isfinite(target) and target >= 1.0):
+            raise ValueError(f"random termination: target mean kept length {target!r} must be >= 1")
+        super().__init__(device)
+        self.target = float(target)
+        self.stop_prob = 1.0 / self.target
+        self._gen = torch.Generator(device="cpu")
+        self._gen.manual_seed(int(seed))
+        self._cut_B = torch.zeros(0, dtype=torch.int64, device=self.device)
+
+    def _add_rows_hook(self, n: int) -> None:
+        cut = torch.empty(n, dtype=torch.float64).geometric_(self.stop_prob, generator=self._gen)
+        self._cut_B = torch.cat([self._cut_B, cut.to(torch.int64).to(self.device)])
+
+    def _keep_rows_hook(self, idx_B: torch.Tensor) -> None:
+        self._cut_B = self._cut_B[idx_B]
+
+    def _to(self, device: torch.device) -> None:
+        super()._to(device)
+        self._cut_B = self._cut_B.to(device)
+
+    def _decide(self, kl_BC: torch.Tensor, valid_BC: torch.Tensor | None, nvalid_B: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        stop_B = self._n_B + nvalid_B >= self._cut_B
+        return stop_B, self._cut_B, self._cut_B
+
+    def row_info(self) -> dict[str, torch.Tensor]:
+        info = super().row_info()
+        info["cut"] = self._cut_B.clone()
+        return info
+
+    def _step_metrics(self, done: dict[str, torch.Tensor]) -> dict[str, float]:
+        return {"random_target": self.target, "random_stop_prob": self.stop_prob}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "target": self.target, "generator": self._gen.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.target = float(state["target"])
+        self.stop_prob = 1.0 / self.target
+        self._gen.set_state(state["generator"])
+
+
+class KATPolicy(_RowPolicy):
+    """KAT, optionally inside a prefix budget P (`kat+prefix`): the detector only sees tokens < P."""
+
+    name = "kat"
+
+    def __init__(self, cfg: KATConfig, prefix_len: int | None = None,
+                 device: str | torch.device = "cpu") -> None:
+        if prefix_len is not None:
+            _check_prefix(prefix_len)
+            self.name = "kat+prefix"
+        super().__init__(device)
+        self.cfg = cfg
+        self.prefix_len = None if prefix_len is None else int(prefix_len)
+        self.threshold = AdaptiveThreshold(cfg)
+        self.detector = StreamingDetector(cfg, device=self.device)
+        self._nonfinite_at_begin = 0
+        self._idx_cache: dict[int, torch.Tensor] = {}
+
+    def _to(self, device: torch.device) -> None:
+        super()._to(device)
+        self._idx_cache = {}
+
+    def begin_step(self, step: int) -> None:
+        super().begin_step(step)
+        self.threshold.begin_step(step)
+        self.detector.set_tau(self.threshold.effective_tau)
+        self._nonfinite_at_begin = self.detector.nonfinite_count
+
+    def max_new_tokens(self, default: int) -> int:
+        return default if self.prefix_len is None else min(self.prefix_len, default)
+
+    def _add_rows_hook(self, n: int) -> None:
+        self.detector.add_rows(n)
+
+    def _keep_rows_hook(self, idx_B: torch.Tensor) -> None:
+        self.detector.keep_rows(idx_B)
+
+    def _fire_onset(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.detector.fire_B.to(self.device), self.detector.onset_B.to(self.device)
+
+    def _decide(self, kl_BC: torch.Tensor, valid_BC: torch.Tensor | None, nvalid_B: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        p = self.prefix_len
+        if p is not None:
+            c = kl_BC.shape[1]
+            if c not in self._idx_cache:
+                self._idx_cache[c] = torch.arange(c, device=self.device)
+            inside_BC = (self._n_B[:, None] + self._idx_cache[c]) < p  # the detector never sees >= P
+            valid_BC = inside_BC if valid_BC is None else valid_BC & inside_BC
+        fired_B = self.detector.update(kl_BC, valid_BC).to(self.device)
+        fire_B = self.detector.fire_B.to(self.device)
+        keep_B = self.detector.keep_B.to(self.device)
+        end_B = fire_B + 1
+        if p is None:
+            return fired_B, keep_B, end_B
+        at_budget_B = self._n_B + nvalid_B >= p
+        full_B = torch.full_like(fire_B, p)
+        return (fired_B | at_budget_B, torch.where(fired_B, keep_B, full_B),
+                torch.where(fired_B, end_B, full_B))
+
+    def end_step(self) -> dict[str, float]:
+        metrics = super().end_step()
+        added = self.threshold.observe(self.detector.pop_window_means())
+        metrics.update(window_means=float(added), buffer_size=float(self.threshold.buffer.numel()))
+        return metrics
+
+    def _step_metrics(self, done: dict[str, torch.Tensor]) -> dict[str, float]:
+        fired = done["fire"] >= 0
+        return {
+            "tau": self.threshold.tau,
+            "kat_active": float(self.threshold.active),
+            "fired_share": _mean(fired),
+            "onset_mean": _mean(done["onset"][fired]),
+            "fire_mean": _mean(done["fire"][fired]),
+            "nonfinite_count": float(self.detector.nonfinite_count - self._nonfinite_at_begin),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "threshold": self.threshold.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.threshold.load_state_dict(state["threshold"])
+
+
+def _check_prefix(prefix_len: Any) -> None:
+    if not isinstance(prefix_len, int) or isinstance(prefix_len, bool) or prefix_len < 1:
+        raise ValueError(f"prefix_len={prefix_len!r}: must be an integer >= 1")
+
+
+def target_from_metrics(path: str | os.PathLike[str], key: str = "kept_len_mean",
+                        weight_key: str = "rollouts") -> float:
+    """Mean kept length of a finished run, from its metrics.jsonl.
+
+    Uses every line holding `key` (or a namespaced key ending in "/" + key), weighted by
+    `weight_key` (same matching) when all those lines have it: the mean over rollouts.
+    """
+
+    def lookup(row: dict[str, Any], k: str) -> float | None:
+        if k in row:
+            return float(row[k])
+        for name, value in row.items():
+            if isinstance(name, str) and name.endswith("/" + k):
+                return float(value)
+        return None
+
+    values: list[float] = []
+    weights: list[float | None] = []
+    with Path(path).open() as fh:
+        for line in fh:
+            line = line.strip()
+            if not line:
+                continue
+            row = json.loads(line)
+            v = lookup(row, key)
+            if v is not None and math.isfinite(v):
+                values.append(v)
+                weights.append(lookup(row, weight_key))
+    if not values:
+        raise ValueError(f"{path}: no finite {key!r} in any line")
+    if all(w is not None and w > 0 for w in weights):
+        total = sum(w for w in weights if w is not None)
+        return sum(v * w for v, w in zip(values, weights, strict=True) if w is not None) / total
+    return sum(values) / len(values)
+
+
+def make_policy(name: str, kat: KATConfig | None = None, prefix_len: int | None = None,
+                random_target: float | str | os.PathLike[str] | None = None, seed: int = 0, *,
+                device: str | torch.device = "cpu") -> TerminationPolicy:
+    """Build a termination policy by name: none | kat | random | prefix | kat+prefix.
+
+    kat: KAT parameters (default KATConfig()) for kat and kat+prefix. prefix_len: P for prefix
+    and kat+prefix. random_target: mean kept length for random, or the path of a KAT run's
+    metrics.jsonl to match. seed: random's generator seed. Arguments a policy does not use are
+    ignored, so one config can sweep policy names.
+    """
+    key = name.strip().lower().replace(" ", "")
+    if key not in POLICY_NAMES:
+        raise ValueError(f"unknown termination policy {name!r}; choose one of {', '.join(POLICY_NAMES)}")
+    if key in ("prefix", "kat+prefix") and prefix_len is None:
+        raise ValueError(f"policy {key!r} needs prefix_len (the budget P)")
+    if key == "random" and random_target is None:
+        raise ValueError("policy 'random' needs random_target: a mean kept length, or a KAT run's "
+                         "metrics.jsonl")
+    if key == "none":
+        return NonePolicy(device)
+    if key == "prefix":
+        assert prefix_len is not None
+        return PrefixPolicy(prefix_len, device)
+    if key == "random":
+        target = random_target
+        if isinstance(target, (str, os.PathLike)):
+            target = target_from_metrics(target)
+        return RandomPolicy(float(target), seed, device)  # type: ignore[arg-type]
+    cfg = kat if kat is not None else KATConfig()
+    return KATPolicy(cfg, prefix_len if key == "kat+prefix" else None, device)
