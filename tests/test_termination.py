@@ -1,0 +1,220 @@
+"""Termination policies: one interface, the documented stop/keep/end semantics, metrics, resume."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import pytest
+import torch
+
+from kat_diag.detector import KATConfig
+from kat_diag.termination import (
+    POLICY_NAMES,
+    KATPolicy,
+    RandomPolicy,
+    StopDecision,
+    TerminationPolicy,
+    make_policy,
+    target_from_metrics,
+)
+
+SMALL = KATConfig(window=4, persistence=3, min_length=0, warmup_steps=1, buffer_size=256, quantile=0.5)
+COMMON_KEYS = {"rollouts", "stopped_share", "gen_len_mean", "kept_len_mean", "tokens_generated", "tokens_kept"}
+
+
+def trap_trace(n_rows: int, high: int = 20, low: int = 40) -> torch.Tensor:
+    """High KL, then a long low stretch (the trap)."""
+    return torch.cat([torch.full((n_rows, high), 1.0), torch.full((n_rows, low), 0.001)], 1)
+
+
+def run_step(policy: TerminationPolicy, step: int, kl: torch.Tensor, chunk: int) -> tuple[StopDecision, dict]:
+    policy.begin_step(step)
+    policy.add_rows(kl.shape[0])
+    dec = None
+    for s in range(0, kl.shape[1], chunk):
+        dec = policy.update(kl[:, s: s + chunk])
+    assert dec is not None
+    return dec, policy.end_step()
+
+
+@pytest.mark.parametrize("name", POLICY_NAMES)
+def test_factory_builds_every_policy_behind_the_protocol(name):
+    policy = make_policy(name, SMALL, prefix_len=16, random_target=8.0, seed=1)
+    assert isinstance(policy, TerminationPolicy)
+    assert policy.name == name
+    _, metrics = run_step(policy, 0, trap_trace(3), chunk=7)
+    assert COMMON_KEYS <= metrics.keys()
+    assert metrics["rollouts"] == 3.0
+
+
+def test_factory_errors_are_clear():
+    with pytest.raises(ValueError, match="unknown termination policy 'kta'"):
+        make_policy("kta")
+    with pytest.raises(ValueError, match="prefix_len"):
+        make_policy("prefix")
+    with pytest.raises(ValueError, match="prefix_len"):
+        make_policy("kat+prefix", SMALL)
+    with pytest.raises(ValueError, match="random_target"):
+        make_policy("random")
+    with pytest.raises(ValueError, match="prefix_len=0"):
+        make_policy("prefix", prefix_len=0)
+    with pytest.raises(ValueError, match="target"):
+        make_policy("random", random_target=0.5)
+    assert make_policy(" KAT+Prefix ", prefix_len=4).name == "kat+prefix"
+
+
+def test_none_never_stops():
+    policy = make_policy("none")
+    dec, metrics = run_step(policy, 0, trap_trace(4), chunk=5)
+    assert not bool(dec.stop_B.any()) and dec.keep_B.tolist() == [-1] * 4
+    assert metrics["kept_len_mean"] == metrics["gen_len_mean"] == 60.0
+    assert metrics["stopped_share"] == 0.0
+    assert policy.max_new_tokens(100) == 100
+
+
+def test_prefix_stops_at_p_and_caps_the_budget():
+    policy = make_policy("prefix", prefix_len=10)
+    assert policy.max_new_tokens(100) == 10 and policy.max_new_tokens(5) == 5
+    policy.begin_step(0)
+    policy.add_rows(2)
+    dec = policy.update(torch.zeros(2, 6))
+    assert dec.stop_B.tolist() == [False, False]
+    dec = policy.update(torch.zeros(2, 6), torch.tensor([[True] * 6, [True] * 3 + [False] * 3]))
+    assert dec.stop_B.tolist() == [True, False]  # row 1 has only 9 tokens
+    assert dec.keep_B.tolist() == [10, -1] and dec.end_B.tolist() == [10, -1]
+    metrics = policy.end_step()
+    assert metrics["kept_len_mean"] == (10 + 9) / 2 and metrics["prefix_len"] == 10.0
+
+
+def test_kat_observes_during_warmup_then_fires_and_keeps_the_prefix_before_onset():
+    policy = make_policy("kat", SMALL)
+    dec, m0 = run_step(policy, 0, trap_trace(4), chunk=8)
+    assert not bool(dec.stop_B.any()) and m0["kat_active"] == 0.0 and math.isnan(m0["tau"])
+    assert m0["window_means"] == 4 * 15 and m0["buffer_size"] == 60
+    # Buffer: 5 high and 10 low stride windows per row -> the median is the low value (0.001);
+    # in step 1 the trap is a lower stretch.
+    kl = torch.cat([torch.full((4, 20), 1.0), torch.full((4, 40), 0.0001)], 1)
+    dec, m1 = run_step(policy, 1, kl, chunk=8)
+    assert m1["kat_active"] == 1.0 and m1["tau"] == pytest.approx(0.001, rel=1e-3)
+    # First low window ends at 20 + W - 1 = 23, T = 3 low windows -> fire at 25, onset 20.
+    assert dec.stop_B.all()
+    assert dec.end_B.tolist() == [26] * 4 and dec.keep_B.tolist() == [20] * 4
+    assert m1["fired_share"] == 1.0 and m1["fire_mean"] == 25.0 and m1["onset_mean"] == 20.0
+    assert m1["kept_len_mean"] == 20.0 and m1["gen_len_mean"] == 26.0
+    assert policy.row_info()["tokens"].numel() == 0  # end_step dropped the rows
+
+
+def test_kat_keep_fire_mode_trains_through_the_fire_token():
+    cfg = KATConfig(window=4, persistence=3, min_length=0, warmup_steps=0, keep="fire")
+    policy = KATPolicy(cfg)
+    policy.threshold.observe([0.5])
+    dec, _ = run_step(policy, 0, trap_trace(2), chunk=60)
+    # tau = 0.5: window i=22 (tokens 19..22, one high) is already low -> fire at 24.
+    assert dec.end_B.tolist() == [25, 25] and dec.keep_B.tolist() == [25, 25]
+
+
+def test_kat_plus_prefix_stops_at_the_budget_or_earlier_on_a_trap():
+    cfg = KATConfig(window=4, persistence=3, min_length=0, warmup_steps=0)
+    policy = make_policy("kat+prefix", cfg, prefix_len=30)
+    policy.threshold.observe([0.5])  # type: ignore[attr-defined]
+    assert policy.max_new_tokens(100) == 30
+    kl = torch.cat([trap_trace(1), torch.ones(1, 60)])  # row 0 trapped at 20, row 1 never low
+    dec, metrics = run_step(policy, 0, kl, chunk=16)
+    assert dec.stop_B.tolist() == [True, True]
+    assert dec.end_B.tolist() == [25, 30] and dec.keep_B.tolist() == [19, 30]
+    assert metrics["fired_share"] == 0.5 and metrics["stopped_share"] == 1.0
+    # A trap after the budget is invisible to the detector.
+    late = torch.cat([torch.ones(1, 28), torch.zeros(1, 40)], 1)
+    dec, metrics = run_step(policy, 1, late, chunk=16)
+    assert dec.end_B.tolist() == [30] and metrics["fired_share"] == 0.0
+
+
+def test_random_matches_the_target_mean_kept_length_on_long_rollouts():
+    target = 40.0
+    policy = make_policy("random", random_target=target, seed=3)
+    _, metrics = run_step(policy, 0, torch.zeros(4000, 1000), chunk=250)
+    # Geometric with mean 40: sd 39.5, standard error over 4000 rollouts ~0.62.
+    assert metrics["kept_len_mean"] == pytest.approx(target, abs=2.5)
+    assert metrics["stopped_share"] == 1.0
+    assert metrics["random_stop_prob"] == 1 / target
+
+
+def test_random_cuts_do_not_depend_on_chunking_and_resume_from_state():
+    a, b = RandomPolicy(12.0, seed=5), RandomPolicy(12.0, seed=5)
+    kl = torch.zeros(64, 200)
+    dec_a, _ = run_step(a, 0, kl, chunk=1)
+    dec_b, _ = run_step(b, 0, kl, chunk=37)
+    assert torch.equal(dec_a.keep_B, dec_b.keep_B) and torch.equal(dec_a.end_B, dec_b.end_B)
+    assert dec_a.keep_B.min().item() >= 1
+    # Resume: a fresh policy loaded from a's state draws what a draws next.
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    buf.seek(0)
+    c = RandomPolicy(1.0, seed=0)
+    c.load_state_dict(torch.load(buf, weights_only=True))
+    dec_a, _ = run_step(a, 1, kl, chunk=10)
+    dec_c, _ = run_step(c, 1, kl, chunk=10)
+    assert torch.equal(dec_a.keep_B, dec_c.keep_B)
+
+
+def test_random_target_from_a_kat_run_metrics_file(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": 0, "term/kept_len_mean": 100.0, "term/rollouts": 10},
+            {"step": 1, "loss": 0.3},
+            {"step": 2, "term/kept_len_mean": 40.0, "term/rollouts": 30}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert target_from_metrics(path) == pytest.approx((100 * 10 + 40 * 30) / 40)
+    policy = make_policy("random", random_target=str(path))
+    assert policy.target == pytest.approx(55.0)  # type: ignore[attr-defined]
+    (tmp_path / "empty.jsonl").write_text('{"loss": 1}\n')
+    with pytest.raises(ValueError, match="kept_len_mean"):
+        target_from_metrics(tmp_path / "empty.jsonl")
+
+
+def test_compaction_books_finished_rows_and_refills():
+    cfg = KATConfig(window=4, persistence=3, min_length=0, warmup_steps=0)
+    policy = KATPolicy(cfg)
+    policy.threshold.observe([0.5])
+    policy.begin_step(0)
+    policy.add_rows(2)
+    # Windows (W=4) low from i=6 (tokens 3..6: one high, three low); T=3 -> fire at 8, onset 3.
+    dec = policy.update(trap_trace(2, high=4, low=4))
+    assert dec.stop_B.tolist() == [False, False]
+    dec = policy.update(trap_trace(2, high=0, low=4))
+    assert dec.stop_B.tolist() == [True, True]
+    assert dec.end_B.tolist() == [9, 9] and dec.keep_B.tolist() == [3, 3]
+    policy.keep_rows(torch.tensor([], dtype=torch.int64))  # both finished
+    policy.add_rows(1)  # refill: a fresh rollout, independent of the dropped ones
+    dec = policy.update(torch.ones(1, 8))
+    assert dec.stop_B.tolist() == [False]
+    metrics = policy.end_step()
+    assert metrics["rollouts"] == 3.0 and metrics["fired_share"] == pytest.approx(2 / 3)
+    assert metrics["gen_len_mean"] == pytest.approx((9 + 9 + 8) / 3)
+    assert metrics["kept_len_mean"] == pytest.approx((3 + 3 + 8) / 3)
+
+
+def test_kat_state_dict_resumes_the_threshold():
+    policy = make_policy("kat", SMALL)
+    run_step(policy, 0, trap_trace(4), chunk=8)
+    buf = io.BytesIO()
+    torch.save(policy.state_dict(), buf)
+    buf.seek(0)
+    fresh = make_policy("kat", SMALL)
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    kl = torch.cat([torch.full((4, 20), 1.0), torch.full((4, 40), 0.0001)], 1)
+    (dec_a, m_a), (dec_b, m_b) = run_step(policy, 1, kl, 8), run_step(fresh, 1, kl, 8)
+    assert torch.equal(dec_a.end_B, dec_b.end_B) and m_a["tau"] == m_b["tau"]
+    with pytest.raises(ValueError, match="state_dict of policy"):
+        make_policy("none").load_state_dict(policy.state_dict())
+
+
+def test_contract_errors():
+    policy = make_policy("none")
+    policy.begin_step(0)
+    policy.add_rows(2)
+    with pytest.raises(ValueError, match="2 rows"):
+        policy.update(torch.zeros(3, 4))
+    with pytest.raises(RuntimeError, match="in flight"):
+        policy.begin_step(1)
