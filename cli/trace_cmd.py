@@ -146,6 +146,80 @@ def _inspect(run: Path, rollout: int | None, html: Path | None, as_json: bool, f
                                           tokenizer=tok), nl=False, color=use_color)
 
 
+def _parse_tau(tau: str | None) -> float | str | None:
+    if tau is None or tau == "recorded":
+        return tau
+    try:
+        return float(tau)
+    except ValueError as e:
+        raise typer.BadParameter(f"--tau expects a number or 'recorded', got {tau!r}") from e
+
+
+def replay(
+    run: Path = typer.Argument(..., help="Run directory (or its traces/ directory) to replay KAT over."),
+    window: int | None = typer.Option(None, "--window", help="W: tokens per window mean "
+                                      "(default: the run config's kat.window, else KATConfig's)."),
+    persistence: int | None = typer.Option(None, "--persistence", help="T: consecutive low windows "
+                                           "needed to fire (default: run config, else KATConfig)."),
+    min_length: int | None = typer.Option(None, "--min-length", help="L0: never fire before this many "
+                                          "tokens (default: run config, else KATConfig)."),
+    eta: float | None = typer.Option(None, "--eta", help="Quantile eta: tau = quantile_eta(buffer) "
+                                     "(default: run config, else KATConfig)."),
+    warmup_steps: int | None = typer.Option(None, "--warmup-steps", help="K: steps during which KAT "
+                                            "only fills its buffer (default: run config, else KATConfig)."),
+    buffer_size: int | None = typer.Option(None, "--buffer-size", help="B: window means kept in the "
+                                           "FIFO buffer (default: run config, else KATConfig)."),
+    keep: str | None = typer.Option(None, "--keep", help="Kept tokens when fired: 'onset' ([0, onset)) "
+                                    "or 'fire' ([0, fire]) (default: run config, else onset)."),
+    tau: str | None = typer.Option(None, "--tau", help="Fixed threshold (nats) for every rollout, or "
+                                   "'recorded' for each rollout's recorded tau (reproduces the online "
+                                   "decisions). Default: adaptive, derived step by step like KAT online."),
+    chunk_size: int | None = typer.Option(None, "--chunk-size", help="Adaptive tau only: tokens per "
+                                          "detector update of the online engine, for the buffer's window "
+                                          "means (default: the run config's sampling.chunk_size, else 1)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
+    out: Path | None = typer.Option(None, "--out", help="Write per-rollout results (rollout_id, step, "
+                                    "tau, onset, fire, keep, length, phases, recorded onset/fire) "
+                                    "to this Parquet file."),
+    steps: str | None = typer.Option(None, "--steps", help=STEPS_HELP),
+    policy: list[str] | None = typer.Option(None, "--policy", help=POLICY_HELP),
+    rank: list[int] | None = typer.Option(None, "--rank", help=RANK_HELP),
+    stop_reason: list[str] | None = typer.Option(None, "--stop-reason", help=STOP_HELP),
+    skip_corrupt: bool = typer.Option(False, "--skip-corrupt", help=SKIP_HELP),
+) -> None:
+    """Run the KAT detector offline over recorded traces and report what KAT would have done."""
+    from kat_diag import trace_view
+
+    tau_value = _parse_tau(tau)
+    filters = _filters(steps, policy, rank, stop_reason)
+    with _warnings_to_stderr():
+        reader = _open(run, skip_corrupt)
+        try:
+            cfg = trace_view.kat_config(reader.config, window=window, persistence=persistence,
+                                        min_length=min_length, quantile=eta, warmup_steps=warmup_steps,
+                                        buffer_size=buffer_size, keep=keep)
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from e
+        try:
+            chunk = chunk_size or int((reader.config.get("sampling") or {}).get("chunk_size") or 1)
+            if chunk < 1:
+                raise typer.BadParameter("--chunk-size must be >= 1")
+            result = trace_view.replay_store(reader, cfg, tau_value, chunk_size=chunk,
+                                             per_rollout=out is not None, **filters)
+        except TraceStoreError as e:
+            _fail(str(e))
+    if out is not None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        rows = result.pop("rows")
+        pq.write_table(pa.table({k: pa.array(v) for k, v in rows.items()}), out)
+    typer.echo(_json(result) if as_json else trace_view.format_replay(result))
+    if out is not None and not as_json:
+        typer.echo(f"per-rollout results: {out}")
+
+
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the top-level app."""
     app.command("inspect")(inspect)
+    app.command("replay")(replay)

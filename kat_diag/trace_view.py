@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from kat_diag.detector import KATConfig
-from kat_diag.traces import TraceReader
+from kat_diag.traces import Ragged, TraceReader
 
 SUMMARY_COLUMNS = ["step", "policy", "fire", "onset", "gen_len", "kept_len", "correct", "stop_reason"]
 
@@ -440,3 +440,226 @@ def render_html(
         f'<span style="background:{_hex(ANSI_NONFINITE)}"></span> non-finite</p>'
         f'<div class="tokens">{"".join(spans)}</div>{full_text}</body></html>\n'
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# Offline KAT replay over a store
+
+REPLAY_COLUMNS = ["step", "rollout_id", "policy", "tau", "onset", "fire", "kl"]
+PHASE_NAMES = ("pre", "agreement", "post")
+
+
+def window_means(kl: Ragged, cfg: KATConfig, chunk_size: int = 1) -> np.ndarray:
+    """Stride-W window means of ragged KL, as the online detector hands them to its buffer.
+
+    Runs :class:`~kat_diag.detector.StreamingDetector` (inactive, collecting means) over all rollouts
+    at once, ``chunk_size`` tokens per update, so the quantisation, the "usable windows only" rule
+    and the order (chunk by chunk, rollout by rollout within a chunk) are those of an online engine
+    that generates these rollouts in lockstep with that chunk size.
+    """
+    from kat_diag.detector import StreamingDetector
+
+    n = len(kl)
+    longest = int(kl.lengths.max()) if n else 0
+    if longest < cfg.window:
+        return np.zeros(0)
+    det = StreamingDetector(cfg, n, collect_means=True, backend="numpy")
+    lengths = kl.lengths[:, None]
+    starts = kl.offsets[:-1, None]
+    values = np.asarray(kl.values, dtype=np.float64)
+    for c0 in range(0, longest, chunk_size):
+        pos = np.arange(c0, min(longest, c0 + chunk_size))
+        valid = pos < lengths
+        det.update(np.where(valid, values[np.where(valid, starts + pos, 0)], 0.0), valid)
+    return det.pop_window_means().numpy()
+
+
+def _truncate(r: Ragged, lengths: np.ndarray) -> Ragged:
+    """The first ``lengths[i]`` values of each rollout (lengths never exceed the rollouts')."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    pos = np.repeat(r.offsets[:-1] - offsets[:-1], lengths) + np.arange(offsets[-1])
+    return Ragged(offsets, r.values[pos])
+
+
+class _ReplayAcc:
+    """Running totals of a replay (one pass, per step or per batch)."""
+
+    def __init__(self, keep_rows: bool) -> None:
+        self.rollouts = self.tokens = self.fired = self.onset_sum = self.keep_sum = self.gen_sum = 0
+        self.ratio_sum = 0.0
+        self.ratio_n = 0
+        self.phase_kl = np.zeros(3)
+        self.phase_tokens = np.zeros(3, dtype=np.int64)
+        self.compared = self.fire_match = self.onset_match = 0
+        self.taus: dict[int, float] = {}
+        self.keep_rows = keep_rows
+        self.rows: list[dict[str, np.ndarray]] = []
+
+    def add(self, b: Any, tau: np.ndarray, cfg: KATConfig) -> np.ndarray:
+        """Replay one batch at per-rollout tau; returns the fire positions."""
+        from kat_diag.detector import kept_tokens
+        from kat_diag.phases import phase_labels, segment
+
+        kl: Ragged = b["kl"]
+        ph = segment(kl.values, kl.offsets, cfg, tau)
+        fire, onset, length = ph.fire, ph.onset, ph.length
+        keep = np.asarray(kept_tokens(fire, length, cfg), dtype=np.int64)
+        fired = fire >= 0
+        self.rollouts += len(fire)
+        self.tokens += int(length.sum())
+        self.fired += int(fired.sum())
+        self.onset_sum += int(onset[fired].sum())
+        self.keep_sum += int(keep.sum())
+        # Tokens KAT would have generated: up to and including the fire token.
+        self.gen_sum += int(np.where(fired, fire + 1, length).sum())
+        nz = length > 0
+        self.ratio_sum += float((keep[nz] / length[nz]).sum())
+        self.ratio_n += int(nz.sum())
+        labels = phase_labels(kl.offsets, ph.pre_end, ph.agree_end)
+        values = np.asarray(kl.values, dtype=np.float64)
+        ok = np.isfinite(values)
+        self.phase_kl += np.bincount(labels[ok], weights=values[ok], minlength=3)[:3]
+        self.phase_tokens += np.bincount(labels[ok], minlength=3)[:3]
+        # Agreement with what the run recorded, where a KAT policy decided online.
+        kat_rows = np.char.find(b["policy"].astype(str), "kat") >= 0
+        self.compared += int(kat_rows.sum())
+        self.fire_match += int((fire[kat_rows] == b["fire"][kat_rows]).sum())
+        self.onset_match += int((onset[kat_rows] == b["onset"][kat_rows]).sum())
+        if self.keep_rows:
+            self.rows.append({
+                "rollout_id": b["rollout_id"], "step": b["step"], "policy": b["policy"], "tau": tau,
+                "onset": onset, "fire": fire, "keep": keep, "length": length, "pre_end": ph.pre_end,
+                "agree_end": ph.agree_end, "recorded_onset": b["onset"], "recorded_fire": b["fire"],
+            })
+        return fire
+
+    def summary(self) -> dict[str, Any]:
+        def ratio(a: float, b: float) -> float | None:
+            return a / b if b else None
+
+        taus = [t for t in self.taus.values() if math.isfinite(t)]
+        return {
+            "rollouts": self.rollouts,
+            "tokens": self.tokens,
+            "fired_share": ratio(self.fired, self.rollouts),
+            "mean_onset": ratio(self.onset_sum, self.fired),
+            "kept_tokens": self.keep_sum,
+            "kept_ratio": ratio(self.keep_sum, self.tokens),
+            "mean_kept_ratio": ratio(self.ratio_sum, self.ratio_n),
+            "mean_kept_len": ratio(self.keep_sum, self.rollouts),
+            "generated_ratio": ratio(self.gen_sum, self.tokens),
+            "phase_mean_kl": {n: ratio(float(self.phase_kl[i]), int(self.phase_tokens[i]))
+                              for i, n in enumerate(PHASE_NAMES)},
+            "phase_tokens": {n: int(self.phase_tokens[i]) for i, n in enumerate(PHASE_NAMES)},
+            "tau": {
+                "steps": len(self.taus), "active_steps": len(taus),
+                "min": min(taus) if taus else None, "max": max(taus) if taus else None,
+                "mean": sum(taus) / len(taus) if taus else None,
+            },
+            "recorded": {
+                "compared": self.compared,
+                "fire_match": ratio(self.fire_match, self.compared),
+                "onset_match": ratio(self.onset_match, self.compared),
+            },
+        }
+
+    def per_rollout(self) -> dict[str, np.ndarray]:
+        names = ["rollout_id", "step", "policy", "tau", "onset", "fire", "keep", "length", "pre_end",
+                 "agree_end", "recorded_onset", "recorded_fire"]
+        if not self.rows:
+            return {n: np.zeros(0) for n in names}
+        return {n: np.concatenate([r[n] for r in self.rows]) for n in names}
+
+
+def replay_store(
+    reader: TraceReader,
+    cfg: KATConfig,
+    tau: float | str | None = None,
+    *,
+    chunk_size: int = 1,
+    per_rollout: bool = False,
+    **filters: Any,
+) -> dict[str, Any]:
+    """What KAT with ``cfg`` would have done on the recorded traces (e.g. of a plain OPD run).
+
+    ``tau``:
+
+    * ``None`` (adaptive, like KAT online): steps are replayed in increasing order; before each
+      step tau = quantile_eta of an :class:`~kat_diag.detector.AdaptiveThreshold` buffer of earlier
+      steps' stride-W window means (inactive during the first K steps and while it is empty), and
+      after it the buffer observes the window means of the tokens KAT would have generated: up to
+      the end of the ``chunk_size`` chunk holding the fire token (the engine finishes the chunk),
+      capped at the recorded length; the whole rollout if not fired. The means are fed chunk by
+      chunk over the step's rollouts in lockstep (see :func:`window_means`). This equals the online
+      tau when every step was recorded, only rollouts passing the filters existed, the store holds
+      every token the online detector saw, and the engine ran a step's rollouts in lockstep with
+      that chunk size; otherwise it is an approximation (use ``"recorded"`` to reproduce a run);
+    * ``"recorded"``: each rollout's recorded tau (NaN = inactive): reproduces the online decisions;
+    * a float: that fixed threshold for every rollout.
+
+    Returns a JSON-ready summary: fired share, mean onset (fired rollouts), kept ratio (kept /
+    generated tokens, overall and mean per rollout), generated ratio (tokens up to fire / recorded
+    tokens: the generation KAT saves), per-phase mean KL (token-weighted, finite KL only; phases
+    of :mod:`kat_diag.phases` at the replay tau), tau statistics, and the agreement with the
+    recorded onset/fire of rollouts whose recorded policy is a KAT one. With ``per_rollout`` the
+    per-rollout arrays are added under ``"rows"`` (not JSON-ready; numpy arrays).
+    """
+    from kat_diag.detector import AdaptiveThreshold
+
+    acc = _ReplayAcc(per_rollout)
+    if tau is None:
+        mode = "adaptive"
+        threshold = AdaptiveThreshold(cfg)
+        for step, b in reader.iter_steps(REPLAY_COLUMNS, **filters):
+            threshold.begin_step(step)
+            t = threshold.effective_tau
+            acc.taus[step] = t
+            fire = acc.add(b, np.full(b.num_rows, t), cfg)
+            kl: Ragged = b["kl"]
+            chunk_end = (fire // chunk_size + 1) * chunk_size
+            seen = np.where(fire >= 0, np.minimum(chunk_end, kl.lengths), kl.lengths)
+            threshold.observe(window_means(_truncate(kl, seen), cfg, chunk_size))
+    else:
+        mode = "recorded" if tau == "recorded" else "fixed"
+        fixed = None if mode == "recorded" else float(tau)
+        for b in reader.iter_batches(REPLAY_COLUMNS, **filters):
+            t = b["tau"].astype(np.float64) if fixed is None else np.full(b.num_rows, fixed)
+            acc.add(b, t, cfg)
+            for s, v in zip(b["step"].tolist(), t.tolist(), strict=True):
+                acc.taus.setdefault(s, v)
+    out = {"store": str(reader.dir), "tau_mode": mode, "chunk_size": chunk_size if mode == "adaptive" else None,
+           "tau_value": float(tau) if mode == "fixed" else None,
+           "kat": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, **acc.summary()}
+    if per_rollout:
+        out["rows"] = acc.per_rollout()
+    return out
+
+
+def format_replay(result: dict[str, Any]) -> str:
+    """The replay summary as text."""
+    k = result["kat"]
+    head = (f"KAT replay of {result['store']}  tau: {result['tau_mode']}"
+            + (f" = {result['tau_value']:g}" if result["tau_value"] is not None else "")
+            + f"  W={k['window']} T={k['persistence']} L0={k['min_length']} K={k['warmup_steps']}"
+            f" B={k['buffer_size']} eta={k['quantile']} keep={k['keep']}")
+    rows = [
+        ["rollouts", _fmt(result["rollouts"])], ["tokens", _fmt(result["tokens"])],
+        ["fired", _fmt(result["fired_share"], "pct")], ["mean onset", _fmt(result["mean_onset"], "len")],
+        ["mean kept length", _fmt(result["mean_kept_len"], "len")],
+        ["kept / generated tokens", _fmt(result["kept_ratio"], "pct")],
+        ["mean kept ratio per rollout", _fmt(result["mean_kept_ratio"], "pct")],
+        ["tokens KAT would generate", _fmt(result["generated_ratio"], "pct")],
+    ]
+    for name in PHASE_NAMES:
+        rows.append([f"mean KL {name} ({result['phase_tokens'][name]} tokens)",
+                     _fmt(result["phase_mean_kl"][name])])
+    t = result["tau"]
+    rows.append(["tau (active steps / steps)", f"{t['active_steps']} / {t['steps']}"])
+    if t["active_steps"]:
+        rows.append(["tau min / mean / max", f"{t['min']:.4g} / {t['mean']:.4g} / {t['max']:.4g}"])
+    rec = result["recorded"]
+    if rec["compared"]:
+        rows.append([f"matches recorded fire ({rec['compared']} KAT rollouts)", _fmt(rec["fire_match"], "pct")])
+    return head + "\n\n" + format_table(["", "value"], rows)

@@ -158,3 +158,179 @@ def test_inspect_without_token_text_shows_ids(tmp_path: Path) -> None:
     rid = make_rollout_id(0, 0, 0)
     out = invoke("inspect", tmp_path, "--rollout", rid, "--no-color").output
     assert "⟨7⟩|⟨8⟩|⟨9⟩|" in out and "text:\nabc" in out
+
+
+# ------------------------------------------------------------------------------------------------
+# replay
+
+
+def _synthetic_kl(rng: np.random.Generator) -> np.ndarray:
+    """High, noisy KL; in about half the rollouts a long low-KL stretch (a trap) from some point on."""
+    n = int(rng.integers(30, 110))
+    kl = rng.lognormal(-1.0, 1.0, n)
+    if rng.random() < 0.5:
+        start = int(rng.integers(5, n - 10))
+        kl[start:] = rng.lognormal(-6.0, 0.7, n - start)
+    if rng.random() < 0.1:
+        kl[int(rng.integers(0, n))] = math.nan  # an unusable value now and then
+    return kl.astype(np.float32)
+
+
+def simulate_online_kat(run: Path, cfg, chunk: int, n_steps: int = 9, per_step: int = 10, seed: int = 0):
+    """A KAT run as the online engine does it: per step, tau from the buffer of earlier steps,
+    rollouts generated in lockstep chunk by chunk, a rollout stops after the chunk in which it fired,
+    the buffer observes the step's window means. Records every token the detector saw."""
+    import dataclasses
+
+    from kat_diag.detector import AdaptiveThreshold, StreamingDetector
+
+    rng = np.random.default_rng(seed)
+    thr = AdaptiveThreshold(cfg)
+    taus = {}
+    config = {"kat": dataclasses.asdict(cfg), "sampling": {"chunk_size": chunk}}
+    with TraceWriter(run, top_n=TOP_N, config=config) as w:
+        for step in range(n_steps):
+            thr.begin_step(step)
+            tau = thr.effective_tau
+            taus[step] = tau
+            kls = [_synthetic_kl(rng) for _ in range(per_step)]
+            lengths = np.array([len(k) for k in kls])
+            padded = np.zeros((per_step, lengths.max()), np.float32)
+            for i, k in enumerate(kls):
+                padded[i, : len(k)] = k
+            det = StreamingDetector(cfg, per_step, collect_means=True, backend="numpy")
+            det.set_tau(tau)
+            fed = np.zeros(per_step, np.int64)
+            alive = np.ones(per_step, bool)
+            for c0 in range(0, int(lengths.max()), chunk):
+                pos = np.arange(c0, min(c0 + chunk, int(lengths.max())))
+                valid = (pos < lengths[:, None]) & alive[:, None]
+                det.update(np.where(valid, padded[:, pos], 0.0), valid)
+                fed += valid.sum(1)
+                alive &= ~det.fired_B.numpy()
+            thr.observe(det.pop_window_means())
+            fire, onset = det.fire_B.numpy(), det.onset_B.numpy()
+            keep = det.keep_B.numpy()
+            w.append({
+                "step": step, "prompt_id": [f"q{i}" for i in range(per_step)], "policy": "kat", "tau": tau,
+                "onset": onset, "fire": fire, "kept_len": keep,
+                "stop_reason": ["policy" if f >= 0 else "eos" for f in fire],
+                "token_ids": [np.arange(n) for n in fed], "kl": [k[:n] for k, n in zip(kls, fed, strict=True)],
+            })
+            w.flush()
+    return taus
+
+
+def _kat_args(cfg) -> list[str]:
+    return ["--window", cfg.window, "--persistence", cfg.persistence, "--min-length", cfg.min_length,
+            "--eta", cfg.quantile, "--warmup-steps", cfg.warmup_steps, "--buffer-size", cfg.buffer_size]
+
+
+@pytest.fixture(scope="module")
+def kat_run(tmp_path_factory: pytest.TempPathFactory):
+    from kat_diag.detector import KATConfig
+
+    cfg = KATConfig(window=4, persistence=3, min_length=8, warmup_steps=2, buffer_size=60, quantile=0.3)
+    run = tmp_path_factory.mktemp("katrun")
+    taus = simulate_online_kat(run, cfg, chunk=4)
+    return run, cfg, taus
+
+
+@pytest.mark.parametrize("tau_mode", ["adaptive", "recorded"])
+def test_replay_reproduces_online_decisions(kat_run, tau_mode: str, tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    from kat_diag.traces import TraceReader
+
+    run, cfg, taus = kat_run
+    out = tmp_path / "rows.parquet"
+    extra = [] if tau_mode == "adaptive" else ["--tau", "recorded"]
+    res = invoke("replay", run, *_kat_args(cfg), "--chunk-size", 4, "--json", "--out", out, *extra)
+    assert res.exit_code == 0, res.output
+    r = json.loads(res.stdout)
+    rec = TraceReader(run).read(["fire", "onset", "kept_len", "step", "rollout_id", "gen_len"])
+    fired = rec["fire"] >= 0
+    assert 0.2 < fired.mean() < 0.9  # the check is not vacuous
+    assert r["tau_mode"] == tau_mode and r["rollouts"] == rec.num_rows
+    assert r["recorded"] == {"compared": rec.num_rows, "fire_match": 1.0, "onset_match": 1.0}
+    assert r["fired_share"] == pytest.approx(fired.mean())
+    assert r["mean_onset"] == pytest.approx(rec["onset"][fired].mean())
+    assert r["kept_ratio"] == pytest.approx(rec["kept_len"].sum() / rec["gen_len"].sum())
+    rows = pq.read_table(out).to_pandas()
+    assert rows["rollout_id"].tolist() == rec["rollout_id"].tolist()
+    np.testing.assert_array_equal(rows["fire"], rec["fire"])
+    np.testing.assert_array_equal(rows["keep"], rec["kept_len"])
+    expected_tau = np.array([taus[s] for s in rec["step"]])
+    np.testing.assert_array_equal(rows["tau"], expected_tau)  # NaN during warm-up, bit-exact after
+    assert r["tau"]["steps"] == 9 and r["tau"]["active_steps"] == 9 - cfg.warmup_steps
+
+
+def test_replay_defaults_come_from_the_run_config(kat_run) -> None:
+    run, cfg, _ = kat_run
+    r = json.loads(invoke("replay", run, "--json").stdout)  # W, T, ..., chunk size from the manifest
+    assert r["kat"]["window"] == cfg.window and r["chunk_size"] == 4
+    assert r["recorded"]["fire_match"] == 1.0
+    # a different detector disagrees with the recording: the match is a real check
+    r = json.loads(invoke("replay", run, "--json", "--window", 6, "--tau", "recorded").stdout)
+    assert r["recorded"]["fire_match"] < 1.0
+
+
+def test_replay_fixed_tau_on_an_opd_store(tmp_path: Path) -> None:
+    from kat_diag.detector import KATConfig, kept_tokens
+    from kat_diag.phases import phase_labels, segment
+    from kat_diag.replay import replay
+    from kat_diag.traces import Ragged
+
+    rng = np.random.default_rng(3)
+    kls = [[_synthetic_kl(rng) for _ in range(8)] for _ in range(4)]
+    with TraceWriter(tmp_path, top_n=TOP_N) as w:
+        for step, ks in enumerate(kls):
+            w.append({"step": step, "prompt_id": "p", "policy": "none",
+                      "token_ids": [np.zeros(len(k)) for k in ks], "kl": ks})
+    cfg = KATConfig(window=5, persistence=4, min_length=10)
+    tau = 0.02
+    res = invoke("replay", tmp_path, "--window", 5, "--persistence", 4, "--min-length", 10, "--tau", tau,
+                 "--json")
+    assert res.exit_code == 0, res.output
+    r = json.loads(res.stdout)
+    flat = Ragged.from_list([k for ks in kls for k in ks], np.float32)
+    direct = replay(flat.values, flat.offsets, cfg, tau)
+    assert 0 < direct.fired.mean() < 1
+    assert r["tau_mode"] == "fixed" and r["tau_value"] == tau
+    assert r["fired_share"] == pytest.approx(direct.fired.mean())
+    assert r["mean_onset"] == pytest.approx(direct.onset[direct.fired].mean())
+    keep = kept_tokens(direct.fire, direct.length, cfg)
+    assert r["kept_ratio"] == pytest.approx(keep.sum() / direct.length.sum())
+    gen = np.where(direct.fired, direct.fire + 1, direct.length)
+    assert r["generated_ratio"] == pytest.approx(gen.sum() / direct.length.sum())
+    ph = segment(flat.values, flat.offsets, cfg, tau)
+    labels = phase_labels(flat.offsets, ph.pre_end, ph.agree_end)
+    ok = np.isfinite(flat.values)
+    for i, name in enumerate(["pre", "agreement", "post"]):
+        sel = ok & (labels == i)
+        assert r["phase_tokens"][name] == int(sel.sum())
+        if sel.any():
+            assert r["phase_mean_kl"][name] == pytest.approx(flat.values[sel].astype(np.float64).mean())
+    assert r["recorded"]["compared"] == 0
+    table = invoke("replay", tmp_path, "--window", 5, "--persistence", 4, "--min-length", 10, "--tau", tau)
+    assert table.exit_code == 0 and "fired" in table.output and "mean KL agreement" in table.output
+
+
+def test_replay_bad_options(kat_run) -> None:
+    run, _, _ = kat_run
+    assert invoke("replay", run, "--tau", "abc").exit_code != 0
+    assert invoke("replay", run, "--window", 0).exit_code != 0
+    assert invoke("replay", run, "--keep", "middle").exit_code != 0
+
+
+def test_inspect_marks_phases_of_a_fired_rollout(kat_run) -> None:
+    from kat_diag.traces import TraceReader
+
+    run, _, _ = kat_run
+    rec = TraceReader(run).read(["rollout_id", "fire", "onset"])
+    i = int(np.flatnonzero(rec["fire"] >= 0)[0])
+    res = invoke("inspect", run, "--rollout", rec["rollout_id"][i], "--json")
+    d = json.loads(res.stdout)
+    assert d["phases"]["pre_end"] == rec["onset"][i] and d["phases"]["agree_end"] > rec["fire"][i]
+    out = invoke("inspect", run, "--rollout", rec["rollout_id"][i], "--no-color").output
+    assert "⟦agreement·onset⟧" in out and "⟦fire⟧" in out
