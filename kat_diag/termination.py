@@ -107,11 +107,14 @@ class _RowPolicy:
         self._done: list[dict[str, torch.Tensor]] = []
 
     # -- hooks for subclasses
-    def _decide(self, kl_BC: torch.Tensor, valid_BC: torch.Tensor | None, nvalid_B: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(stop_B, keep_B, end_B) for rows that should be stopped given this chunk."""
-        z = torch.zeros_like(self._n_B)
-        return z.bool(), z, z
+    def _stop(self, kl_BC: torch.Tensor, valid_BC: torch.Tensor | None,
+              nvalid_B: torch.Tensor | int) -> torch.Tensor | None:
+        """Rows to stop given this chunk (bool (B,)), or None for none. Runs on every update."""
+        return None
+
+    def _keep_end(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keep_B, end_B) for the rows `_stop` just stopped; only called when some row is new."""
+        raise NotImplementedError
 
     def _fire_onset(self) -> tuple[torch.Tensor, torch.Tensor]:
         m = torch.full_like(self._n_B, -1)
@@ -194,18 +197,21 @@ class _RowPolicy:
             raise ValueError(f"update: kl_BC of shape {tuple(kl_BC.shape)}, policy has {self.num_rows} rows")
         if kl_BC.device != self.device:
             self._to(kl_BC.device)
-        if valid_BC is None:
-            nvalid_B = torch.full_like(self._n_B, kl_BC.shape[1])
-        else:
+        nvalid_B: torch.Tensor | int = kl_BC.shape[1]
+        if valid_BC is not None:
             valid_BC = valid_BC.to(device=self.device, dtype=torch.bool)
             nvalid_B = valid_BC.sum(1)
-        stop_B, keep_B, end_B = self._decide(kl_BC, valid_BC, nvalid_B)
-        new_B = stop_B & ~self._stop_B
-        self._keep_B = torch.where(new_B, keep_B, self._keep_B)
-        self._end_B = torch.where(new_B, end_B, self._end_B)
-        self._stop_B = self._stop_B | stop_B
+        stop_B = self._stop(kl_BC, valid_BC, nvalid_B)
+        if stop_B is not None:
+            new_B = stop_B > self._stop_B  # stopped now, not before
+            if bool(new_B.any()):  # rare: keep/end bookkeeping only when a row stops
+                keep_B, end_B = self._keep_end()
+                self._keep_B = torch.where(new_B, keep_B, self._keep_B)
+                self._end_B = torch.where(new_B, end_B, self._end_B)
+                self._stop_B = self._stop_B | new_B
         self._n_B = self._n_B + nvalid_B
-        return StopDecision(self._stop_B.clone(), self._keep_B.clone(), self._end_B.clone())
+        # State tensors are replaced, never modified in place: the decision needs no copies.
+        return StopDecision(self._stop_B, self._keep_B, self._end_B)
 
     def _to(self, device: torch.device) -> None:
         for name in ("_n_B", "_stop_B", "_keep_B", "_end_B"):
@@ -259,12 +265,13 @@ class PrefixPolicy(_RowPolicy):
     def max_new_tokens(self, default: int) -> int:
         return min(self.prefix_len, default)
 
-    def _decide(self, kl_BC: torch.Tensor, valid_BC: torch.Tensor | None, nvalid_B: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        p = self.prefix_len
-        stop_B = self._n_B + nvalid_B >= p
-        full_B = torch.full_like(self._n_B, p)
-        return stop_B, full_B, full_B
+    def _stop(self, kl_BC: torch.Tensor, valid_BC: torch.Tensor | None,
+              nvalid_B: torch.Tensor | int) -> torch.Tensor | None:
+        return self._n_B + nvalid_B >= self.prefix_len
+
+    def _keep_end(self) -> tuple[torch.Tensor, torch.Tensor]:
+        full_B = torch.full_like(self._n_B, self.prefix_len)
+        return full_B, full_B
 
     def _step_metrics(self, done: dict[str, torch.Tensor]) -> dict[str, float]:
         return {"prefix_len": float(self.prefix_len)}
@@ -296,10 +303,12 @@ class RandomPolicy(_RowPolicy):
         super()._to(device)
         self._cut_B = self._cut_B.to(device)
 
-    def _decide(self, kl_BC: torch.Tensor, valid_BC: torch.Tensor | None, nvalid_B: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        stop_B = self._n_B + nvalid_B >= self._cut_B
-        return stop_B, self._cut_B, self._cut_B
+    def _stop(self, kl_BC: torch.Tensor, valid_BC: torch.Tensor | None,
+              nvalid_B: torch.Tensor | int) -> torch.Tensor | None:
+        return self._n_B + nvalid_B >= self._cut_B
+
+    def _keep_end(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._cut_B, self._cut_B
 
     def row_info(self) -> dict[str, torch.Tensor]:
         info = super().row_info()
@@ -336,6 +345,7 @@ class KATPolicy(_RowPolicy):
         self.detector = StreamingDetector(cfg, device=self.device)
         self._nonfinite_at_begin = 0
         self._idx_cache: dict[int, torch.Tensor] = {}
+        self._fired_B = torch.zeros(0, dtype=torch.bool, device=self.device)
 
     def _to(self, device: torch.device) -> None:
         super()._to(device)
@@ -359,25 +369,27 @@ class KATPolicy(_RowPolicy):
     def _fire_onset(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.detector.fire_B.to(self.device), self.detector.onset_B.to(self.device)
 
-    def _decide(self, kl_BC: torch.Tensor, valid_BC: torch.Tensor | None, nvalid_B: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _stop(self, kl_BC: torch.Tensor, valid_BC: torch.Tensor | None,
+              nvalid_B: torch.Tensor | int) -> torch.Tensor | None:
         p = self.prefix_len
-        if p is not None:
-            c = kl_BC.shape[1]
-            if c not in self._idx_cache:
-                self._idx_cache[c] = torch.arange(c, device=self.device)
-            inside_BC = (self._n_B[:, None] + self._idx_cache[c]) < p  # the detector never sees >= P
-            valid_BC = inside_BC if valid_BC is None else valid_BC & inside_BC
-        fired_B = self.detector.update(kl_BC, valid_BC).to(self.device)
+        if p is None:
+            self._fired_B = self.detector.update(kl_BC, valid_BC).to(self.device)
+            return self._fired_B
+        c = kl_BC.shape[1]
+        if c not in self._idx_cache:
+            self._idx_cache[c] = torch.arange(c, device=self.device)
+        inside_BC = (self._n_B[:, None] + self._idx_cache[c]) < p  # the detector never sees >= P
+        valid_BC = inside_BC if valid_BC is None else valid_BC & inside_BC
+        self._fired_B = self.detector.update(kl_BC, valid_BC).to(self.device)
+        return self._fired_B | (self._n_B + nvalid_B >= p)
+
+    def _keep_end(self) -> tuple[torch.Tensor, torch.Tensor]:
         fire_B = self.detector.fire_B.to(self.device)
         keep_B = self.detector.keep_B.to(self.device)
-        end_B = fire_B + 1
-        if p is None:
-            return fired_B, keep_B, end_B
-        at_budget_B = self._n_B + nvalid_B >= p
-        full_B = torch.full_like(fire_B, p)
-        return (fired_B | at_budget_B, torch.where(fired_B, keep_B, full_B),
-                torch.where(fired_B, end_B, full_B))
+        if self.prefix_len is None:
+            return keep_B, fire_B + 1
+        full_B = torch.full_like(fire_B, self.prefix_len)
+        return torch.where(self._fired_B, keep_B, full_B), torch.where(self._fired_B, fire_B + 1, full_B)
 
     def end_step(self) -> dict[str, float]:
         metrics = super().end_step()

@@ -1,0 +1,125 @@
+"""Throughput of the KAT detector: token updates per second for a batch of 64 rollouts.
+
+The rollout engine calls the detector after every decoding step (chunk 1) or after scoring a
+chunk of tokens with the teacher (chunk W), so its per-call cost is overhead on every step. This
+prints one line per scenario and, last, one JSON object. Timings are the best of several
+repeats (the machine is shared; the median is reported too), on CPU with 2 threads.
+
+Run: .venv/bin/python benchmarks/detector.py [--quick]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+from kat_diag.detector import KATConfig, StreamingDetector
+from kat_diag.replay import replay
+from kat_diag.termination import KATPolicy
+
+BATCH = 64
+
+
+def rate(update, tokens_per_call: int, calls: int, repeats: int) -> tuple[float, float]:
+    """(best, median) token updates per second over `repeats` timed loops of `calls` calls."""
+    for _ in range(min(calls, 50)):
+        update()
+    rates = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            update()
+        rates.append(tokens_per_call * calls / (time.perf_counter() - t0))
+    return max(rates), statistics.median(rates)
+
+
+def detector_case(cfg: KATConfig, chunk: int, backend: str, valid: str, calls: int, repeats: int
+                  ) -> tuple[float, float]:
+    rng = np.random.default_rng(0)
+    kl = torch.tensor(rng.exponential(0.05, size=(BATCH, chunk)), dtype=torch.float32)
+    det = StreamingDetector(cfg, BATCH, backend=backend)
+    det.set_tau(0.03)
+    mask = None
+    if valid == "all":
+        mask = torch.ones(BATCH, chunk, dtype=torch.bool)
+    elif valid == "ragged":  # a quarter of the rows end halfway through the chunk
+        mask = torch.ones(BATCH, chunk, dtype=torch.bool)
+        mask[: BATCH // 4, chunk // 2:] = False
+
+    def update() -> None:
+        det.update(kl, mask)
+        if len(det._pending) > 4096:  # what end_step does once per training step
+            det.pop_window_means()
+
+    return rate(update, BATCH * chunk, calls, repeats)
+
+
+def policy_case(cfg: KATConfig, chunk: int, calls: int, repeats: int) -> tuple[float, float]:
+    rng = np.random.default_rng(0)
+    kl = torch.tensor(rng.exponential(0.05, size=(BATCH, chunk)), dtype=torch.float32)
+    valid = torch.ones(BATCH, chunk, dtype=torch.bool)
+    policy = KATPolicy(cfg)
+    policy.threshold.observe([0.03])
+    policy.begin_step(cfg.warmup_steps)
+    policy.add_rows(BATCH)
+    return rate(lambda: policy.update(kl, valid), BATCH * chunk, calls, repeats)
+
+
+def replay_case(cfg: KATConfig, n_tokens: int, repeats: int) -> float:
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 2048, size=n_tokens // 1024)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    values = rng.exponential(0.05, size=int(offsets[-1])).astype(np.float32)
+    best = 0.0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        replay(values, offsets, cfg, 0.03)
+        best = max(best, values.size / (time.perf_counter() - t0))
+    return best
+
+
+def main() -> None:
+    quick = "--quick" in sys.argv
+    torch.set_num_threads(2)
+    cfg = KATConfig()
+    w = cfg.window
+    repeats = 3 if quick else 7
+    scale = 0.2 if quick else 1.0
+    out: dict[str, object] = {"batch": BATCH, "config": {
+        "W": cfg.window, "T": cfg.persistence, "L0": cfg.min_length, "K": cfg.warmup_steps,
+        "B": cfg.buffer_size, "eta": cfg.quantile, "keep": cfg.keep}}
+    cases = [
+        ("chunk1", 1, "auto", "none", 4000),
+        ("chunkW", w, "auto", "none", 2000),
+        ("chunkW_valid_all", w, "auto", "all", 2000),
+        ("chunkW_valid_ragged", w, "auto", "ragged", 2000),
+        ("chunk4W", 4 * w, "auto", "none", 1000),
+        ("chunk1_torch", 1, "torch", "none", 2000),
+        ("chunkW_torch", w, "torch", "none", 1000),
+    ]
+    for name, chunk, backend, valid, calls in cases:
+        best, median = detector_case(cfg, chunk, backend, valid, int(calls * scale), repeats)
+        out[f"token_updates_per_s_{name}"] = round(best)
+        out[f"token_updates_per_s_{name}_median"] = round(median)
+        print(f"{name:22s} best {best / 1e6:7.2f} M/s   median {median / 1e6:7.2f} M/s", flush=True)
+    best, median = policy_case(cfg, w, int(1000 * scale), repeats)
+    out["token_updates_per_s_policy_chunkW"] = round(best)
+    print(f"{'policy_chunkW':22s} best {best / 1e6:7.2f} M/s   median {median / 1e6:7.2f} M/s")
+    tokens = 1 << 20 if quick else 1 << 22
+    out["replay_tokens_per_s"] = round(replay_case(cfg, tokens, 2 if quick else 3))
+    out["replay_tokens"] = tokens
+    print(f"{'replay':22s} best {out['replay_tokens_per_s'] / 1e6:7.2f} M/s on {tokens} tokens")
+    out["backend_auto"] = StreamingDetector(cfg).backend
+    out["torch_threads"] = torch.get_num_threads()
+    out["loadavg_1min"] = round(os.getloadavg()[0], 2)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
