@@ -1,9 +1,123 @@
-"""CLI commands: train_cmd (registered by cli.main)."""
+"""CLI commands `train` (OPD with a termination policy) and `record` (traces without training)."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import typer
+
+from kat_diag.world import DEFAULT_WORLD_DIR
+
+_T = DEFAULT_WORLD_DIR / "teacher"
+_S = DEFAULT_WORLD_DIR / "student"
+
+
+def _kat(window: int, persistence: int, min_length: int, kat_warmup: int, buffer_size: int, eta: float,
+         keep: str):
+    from kat_diag.detector import KATConfig
+
+    return KATConfig(window=window, persistence=persistence, min_length=min_length,
+                     warmup_steps=kat_warmup, buffer_size=buffer_size, quantile=eta, keep=keep)
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the top-level app."""
+    """Add `train` and `record` to the top-level app."""
+
+    @app.command("train")
+    def train(
+        teacher: Path = typer.Option(_T, help="Teacher checkpoint directory (AutoModelForCausalLM)."),
+        student: Path = typer.Option(_S, help="Student checkpoint directory (AutoModelForCausalLM)."),
+        data: str = typer.Option("world", help="'world' (embedded train split) or a local JSONL/Parquet file."),
+        question_field: str = typer.Option("question", help="Prompt field of a real data set."),
+        answer_field: str = typer.Option("answer", help="Answer field of a real data set."),
+        answer_format: str = typer.Option("auto", help="auto | gsm8k | boxed | plain."),
+        bench: list[Path] = typer.Option([], help="Benchmark files for real data (repeatable)."),
+        termination: str = typer.Option("kat", help="none | kat | random | prefix | kat+prefix."),
+        out: Path = typer.Option(Path("runs/kat"), help="Run directory."),
+        steps: int = typer.Option(50, help="Training steps."),
+        batch_size: int = typer.Option(32, help="Prompts per step per rank."),
+        micro_batch: int = typer.Option(32, help="Rollouts per backward pass (gradient accumulation)."),
+        lr: float = typer.Option(5e-4, help="Peak learning rate (AdamW)."),
+        warmup_steps: int = typer.Option(5, help="Linear LR warm-up steps."),
+        schedule: str = typer.Option("cosine", help="LR schedule: cosine | constant."),
+        grad_clip: float = typer.Option(1.0, help="Gradient-norm clipping."),
+        loss: str = typer.Option("full", help="OPD estimator: full (full-vocabulary reverse KL) | sampled."),
+        max_new_tokens: int = typer.Option(160, help="Rollout budget in tokens."),
+        chunk_size: int = typer.Option(16, help="Tokens generated between teacher scoring calls (C)."),
+        slots: int = typer.Option(0, help="Rollouts in flight at once (0: the whole batch)."),
+        temperature: float = typer.Option(1.0, help="Student sampling temperature."),
+        top_p: float = typer.Option(1.0, help="Student nucleus sampling."),
+        window: int = typer.Option(16, help="KAT window W."),
+        persistence: int = typer.Option(8, help="KAT persistence T."),
+        min_length: int = typer.Option(32, help="KAT minimum length L0."),
+        kat_warmup: int = typer.Option(5, help="KAT warm-up steps K (observe only)."),
+        buffer_size: int = typer.Option(4096, help="KAT buffer size B (window means)."),
+        eta: float = typer.Option(0.2, help="KAT quantile eta of the buffer for tau."),
+        keep: str = typer.Option("onset", help="Tokens kept after a KAT stop: onset | fire."),
+        prefix_len: int = typer.Option(0, help="Prefix budget P for prefix / kat+prefix."),
+        random_target: float = typer.Option(0.0, help="Mean kept length for random termination."),
+        random_from: Path = typer.Option(None, help="KAT run directory whose kept length random matches."),
+        eval_every: int = typer.Option(0, help="Evaluate every N steps (0: after the last step)."),
+        eval_k: int = typer.Option(4, help="Samples per problem for avg@k / pass@k."),
+        eval_n: int = typer.Option(50, help="Problems per benchmark split in evaluations."),
+        ckpt_every: int = typer.Option(25, help="Checkpoint every N steps."),
+        trace_every: int = typer.Option(1, help="Record traces every N steps (0: never)."),
+        dtype: str = typer.Option("fp32", help="fp32 | bf16."),
+        device: str = typer.Option("auto", help="auto | cpu | cuda."),
+        seed: int = typer.Option(0, help="Seed: prompts and sampling are functions of it."),
+        resume: bool = typer.Option(False, help="Resume from the run directory's last checkpoint."),
+        stop_after: int = typer.Option(0, help="Stop after N steps of this invocation (0: run to the end)."),
+    ) -> None:
+        """On-policy distillation with a termination policy (KAT by default)."""
+        from kat_diag.rollout import SamplingConfig
+        from kat_diag.trainer import TrainConfig
+        from kat_diag.trainer import train as run_train
+
+        cfg = TrainConfig(
+            teacher=str(teacher), student=str(student), out=str(out), data=data,
+            question_field=question_field, answer_field=answer_field, answer_format=answer_format,
+            bench=tuple(str(b) for b in bench), steps=steps, batch_size=batch_size, micro_batch=micro_batch,
+            lr=lr, warmup_steps=warmup_steps, schedule=schedule, grad_clip=grad_clip, dtype=dtype,
+            device=device, seed=seed, loss=loss, termination=termination,
+            prefix_len=prefix_len or None, random_target=random_target or None,
+            random_from=str(random_from) if random_from else None,
+            sampling=SamplingConfig(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                                    chunk_size=chunk_size, slots=slots),
+            kat=_kat(window, persistence, min_length, kat_warmup, buffer_size, eta, keep),
+            eval_every=eval_every, eval_k=eval_k, eval_n=eval_n, ckpt_every=ckpt_every,
+            trace_every=trace_every, max_steps_this_run=stop_after or None,
+        )
+        last = run_train(cfg, resume=resume).metrics
+        typer.echo(json.dumps({k: v for k, v in last.items() if not k.startswith("policy/")}))
+
+    @app.command("record")
+    def record(
+        teacher: Path = typer.Option(_T, help="Teacher checkpoint directory."),
+        student: Path = typer.Option(_S, help="Student checkpoint directory (e.g. RUN/checkpoints/step-N)."),
+        out: Path = typer.Option(Path("runs/record"), help="Output directory (its traces/ store)."),
+        data: str = typer.Option("world", help="'world' or a local JSONL/Parquet file."),
+        split: str = typer.Option("train", help="Split to draw prompts from (train, ops2, ...)."),
+        n_prompts: int = typer.Option(64, help="Number of prompts."),
+        samples: int = typer.Option(1, help="Samples per prompt."),
+        batch_size: int = typer.Option(32, help="Rollouts per engine call."),
+        termination: str = typer.Option("none", help="Policy while recording (none: full traces)."),
+        max_new_tokens: int = typer.Option(160, help="Rollout budget in tokens."),
+        chunk_size: int = typer.Option(16, help="Teacher scoring chunk size."),
+        temperature: float = typer.Option(1.0, help="Sampling temperature."),
+        step_label: int = typer.Option(0, help="Value written as the traces' step."),
+        seed: int = typer.Option(0, help="Sampling seed."),
+    ) -> None:
+        """Sample and score rollouts from a checkpoint into a trace store, without training."""
+        from kat_diag.record import RecordConfig
+        from kat_diag.record import record as run_record
+        from kat_diag.rollout import SamplingConfig
+
+        cfg = RecordConfig(
+            teacher=str(teacher), student=str(student), out=str(out), data=data, split=split,
+            n_prompts=n_prompts, batch_size=batch_size, samples_per_prompt=samples, termination=termination,
+            seed=seed, step_label=step_label,
+            sampling=SamplingConfig(max_new_tokens=max_new_tokens, chunk_size=chunk_size,
+                                    temperature=temperature),
+        )
+        typer.echo(json.dumps(run_record(cfg)))

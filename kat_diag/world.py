@@ -43,8 +43,8 @@ class WorldConfig:
     n_train: int = 4000  # OPD training prompts
     n_bench: int = 200  # problems per benchmark split
     sft_ops: tuple[int, ...] = (2, 3, 4, 5)
-    teacher: ModelSpec = ModelSpec(128, 4, 4, 384, SFTConfig(steps=1000, batch_size=64, lr=3e-3, seed=1))
-    student: ModelSpec = ModelSpec(64, 2, 2, 192, SFTConfig(steps=500, batch_size=64, lr=3e-3, seed=2))
+    teacher: ModelSpec = ModelSpec(128, 4, 4, 384, SFTConfig(steps=800, batch_size=64, lr=3e-3, seed=1))
+    student: ModelSpec = ModelSpec(64, 2, 2, 192, SFTConfig(steps=400, batch_size=64, lr=3e-3, seed=2))
 
     @staticmethod
     def quick() -> WorldConfig:

@@ -2,7 +2,6 @@
 
 import itertools
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,13 +13,6 @@ from kat_diag.models import check_compatible, load_model, load_tokenizer
 from kat_diag.tasks import generate_problems, world_splits
 from kat_diag.tokenizer import save_char_tokenizer
 from kat_diag.world import WorldConfig, build_world, load_world_splits
-
-
-@pytest.fixture(scope="module")
-def quick_world(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("world")
-    build_world(out, WorldConfig.quick(), progress=False)
-    return out
 
 
 def test_tokenizer_round_trip_on_every_problem(tmp_path):

@@ -1,0 +1,466 @@
+"""The OPD + KAT trainer: one readable loop, from tiny CPU models to Qwen3 checkpoints on GPUs.
+
+Setup (models, data, policy, optimizer, sinks, resume), then `for step`: the student rolls out
+its share of the step's prompts with online teacher scoring under the termination policy, the OPD
+loss is taken on the kept tokens, and periodic blocks write metrics, traces, evaluations and
+checkpoints. Variants (termination policies, loss estimators) live behind their own interfaces in
+`termination` and `loss`; the loop never branches on them.
+
+A run directory holds: config.json (the resolved config), metrics.jsonl (one line per step, plus
+eval lines), traces/ (the trace store), checkpoints/step-NNNNNN/ (student weights via
+save_pretrained, tokenizer, trainer_state.pt with optimizer, scheduler, policy state and step).
+Resuming from the last checkpoint reproduces the uninterrupted run exactly: prompts and sampling
+are pure functions of (seed, step, rank), everything else is restored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from kat_diag import distributed as D
+from kat_diag.detector import KATConfig
+from kat_diag.loss import LossInputs, make_loss
+from kat_diag.models import check_compatible, load_model, load_tokenizer, resolve_device, resolve_dtype
+from kat_diag.rollout import Rollout, RolloutEngine, SamplingConfig, encode_prompts
+from kat_diag.tasks import Problem, check_answer, load_math_dataset
+from kat_diag.termination import make_policy
+
+CONFIG_NAME = "config.json"
+METRICS_NAME = "metrics.jsonl"
+CKPT_DIRNAME = "checkpoints"
+STATE_NAME = "trainer_state.pt"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    teacher: str
+    student: str
+    out: str
+    data: str = "world"  # "world": the embedded world's train split; else a local JSONL/Parquet file
+    question_field: str = "question"
+    answer_field: str = "answer"
+    answer_format: str = "auto"
+    bench: tuple[str, ...] = ()  # benchmark files for real data (the world uses its own splits)
+    steps: int = 50
+    batch_size: int = 32  # prompts per step per rank
+    micro_batch: int = 32  # rollouts per backward pass (gradient accumulation)
+    lr: float = 5e-4
+    warmup_steps: int = 5
+    schedule: str = "cosine"  # cosine | constant
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    dtype: str = "fp32"  # fp32 | bf16 (teacher in bf16, student under autocast)
+    device: str = "auto"
+    seed: int = 0
+    loss: str = "full"  # full | sampled
+    termination: str = "kat"  # none | kat | random | prefix | kat+prefix
+    prefix_len: int | None = None
+    random_target: float | None = None  # mean kept length for `random` ...
+    random_from: str | None = None  # ... or a KAT run directory to length-match
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=160, chunk_size=16))
+    kat: KATConfig = field(default_factory=KATConfig)
+    eval_every: int = 0  # 0: evaluate only after the last step
+    eval_k: int = 4
+    eval_n: int = 50  # problems per benchmark split
+    ckpt_every: int = 25
+    keep_checkpoints: int = 2
+    trace_every: int = 1  # record traces every N steps (0: never)
+    max_steps_this_run: int | None = None  # stop early (simulates an interruption; for tests)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.micro_batch < 1:
+            raise ValueError("steps, batch_size and micro_batch must be >= 1")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"schedule must be cosine|constant, got {self.schedule!r}")
+        resolve_dtype(self.dtype)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> TrainConfig:
+        d = dict(d)
+        d["sampling"] = SamplingConfig(**d.get("sampling", {}))
+        d["kat"] = KATConfig(**d.get("kat", {}))
+        d["bench"] = tuple(d.get("bench", ()))
+        names = {f.name for f in fields(TrainConfig)}
+        return TrainConfig(**{k: v for k, v in d.items() if k in names})
+
+
+# ---------------------------------------------------------------------------------------------
+# Small pieces the loop uses
+# ---------------------------------------------------------------------------------------------
+
+
+class MetricsSink:
+    """Appends one JSON object per call to metrics.jsonl (flushed, so a crash loses nothing)."""
+
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path, self.enabled = path, enabled
+
+    def write(self, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(metrics, default=float) + "\n")
+            f.flush()
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop lines of steps the checkpoint does not cover (they will be redone)."""
+        if not self.enabled or not self.path.exists():
+            return
+        lines = [ln for ln in self.path.read_text().splitlines() if ln.strip()]
+        kept = [ln for ln in lines if json.loads(ln).get("step", -1) <= step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(ln + "\n" for ln in kept))
+        os.replace(tmp, self.path)
+
+
+def prompt_indices(step: int, batch: int, rank: int, world: int, n: int, seed: int) -> list[int]:
+    """The prompts of (step, rank): epochs of seeded permutations, so resume needs no state."""
+    out, perms = [], {}
+    start = (step * world + rank) * batch
+    for g in range(start, start + batch):
+        epoch, pos = divmod(g, n)
+        if epoch not in perms:
+            perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+        out.append(int(perms[epoch][pos]))
+    return out
+
+
+def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) * 4099 + rank)
+
+
+def lr_lambda(cfg: TrainConfig):
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / max(1, cfg.warmup_steps)
+        if cfg.schedule == "constant":
+            return 1.0
+        frac = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+
+    return f
+
+
+def load_prompts(cfg: TrainConfig) -> tuple[list[Problem], dict[str, list[Problem]]]:
+    """Training prompts and benchmark splits, from the embedded world or local files."""
+    if cfg.data == "world":
+        from kat_diag.world import DEFAULT_WORLD_DIR, load_world_splits
+
+        world_dir = Path(cfg.student).parent if (Path(cfg.student).parent / "data").exists() else DEFAULT_WORLD_DIR
+        splits = load_world_splits(world_dir)
+        train = splits.pop("train")
+        return train, splits
+    kw = dict(question_field=cfg.question_field, answer_field=cfg.answer_field, answer_format=cfg.answer_format)
+    train = load_math_dataset(cfg.data, **kw)
+    bench = {Path(b).stem: load_math_dataset(b, **kw) for b in cfg.bench}
+    return train, bench
+
+
+def opd_update(student, rollouts: list[Rollout], loss_fn, opt, cfg: TrainConfig, device) -> dict[str, float]:
+    """One optimizer step of OPD on the kept tokens, normalised by the step's global kept count."""
+    kept = [r for r in rollouts if r.keep > 0]
+    n_local = sum(r.keep for r in kept)
+    n_global = D.sum_scalars({"n": float(n_local)}, device)["n"]
+    loss_sum = 0.0
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16")
+    student.train()
+    for i in range(0, len(kept), cfg.micro_batch):
+        micro = kept[i : i + cfg.micro_batch]
+        seqs = [torch.cat([r.prompt_ids, r.token_ids[: r.keep]]) for r in micro]
+        T = max(len(s) for s in seqs)
+        ids_BT = torch.zeros(len(seqs), T, dtype=torch.long)
+        mask_BT = torch.zeros(len(seqs), T, dtype=torch.long)
+        rows, cols = [], []
+        for b, (r, s) in enumerate(zip(micro, seqs, strict=True)):
+            ids_BT[b, : len(s)] = s
+            mask_BT[b, : len(s)] = 1
+            lp = len(r.prompt_ids)
+            rows.append(torch.full((r.keep,), b))
+            cols.append(torch.arange(lp - 1, lp - 1 + r.keep))  # logits here predict the kept tokens
+        rows_N, cols_N = torch.cat(rows).to(device), torch.cat(cols).to(device)
+        with autocast:
+            logits_BTV = student(input_ids=ids_BT.to(device), attention_mask=mask_BT.to(device)).logits
+        x = LossInputs(
+            student_logits_NV=logits_BTV[rows_N, cols_N],
+            token_ids_N=torch.cat([r.token_ids[: r.keep] for r in micro]).to(device),
+            old_logprob_N=torch.cat([r.student_logprob[: r.keep] for r in micro]).to(device),
+            teacher_logprob_N=torch.cat([r.teacher_logprob[: r.keep] for r in micro]).to(device),
+            teacher_logprobs_NV=(torch.cat([r.teacher_logprobs_full for r in micro]).to(device)
+                                 if loss_fn.needs_full_teacher else None),
+        )
+        loss = loss_fn(x)
+        (loss / max(n_global, 1.0)).backward()
+        loss_sum += float(loss.detach())
+    D.all_reduce_grads(student)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)) if n_global else 0.0
+    if n_global > 0:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    student.eval()
+    return {"loss_sum": loss_sum, "kept_tokens": float(n_local), "grad_norm": grad_norm}
+
+
+def trace_batch(rollouts: list[Rollout], problems: list[Problem], texts: list[str], tokenizer, step: int,
+                rank: int, policy_name: str, tau: float, correct: list[bool]) -> dict[str, Any]:
+    """Columns of the trace store for one step's rollouts (format of `traces.TraceWriter.append`)."""
+    from kat_diag.traces import make_rollout_id
+
+    def np_list(attr: str) -> list[np.ndarray]:
+        return [getattr(r, attr).cpu().numpy() for r in rollouts]
+
+    return {
+        "step": step,
+        "rollout_id": [make_rollout_id(step, rank, r.index) for r in rollouts],
+        "prompt_id": [p.id for p in problems],
+        "policy": policy_name,
+        "tau": tau,
+        "onset": [r.onset for r in rollouts],
+        "fire": [r.fire for r in rollouts],
+        "stop_reason": [r.stop_reason for r in rollouts],
+        "gen_len": [r.gen_len for r in rollouts],
+        "kept_len": [r.keep for r in rollouts],
+        "text": texts,
+        "correct": correct,
+        "token_ids": [a.astype(np.int32) for a in np_list("token_ids")],
+        "student_logprob": np_list("student_logprob"),
+        "teacher_logprob": np_list("teacher_logprob"),
+        "kl": np_list("kl"),
+        "kl_sampled": np_list("kl_sampled"),
+        "student_entropy": np_list("student_entropy"),
+        "teacher_top_ids": [a.astype(np.int32) for a in np_list("teacher_top_ids")],
+        "teacher_top_probs": np_list("teacher_top_probs"),
+        "token_text": [tokenizer.batch_decode([[t] for t in r.token_ids.tolist()]) for r in rollouts],
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+def latest_checkpoint(run: Path) -> Path | None:
+    d = run / CKPT_DIRNAME
+    if not d.exists():
+        return None
+    done = sorted(p for p in d.glob("step-*") if (p / STATE_NAME).exists())
+    return done[-1] if done else None
+
+
+def save_checkpoint(run: Path, step: int, student, tokenizer, opt, sched, policy, keep: int) -> Path:
+    """Write to a temporary directory, then rename: a crash never leaves a half checkpoint."""
+    root = run / CKPT_DIRNAME
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:06d}"
+    tmp = root / f".tmp-step-{step:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    student.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    torch.save({"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "policy": policy.state_dict(), "torch_rng": torch.get_rng_state()}, tmp / STATE_NAME)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in sorted(p for p in root.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _discard_traces_after(run: Path, step: int, rank: int) -> int:
+    """On resume: move trace files written after the checkpoint aside (their steps are redone)."""
+    import pyarrow.parquet as pq
+
+    tdir = run / "traces"
+    moved = 0
+    if not tdir.exists():
+        return 0
+    for f in sorted(tdir.glob(f"part-r{rank:05d}-*.parquet")):
+        try:
+            steps = pq.read_table(f, columns=["step"]).column("step").to_numpy()
+        except Exception:
+            continue  # the reader reports corrupt files itself
+        if steps.size and steps.min() > step:
+            dest = run / "traces_discarded"
+            dest.mkdir(exist_ok=True)
+            os.replace(f, dest / f.name)
+            moved += 1
+    return moved
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+
+def evaluate_student(student, tokenizer, bench: dict[str, list[Problem]], cfg: TrainConfig) -> dict[str, float]:
+    from kat_diag.evaluation import evaluate_benchmarks
+
+    subset = {k: v[: cfg.eval_n] for k, v in bench.items()}
+    res = evaluate_benchmarks(student, tokenizer, subset, k=cfg.eval_k, greedy=True,
+                              max_new_tokens=cfg.sampling.max_new_tokens, seed=cfg.seed)
+    return {f"eval/{split}/{m}": v for split, r in res.items() for m, v in r.items() if m != "n"}
+
+
+@dataclass
+class TrainResult:
+    metrics: dict[str, Any]  # the last step's metrics
+    student: Any  # the trained student (this rank's replica)
+    run_dir: Path
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
+    """Run OPD with the configured termination policy."""
+    device = D.local_device(resolve_device(cfg.device))
+    rank, world = D.init(device)
+    run = Path(cfg.out)
+    run.mkdir(parents=True, exist_ok=True)
+
+    ckpt = latest_checkpoint(run) if resume else None
+    if resume and ckpt is None and rank == 0:
+        print(f"no checkpoint in {run}: starting from scratch")
+    tokenizer = load_tokenizer(cfg.student, what="student tokenizer")
+    teacher = load_model(cfg.teacher, what="teacher", dtype="bf16" if cfg.dtype == "bf16" else "fp32",
+                         device=str(device))
+    student = load_model(ckpt or cfg.student, what="student", device=str(device))
+    check_compatible(teacher, student, load_tokenizer(cfg.teacher, what="teacher tokenizer"), tokenizer)
+    teacher.eval().requires_grad_(False)
+    student.eval()
+
+    problems, bench = load_prompts(cfg)
+    encoded = encode_prompts(tokenizer, [p.prompt for p in problems])
+    policy = make_policy(cfg.termination, kat=cfg.kat, prefix_len=cfg.prefix_len,
+                         random_target=_random_target(cfg), seed=cfg.seed * 131 + rank, device=device)
+    loss_fn = make_loss(cfg.loss)
+    decay = [p for p in student.parameters() if p.ndim >= 2]
+    no_decay = [p for p in student.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    engine = RolloutEngine(student, teacher, tokenizer.eos_token_id, tokenizer.pad_token_id, cfg.sampling)
+
+    sink = MetricsSink(run / METRICS_NAME, enabled=rank == 0)
+    start = 0
+    if ckpt is not None:
+        state = torch.load(ckpt / STATE_NAME, weights_only=False)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        policy.load_state_dict(state["policy"])
+        torch.set_rng_state(state["torch_rng"])
+        start = state["step"] + 1
+        sink.truncate_after(state["step"])
+        _discard_traces_after(run, state["step"], rank)
+    if rank == 0:
+        (run / CONFIG_NAME).write_text(json.dumps({**cfg.to_dict(), "world_size": world}, indent=2))
+    D.barrier()
+    writer = None
+    if cfg.trace_every:
+        from kat_diag.traces import TraceWriter
+
+        writer = TraceWriter(run, rank=rank, config=cfg.to_dict(), top_n=max(1, cfg.sampling.top_n))
+
+    end = cfg.steps if cfg.max_steps_this_run is None else min(cfg.steps, start + cfg.max_steps_this_run)
+    bar = tqdm(range(start, end), desc=f"train[{cfg.termination}]", disable=not cfg.progress or rank != 0,
+               initial=start, total=cfg.steps)
+    metrics: dict[str, Any] = {}
+    for step in bar:
+        t0 = time.perf_counter()
+        policy.begin_step(step)
+        idx = prompt_indices(step, cfg.batch_size, rank, world, len(problems), cfg.seed)
+        rollouts, rstats = engine.run([encoded[i] for i in idx], policy,
+                                      step_generator(cfg.seed, step, rank, device),
+                                      keep_teacher_logprobs=loss_fn.needs_full_teacher)
+        policy_metrics = policy.end_step()
+        t_roll = time.perf_counter() - t0
+        upd = opd_update(student, rollouts, loss_fn, opt, cfg, device)
+        sched.step()
+        step_time = time.perf_counter() - t0
+
+        gen_tokens = sum(r.gen_len for r in rollouts)
+        local = {
+            "loss_sum": upd["loss_sum"], "kept_tokens": upd["kept_tokens"], "rollouts": float(len(rollouts)),
+            "gen_tokens": float(gen_tokens), "sampled_tokens": float(rstats.generated_tokens),
+            "kl_sum": float(sum(float(r.kl.sum()) for r in rollouts)),
+            "kl_kept_sum": float(sum(float(r.kl[: r.keep].sum()) for r in rollouts)),
+            "stopped": float(sum(r.stop_reason == "policy" for r in rollouts)),
+            "eos": float(sum(r.stop_reason == "eos" for r in rollouts)),
+            "rollout_time": t_roll, "step_time": step_time,
+        }
+        tot = D.sum_scalars(local, device)
+        metrics = {
+            "step": step,
+            "loss": tot["loss_sum"] / max(tot["kept_tokens"], 1.0),
+            "kl_mean": tot["kl_sum"] / max(tot["gen_tokens"], 1.0),
+            "kl_kept_mean": tot["kl_kept_sum"] / max(tot["kept_tokens"], 1.0),
+            "gen_len_mean": tot["gen_tokens"] / tot["rollouts"],
+            "kept_len_mean": tot["kept_tokens"] / tot["rollouts"],
+            "fired_share": tot["stopped"] / tot["rollouts"],
+            "eos_share": tot["eos"] / tot["rollouts"],
+            "tokens_per_s": tot["sampled_tokens"] / max(tot["rollout_time"] / world, 1e-9),
+            "step_time": tot["step_time"] / world,
+            "rollout_time": tot["rollout_time"] / world,
+            "grad_norm": upd["grad_norm"],
+            "lr": sched.get_last_lr()[0],
+            **{f"policy/{k}": v for k, v in policy_metrics.items()},
+        }
+        metrics["tau"] = float(policy_metrics.get("tau", float("nan")))
+        sink.write(metrics)
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}", kl=f"{metrics['kl_mean']:.3f}",
+                        gen=f"{metrics['gen_len_mean']:.0f}", kept=f"{metrics['kept_len_mean']:.0f}")
+
+        if writer is not None and step % cfg.trace_every == 0:
+            probs = [problems[i] for i in idx]
+            texts = tokenizer.batch_decode([r.token_ids.tolist() for r in rollouts], skip_special_tokens=True)
+            correct = [check_answer(p, t) for p, t in zip(probs, texts, strict=True)]
+            writer.append(trace_batch(rollouts, probs, texts, tokenizer, step, rank, cfg.termination,
+                                      metrics["tau"], correct))
+
+        last = step == cfg.steps - 1
+        if bench and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last):
+            if rank == 0:
+                sink.write({"step": step, **evaluate_student(student, tokenizer, bench, cfg)})
+            D.barrier()
+        if (cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0) or last or step == end - 1:
+            if writer is not None:
+                writer.flush()  # traces up to this step are durable with the checkpoint
+            if rank == 0:
+                save_checkpoint(run, step, student, tokenizer, opt, sched, policy, cfg.keep_checkpoints)
+            D.barrier()
+    if writer is not None:
+        writer.close()
+    if rank == 0 and end == cfg.steps:
+        student.save_pretrained(run / "final")
+        tokenizer.save_pretrained(run / "final")
+    D.barrier()
+    return TrainResult(metrics=metrics, student=student, run_dir=run)
+
+
+def _random_target(cfg: TrainConfig) -> float | Path | None:
+    """For `random`: the mean kept length given, or a KAT run's metrics.jsonl to length-match."""
+    if cfg.termination != "random":
+        return None
+    if cfg.random_target is not None:
+        return cfg.random_target
+    if cfg.random_from is None:
+        raise ValueError("termination 'random' needs --random-target or --random-from KAT_RUN")
+    path = Path(cfg.random_from) / METRICS_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"cannot length-match: no {METRICS_NAME} in {cfg.random_from}")
+    return path
+
+
+def with_overrides(cfg: TrainConfig, **kw: Any) -> TrainConfig:
+    return replace(cfg, **kw)

@@ -1,0 +1,120 @@
+"""Trainer on tiny Qwen3 models: real steps on CPU, run directory contents, exact resume, DDP."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from kat_diag.detector import KATConfig
+from kat_diag.models import load_model
+from kat_diag.rollout import SamplingConfig
+from kat_diag.traces import TraceReader
+from kat_diag.trainer import TrainConfig, latest_checkpoint, prompt_indices, train
+
+
+def _cfg(world, out, **kw) -> TrainConfig:
+    base = dict(
+        teacher=str(world / "teacher"), student=str(world / "student"), out=str(out), steps=4, batch_size=4,
+        micro_batch=3, lr=3e-3, warmup_steps=1, sampling=SamplingConfig(max_new_tokens=20, chunk_size=4),
+        kat=KATConfig(window=4, persistence=2, min_length=4, warmup_steps=1, buffer_size=64, quantile=0.5),
+        eval_n=3, eval_k=2, ckpt_every=2, progress=False, termination="kat", device="cpu",
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_training_changes_parameters_and_writes_the_run(quick_world, tmp_path):
+    before = load_model(quick_world / "student", device="cpu").state_dict()
+    res = train(_cfg(quick_world, tmp_path / "run", steps=3))
+    after = res.student.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    run = tmp_path / "run"
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["termination"] == "kat" and cfg["kat"]["window"] == 4
+    lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in lines if "loss" in m]
+    assert [m["step"] for m in steps] == [0, 1, 2]
+    for key in ("loss", "kl_mean", "tau", "gen_len_mean", "kept_len_mean", "fired_share", "tokens_per_s",
+                "step_time"):
+        assert key in steps[0]
+    assert any("eval/ops2/greedy" in m for m in lines)
+    assert latest_checkpoint(run).name == "step-000002"
+    assert (run / "final" / "config.json").exists()
+    reader = TraceReader(run)
+    cols = reader.read(columns=["step", "kl", "gen_len", "kept_len", "stop_reason"])
+    assert sorted(set(cols["step"].tolist())) == [0, 1, 2]
+    assert len(cols["step"]) == 12
+
+
+def test_resume_reproduces_the_uninterrupted_run(quick_world, tmp_path):
+    full = train(_cfg(quick_world, tmp_path / "full")).student.state_dict()
+    part = _cfg(quick_world, tmp_path / "part", max_steps_this_run=2)
+    train(part)
+    assert latest_checkpoint(tmp_path / "part").name == "step-000001"
+    resumed = train(_cfg(quick_world, tmp_path / "part"), resume=True).student.state_dict()
+    for k in full:
+        assert torch.equal(full[k], resumed[k]), k
+    m_full = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    m_part = [json.loads(x) for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    assert [m.get("loss") for m in m_full] == [m.get("loss") for m in m_part]
+
+
+def test_vocabulary_mismatch_is_a_clear_error(quick_world, tmp_path):
+    student = load_model(quick_world / "student", device="cpu")
+    student.resize_token_embeddings(128)
+    student.save_pretrained(tmp_path / "bad")
+    with pytest.raises(ValueError, match=r"vocabulary mismatch: teacher has 99 .* student has 128"):
+        train(_cfg(quick_world, tmp_path / "run", student=str(tmp_path / "bad")))
+
+
+def test_prompt_schedule_is_a_partition_per_epoch():
+    seen = []
+    for step in range(3):
+        for rank in range(2):
+            seen += prompt_indices(step, 4, rank, 2, 24, seed=3)
+    assert sorted(seen) == list(range(24))
+    assert prompt_indices(5, 4, 1, 2, 24, 3) == prompt_indices(5, 4, 1, 2, 24, 3)
+
+
+WORKER = textwrap.dedent("""
+    import sys, torch, torch.distributed as dist
+    from pathlib import Path
+    from kat_diag.detector import KATConfig
+    from kat_diag.rollout import SamplingConfig
+    from kat_diag.trainer import TrainConfig, train
+    world, out = Path(sys.argv[1]), Path(sys.argv[2])
+    cfg = TrainConfig(teacher=str(world / "teacher"), student=str(world / "student"), out=str(out), steps=3,
+                      batch_size=3, micro_batch=2, lr=3e-3, warmup_steps=1, device="cpu", progress=False,
+                      sampling=SamplingConfig(max_new_tokens=16, chunk_size=4), eval_n=2, eval_k=1,
+                      kat=KATConfig(window=4, persistence=2, min_length=4, warmup_steps=1, buffer_size=64))
+    res = train(cfg)
+    rank = dist.get_rank()
+    torch.save(res.student.state_dict(), out / f"rank{rank}.pt")
+    dist.destroy_process_group()
+""")
+
+
+def test_two_process_gloo_ddp_keeps_replicas_identical(quick_world, tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(script), str(quick_world), str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    before = load_model(quick_world / "student", device="cpu").state_dict()
+    assert any(not torch.equal(before[k], a[k]) for k in a)
+    cols = TraceReader(out).read(columns=["rank", "step", "prompt_id"])
+    for rank in (0, 1):
+        assert sorted(set(cols["step"][cols["rank"] == rank].tolist())) == [0, 1, 2]
+    assert len(set(zip(cols["step"].tolist(), cols["prompt_id"].tolist(), strict=True))) == 18
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "loss" in m] == [0, 1, 2]
