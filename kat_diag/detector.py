@@ -56,6 +56,7 @@ _QMAX_BITS = KL_SCALE_BITS + 10  # log2(KL_LIMIT * KL_SCALE)
 _QMAX_F = KL_LIMIT * KL_SCALE
 MAX_WINDOW = 4096  # keeps window sums and poison values inside int64 with room for long chunks
 _NOT_FIRED = 2**62  # internal sentinel: min() keeps the first fire without a branch
+_FLUSH_EVERY = 256  # pending updates before stride-window means are extracted in one pass
 
 _KEEP_MODES = ("onset", "fire")
 
@@ -351,7 +352,8 @@ class StreamingDetector:
         self._thr = _threshold_units(math.nan, w, self._half)
         self._finite_seen: Any = 0
         self._tokens_seen: Any = 0
-        self._pending: list[tuple[Any, Any, Any]] = []
+        self._pending: list[tuple[Any, Any, Any]] = []  # (win_BC, n_B, nvalid_B) per update
+        self._means_done: list[Any] = []  # extracted stride-window sums, not yet popped
         self._last_low: Any = None
         self._set_device(torch.device(device))
         self._reset_rows()
@@ -420,6 +422,7 @@ class StreamingDetector:
         for name in ("_hist_BW", "_lbrel_B1", "_n_B", "_fire_B", "_finite_seen", "_tokens_seen"):
             setattr(self, name, move(getattr(self, name)))
         self._pending = [(move(a), move(b), move(c)) for a, b, c in self._pending]
+        self._means_done = [move(m) for m in self._means_done]
         self._last_low = None
         return self
 
@@ -474,11 +477,19 @@ class StreamingDetector:
         """Means of the stride-W windows (i = W-1, 2W-1, ...) seen since the last pop.
 
         float64 on `device`, usable windows only, in update order (row-major within an update).
-        Consecutive updates of one shape are processed together: a few ops per run of shapes.
         """
+        self._flush_pending()
+        done, self._means_done = self._means_done, []
+        if not done:
+            return torch.empty(0, dtype=torch.float64, device=self.device)
+        ops = self._ops
+        return ops.torch(ops.cat(done, 0)).to(torch.float64) / float(self.cfg.window * KL_SCALE)
+
+    def _flush_pending(self) -> None:
+        """Extract the stride-W window sums of the pending updates, one batched pass per run of
+        same-shape updates (a few ops per run instead of a gather per update)."""
         pending, self._pending = self._pending, []
         ops, w = self._ops, self.cfg.window
-        out: list[Any] = []
         start = 0
         while start < len(pending):
             key = (tuple(pending[start][0].shape), pending[start][2] is None)
@@ -492,11 +503,8 @@ class StreamingDetector:
             mask = ((n_EB1 + idx_C + 1) % w == 0) & (win_EBC < self._half)
             if not key[1]:
                 mask &= idx_C < ops.cat([r[2][None] for r in run], 0)[..., None]
-            out.append(win_EBC[mask])
+            self._means_done.append(win_EBC[mask])
             start = end
-        if not out:
-            return torch.empty(0, dtype=torch.float64, device=self.device)
-        return ops.torch(ops.cat(out, 0)).to(torch.float64) / float(w * KL_SCALE)
 
     # ------------------------------------------------------------------ update
     def _consts(self, c: int) -> tuple[Any, ...]:
@@ -578,4 +586,6 @@ class StreamingDetector:
             self._tokens_seen += nvalid_B.sum()
         if self.collect_means:
             self._pending.append((win_BC, n_B, nvalid_B))
+            if len(self._pending) >= _FLUSH_EVERY:  # bounds memory to ~_FLUSH_EVERY chunks
+                self._flush_pending()
         return ops.torch(self._fire_B < _NOT_FIRED)

@@ -15,6 +15,7 @@ Interface (`TerminationPolicy`), all per-row state vectorised over the engine's 
         # dec.end_B   int64 (B,): where stop_B, the rollout's final length; tokens generated
         #                         beyond it (chunked scoring) are to be discarded; -1 elsewhere
         # dec.keep_B  int64 (B,): where stop_B, train on tokens [0, keep_B); -1 elsewhere
+        #   (the three tensors are snapshots: later calls never modify them)
         policy.keep_rows(idx_B)        # compaction: keep these rows, in this order (finished
                                        # rows not in idx_B are booked for the step's metrics)
         policy.add_rows(k)             # refill freed slots
@@ -37,8 +38,9 @@ Policies: `none` (plain OPD), `kat`, `random`, `prefix`, `kat+prefix`.
 same as stopping after each token with probability 1/target (memoryless), but does not depend
 on how the engine chunks tokens. The target is a mean kept length given directly, or read from
 a KAT run's metrics.jsonl (`target_from_metrics`: the rollout-weighted mean of
-`kept_len_mean`). Rollouts that end on their own before the cut pull the realised mean below
-the target, just as unfired rollouts do in the KAT run being matched.
+`kept_len_mean`). A rollout that ends on its own before its cut keeps fewer tokens than drawn,
+so where natural endings are short the realised mean falls below the target; `kept_len_mean`
+in the step metrics reports what was realised.
 """
 
 from __future__ import annotations

@@ -189,6 +189,9 @@ def test_short_rollouts_never_fire_and_zero_width_chunks_are_noops():
     assert det.fire_B.tolist() == [-1, -1, -1]
     det.update(torch.zeros(3, 1))
     assert det.fire_B.tolist() == [7, 7, 7]
+    for backend in BACKENDS:  # an empty batch is fine too
+        empty = StreamingDetector(cfg, 0, backend=backend)
+        assert empty.update(torch.zeros(0, 5), torch.zeros(0, 5, dtype=torch.bool)).shape == (0,)
 
 
 def test_dtypes_give_identical_decisions():
@@ -216,6 +219,23 @@ def test_window_means_are_the_stride_windows():
     expected = [q[b, k: k + 4].sum() / (4 * KL_SCALE) for b in range(3) for k in range(0, lengths[b] - 3, 4)]
     np.testing.assert_array_equal(got, np.sort(expected))
     assert det.pop_window_means().numel() == 0  # popped
+
+
+def test_window_means_keep_update_order_across_many_updates():
+    cfg = KATConfig(window=3, persistence=1)
+    kl = np.random.default_rng(2).uniform(0, 1, size=(2, 1000))
+    det = StreamingDetector(cfg, 2)
+    for i in range(1000):  # well past the internal batching of pending updates
+        if i == 600:
+            det.keep_rows(torch.tensor([1]))  # shape change mid-way
+            kl = kl[1:]
+        det.update(torch.tensor(kl[:, i: i + 1]))
+    got = det.pop_window_means().numpy()
+    q = np.trunc(np.random.default_rng(2).uniform(0, 1, size=(2, 1000)) * KL_SCALE)
+    ends = np.arange(2, 1000, 3)
+    expected = [(end, b, q[b, end - 2: end + 1].sum() / (3 * KL_SCALE))
+                for end in ends for b in ((0, 1) if end < 600 else (1,))]
+    np.testing.assert_array_equal(got, [m for _, _, m in expected])
 
 
 @settings(max_examples=50, deadline=None)
