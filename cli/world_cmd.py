@@ -82,11 +82,29 @@ def register(app: typer.Typer) -> None:
     @app.command("demo")
     def demo(
         world: Path = typer.Option(DEFAULT_WORLD_DIR, help="World directory; built if missing."),
+        out: Path = typer.Option(Path("runs/demo"), help="Directory for the demo's training runs."),
         k: int = typer.Option(8, help="Samples per problem for avg@k / pass@k."),
+        steps: int = typer.Option(20, help="OPD steps of the demo's KAT run."),
     ) -> None:
-        """The embedded pipeline end to end: world (build if missing), evaluation."""
+        """The embedded pipeline end to end: world, evaluation, OPD with KAT, trace summary, replay."""
+        from kat_diag.detector import KATConfig
+        from kat_diag.rollout import SamplingConfig
+        from kat_diag.trace_view import format_summary, summarize
+        from kat_diag.traces import TraceReader
+        from kat_diag.trainer import TrainConfig, train
+
         if not (world / "student" / "config.json").exists():
-            typer.echo(f"no world at {world}: building it (about 10 minutes on 2 cores)")
+            typer.echo(f"no world at {world}: building it (about 15 minutes on 2 cores)")
             build(out=world, quick=False, seed=0)
-        typer.echo("== world evaluation (greedy, avg@k, pass@k) ==")
+        typer.echo("== 1. world evaluation (greedy, avg@k, pass@k) ==")
         typer.echo(_eval_table(run_world_eval(world, k, None, 0, 96)))
+        run = out / "kat"
+        typer.echo(f"== 2. OPD with KAT, {steps} steps -> {run} ==")
+        cfg = TrainConfig(teacher=str(world / "teacher"), student=str(world / "student"), out=str(run),
+                          steps=steps, kat=KATConfig(), sampling=SamplingConfig(max_new_tokens=160, slots=16),
+                          eval_n=50, eval_k=4, ckpt_every=10)
+        metrics = train(cfg).metrics
+        typer.echo(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()
+                               if not k.startswith("policy/")}))
+        typer.echo("== 3. trace store summary (kat-diag inspect) ==")
+        typer.echo(format_summary(summarize(TraceReader(run))))

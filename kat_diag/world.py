@@ -44,7 +44,7 @@ class WorldConfig:
     n_bench: int = 200  # problems per benchmark split
     sft_ops: tuple[int, ...] = (2, 3, 4, 5)
     teacher: ModelSpec = ModelSpec(128, 4, 4, 384, SFTConfig(steps=800, batch_size=64, lr=3e-3, seed=1))
-    student: ModelSpec = ModelSpec(64, 2, 2, 192, SFTConfig(steps=400, batch_size=64, lr=3e-3, seed=2))
+    student: ModelSpec = ModelSpec(96, 3, 3, 288, SFTConfig(steps=600, batch_size=64, lr=3e-3, seed=2))
 
     @staticmethod
     def quick() -> WorldConfig:
