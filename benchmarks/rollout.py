@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -63,17 +64,17 @@ def online(student, teacher, tok, prompts: list[str], cfg: SamplingConfig, seed:
 
 
 def step_times(world: Path, termination: str, steps: int, kat: KATConfig, out: Path, batch: int, slots: int,
-               max_new: int) -> tuple[float, float]:
+               max_new: int, chunk: int = 16) -> tuple[list[float], list[float]]:
     cfg = TrainConfig(
         teacher=str(world / "teacher"), student=str(world / "student"), out=str(out), steps=steps,
         batch_size=batch, micro_batch=batch, termination=termination, kat=kat, device="cpu", progress=False,
-        sampling=SamplingConfig(max_new_tokens=max_new, chunk_size=kat.window, slots=slots),
+        sampling=SamplingConfig(max_new_tokens=max_new, chunk_size=chunk, slots=slots),
         ckpt_every=0, trace_every=0, lr=2e-4,
     )
     train(cfg)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "step_time" in r and r["step"] >= kat.warmup_steps]
-    return (sum(r["step_time"] for r in rows) / len(rows), sum(r["gen_len_mean"] for r in rows) / len(rows))
+    return [r["step_time"] for r in rows], [r["gen_len_mean"] for r in rows]
 
 
 def main() -> None:
@@ -84,6 +85,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12, help="trainer steps per policy (after KAT warm-up)")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--slots", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=2, help="alternating runs per policy")
     args = ap.parse_args()
     torch.set_num_threads(2)
 
@@ -110,19 +112,38 @@ def main() -> None:
     )
     print(json.dumps(res), flush=True)
 
+    # KAT at its defaults barely cuts on this world (the student ends most rollouts with EOS at
+    # ~34 tokens), so the speed-up is also measured with a tighter KAT that cuts a large share of
+    # tokens: that is where the engine must turn saved tokens into saved time. The engine's chunk
+    # stays at 16 for every policy (an engine setting, not a KAT one).
+    tight = KATConfig(window=8, persistence=4, min_length=12, warmup_steps=kat.warmup_steps, quantile=0.5)
+    # Wall-clock step times on this shared machine drift by +-30 % between runs, so the policies are
+    # run in alternation (`--rounds` times each) and compared by their median step time.
     steps = args.steps + kat.warmup_steps
+    times: dict[str, list[float]] = {"none": [], "kat": [], "kat_tight": []}
+    lens: dict[str, list[float]] = {"none": [], "kat": [], "kat_tight": []}
     with tempfile.TemporaryDirectory() as tmp:
-        t_none, len_none = step_times(args.world, "none", steps, kat, Path(tmp) / "none", args.batch, args.slots,
-                                      args.max_new_tokens)
-        t_kat, len_kat = step_times(args.world, "kat", steps, kat, Path(tmp) / "kat", args.batch, args.slots,
-                                    args.max_new_tokens)
-    ratio = len_kat / len_none
-    res.update(
-        step_time_none=t_none, step_time_kat=t_kat, gen_len_none=len_none, gen_len_kat=len_kat,
-        kat_step_speedup=t_none / t_kat, generated_length_ratio=ratio,
-        speedup_target=0.8 / ratio, meets_speedup_target=bool(t_none / t_kat >= 0.8 / ratio),
-        meets_online_target=bool(res["online_vs_posthoc"] >= 0.9),
-    )
+        step_times(args.world, "none", 2, KATConfig(warmup_steps=0), Path(tmp) / "warmup", args.batch,
+                   args.slots, args.max_new_tokens)  # the first trainer run pays one-off costs
+        for r in range(args.rounds):
+            for tag, name, k in (("none", "none", kat), ("kat", "kat", kat), ("kat_tight", "kat", tight)):
+                t, n = step_times(args.world, name, steps, k, Path(tmp) / f"{tag}-{r}", args.batch, args.slots,
+                                  args.max_new_tokens)
+                times[tag] += t
+                lens[tag] += n
+    t_none, len_none = statistics.median(times["none"]), statistics.mean(lens["none"])
+    for tag in ("kat", "kat_tight"):
+        t, n = statistics.median(times[tag]), statistics.mean(lens[tag])
+        sfx = "" if tag == "kat" else "_tight"
+        ratio = n / len_none
+        res.update({
+            f"step_time_kat{sfx}": t, f"gen_len_kat{sfx}": n,
+            f"kat_step_speedup{sfx}": t_none / t, f"generated_length_ratio{sfx}": ratio,
+            f"speedup_target{sfx}": 0.8 / ratio, f"meets_speedup_target{sfx}": bool(t_none / t >= 0.8 / ratio),
+        })
+    res.update(step_time_none=t_none, gen_len_none=len_none, kat_tight_config=str(tight), rounds=args.rounds,
+               steps_measured_per_policy=len(times["none"]),
+               meets_online_target=bool(res["online_vs_posthoc"] >= 0.9))
     print(json.dumps(res))
 
 

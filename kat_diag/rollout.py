@@ -37,6 +37,9 @@ class SamplingConfig:
     chunk_size: int = 16  # C: tokens the student generates before the teacher scores them
     slots: int = 0  # rollouts in flight at once (0: all prompts of the step at once)
     top_n: int = 5  # teacher top-n tokens kept per position for traces
+    # End a chunk early once this share of the live rows has hit EOS/budget while prompts are
+    # waiting, so freed slots are refilled sooner (the teacher then scores a shorter chunk).
+    refill_share: float = 0.25
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
@@ -267,8 +270,9 @@ class RolloutEngine:
                 self.s.next_logp_BV = self.s.forward(tok_B[:, None], self._mask(1), pos)[:, -1]
                 stats.student_forwards += 1
                 self.T += 1
-                if bool((~valid_BC[:, c]).all()):
-                    C = c + 1  # every row is finished: no point sampling the rest of the chunk
+                n_ended = int((ended_B | (n_gen + c + 1 >= budget)).sum())
+                if n_ended == B or (queue and n_ended >= max(1.0, cfg.refill_share * B)):
+                    C = c + 1  # rows are done: score what we have, retire them, refill their slots
                     break
             toks_BC, valid_BC = toks_BC[:, :C], valid_BC[:, :C]
             stats.generated_tokens += int(valid_BC.sum())
