@@ -129,7 +129,7 @@ def test_sampled_token_loss_is_advantage_weighted_policy_gradient():
     x = _inputs(full=False)
     loss = SampledTokenKL()(x)
     adv = x.teacher_logprob_N - x.old_logprob_N
-    assert float(loss) == pytest.approx(float(-adv.sum()), rel=1e-5)  # ratio = 1 at the sampling policy
+    assert float(loss.detach()) == pytest.approx(float(-adv.sum()), rel=1e-5)  # ratio = 1 at the sampling policy
     loss.backward()
     p = torch.softmax(x.student_logits_NV.detach(), -1)
     onehot = torch.nn.functional.one_hot(x.token_ids_N, p.shape[-1]).float()
