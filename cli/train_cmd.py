@@ -38,7 +38,7 @@ def register(app: typer.Typer) -> None:
         steps: int = typer.Option(50, help="Training steps."),
         batch_size: int = typer.Option(32, help="Prompts per step per rank."),
         micro_batch: int = typer.Option(32, help="Rollouts per backward pass (gradient accumulation)."),
-        lr: float = typer.Option(5e-4, help="Peak learning rate (AdamW)."),
+        lr: float = typer.Option(1e-4, help="Peak learning rate (AdamW)."),
         warmup_steps: int = typer.Option(5, help="Linear LR warm-up steps."),
         schedule: str = typer.Option("cosine", help="LR schedule: cosine | constant."),
         grad_clip: float = typer.Option(1.0, help="Gradient-norm clipping."),

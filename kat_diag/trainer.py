@@ -55,7 +55,7 @@ class TrainConfig:
     steps: int = 50
     batch_size: int = 32  # prompts per step per rank
     micro_batch: int = 32  # rollouts per backward pass (gradient accumulation)
-    lr: float = 5e-4
+    lr: float = 1e-4
     warmup_steps: int = 5
     schedule: str = "cosine"  # cosine | constant
     min_lr_ratio: float = 0.1
@@ -114,8 +114,10 @@ class MetricsSink:
     def write(self, metrics: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        # NaN (e.g. tau before KAT's warm-up ends) is written as null: strict JSON for jq & co.
+        clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
         with self.path.open("a") as f:
-            f.write(json.dumps(metrics, default=float) + "\n")
+            f.write(json.dumps(clean, default=float) + "\n")
             f.flush()
 
     def truncate_after(self, step: int) -> None:

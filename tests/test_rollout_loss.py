@@ -142,3 +142,12 @@ def test_make_loss_and_missing_teacher():
         make_loss("forward")
     with pytest.raises(ValueError, match="full log-probs"):
         FullReverseKL()(_inputs(full=False))
+
+
+def test_prompts_use_the_chat_template_when_the_tokenizer_has_one():
+    tok = build_char_tokenizer()
+    plain = encode_prompts(tok, ["1 +2\n"])
+    assert tok.decode(plain[0]) == "1 +2\n"
+    tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}>"
+    templated = encode_prompts(tok, ["1 +2\n"])
+    assert tok.decode(templated[0]) == "<user>1 +2\n>"
