@@ -29,5 +29,17 @@ for module in (world_cmd, train_cmd, trace_cmd):
     module.register(app)
 
 
+def main() -> None:
+    """Console-script entry: user errors (bad path, mismatched models, corrupt store, bad option
+    value) print one line naming the problem instead of a traceback."""
+    from kat_diag.traces import TraceStoreError
+
+    try:
+        app()
+    except (FileNotFoundError, NotADirectoryError, ValueError, KeyError, TraceStoreError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise SystemExit(2) from None
+
+
 if __name__ == "__main__":
-    app()
+    main()

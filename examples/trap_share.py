@@ -84,7 +84,8 @@ def main() -> None:
             onset_after_error.append(res.onset[i] >= e)
     out["wrong_mean_kl_before_error"] = float(np.mean(before)) if before else float("nan")
     out["wrong_mean_kl_after_error"] = float(np.mean(after)) if after else float("nan")
-    out["wrong_fired_onset_after_error_share"] = float(np.mean(onset_after_error)) if onset_after_error else float("nan")
+    share = float(np.mean(onset_after_error)) if onset_after_error else float("nan")
+    out["wrong_fired_onset_after_error_share"] = share
     right_kl = [kl[off[i] : off[i + 1]].mean() for i in np.flatnonzero(correct)]
     out["right_mean_kl"] = float(np.mean(right_kl)) if right_kl else float("nan")
     print(json.dumps(out))

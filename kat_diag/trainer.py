@@ -207,6 +207,11 @@ def opd_update(student, rollouts: list[Rollout], loss_fn, opt, cfg: TrainConfig,
                                  if loss_fn.needs_full_teacher else None),
         )
         loss = loss_fn(x)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite OPD loss ({float(loss)}) on a micro-batch of {len(micro)} rollouts: check the "
+                "teacher/student logits (dtype overflow?) — the last checkpoint is intact"
+            )
         (loss / max(n_global, 1.0)).backward()
         loss_sum += float(loss.detach())
     D.all_reduce_grads(student)
@@ -378,69 +383,84 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
     bar = tqdm(range(start, end), desc=f"train[{cfg.termination}]", disable=not cfg.progress or rank != 0,
                initial=start, total=cfg.steps)
     metrics: dict[str, Any] = {}
-    for step in bar:
-        t0 = time.perf_counter()
-        policy.begin_step(step)
-        idx = prompt_indices(step, cfg.batch_size, rank, world, len(problems), cfg.seed)
-        rollouts, rstats = engine.run([encoded[i] for i in idx], policy,
-                                      step_generator(cfg.seed, step, rank, device),
-                                      keep_teacher_logprobs=loss_fn.needs_full_teacher)
-        policy_metrics = policy.end_step()
-        t_roll = time.perf_counter() - t0
-        upd = opd_update(student, rollouts, loss_fn, opt, cfg, device)
-        sched.step()
-        step_time = time.perf_counter() - t0
+    last_done, updating = start - 1, False
+    try:
+        for step in bar:
+            t0 = time.perf_counter()
+            policy.begin_step(step)
+            idx = prompt_indices(step, cfg.batch_size, rank, world, len(problems), cfg.seed)
+            rollouts, rstats = engine.run([encoded[i] for i in idx], policy,
+                                          step_generator(cfg.seed, step, rank, device),
+                                          keep_teacher_logprobs=loss_fn.needs_full_teacher)
+            policy_metrics = policy.end_step()
+            t_roll = time.perf_counter() - t0
+            updating = True
+            upd = opd_update(student, rollouts, loss_fn, opt, cfg, device)
+            sched.step()
+            step_time = time.perf_counter() - t0
 
-        gen_tokens = sum(r.gen_len for r in rollouts)
-        local = {
-            "loss_sum": upd["loss_sum"], "kept_tokens": upd["kept_tokens"], "rollouts": float(len(rollouts)),
-            "gen_tokens": float(gen_tokens), "sampled_tokens": float(rstats.generated_tokens),
-            "kl_sum": float(sum(float(r.kl.sum()) for r in rollouts)),
-            "kl_kept_sum": float(sum(float(r.kl[: r.keep].sum()) for r in rollouts)),
-            "stopped": float(sum(r.stop_reason == "policy" for r in rollouts)),
-            "eos": float(sum(r.stop_reason == "eos" for r in rollouts)),
-            "rollout_time": t_roll, "step_time": step_time,
-        }
-        tot = D.sum_scalars(local, device)
-        metrics = {
-            "step": step,
-            "loss": tot["loss_sum"] / max(tot["kept_tokens"], 1.0),
-            "kl_mean": tot["kl_sum"] / max(tot["gen_tokens"], 1.0),
-            "kl_kept_mean": tot["kl_kept_sum"] / max(tot["kept_tokens"], 1.0),
-            "gen_len_mean": tot["gen_tokens"] / tot["rollouts"],
-            "kept_len_mean": tot["kept_tokens"] / tot["rollouts"],
-            "fired_share": tot["stopped"] / tot["rollouts"],
-            "eos_share": tot["eos"] / tot["rollouts"],
-            "tokens_per_s": tot["sampled_tokens"] / max(tot["rollout_time"] / world, 1e-9),
-            "step_time": tot["step_time"] / world,
-            "rollout_time": tot["rollout_time"] / world,
-            "grad_norm": upd["grad_norm"],
-            "lr": sched.get_last_lr()[0],
-            **{f"policy/{k}": v for k, v in policy_metrics.items()},
-        }
-        metrics["tau"] = float(policy_metrics.get("tau", float("nan")))
-        sink.write(metrics)
-        bar.set_postfix(loss=f"{metrics['loss']:.3f}", kl=f"{metrics['kl_mean']:.3f}",
-                        gen=f"{metrics['gen_len_mean']:.0f}", kept=f"{metrics['kept_len_mean']:.0f}")
+            gen_tokens = sum(r.gen_len for r in rollouts)
+            local = {
+                "loss_sum": upd["loss_sum"], "kept_tokens": upd["kept_tokens"], "rollouts": float(len(rollouts)),
+                "gen_tokens": float(gen_tokens), "sampled_tokens": float(rstats.generated_tokens),
+                "kl_sum": float(sum(float(r.kl.sum()) for r in rollouts)),
+                "kl_kept_sum": float(sum(float(r.kl[: r.keep].sum()) for r in rollouts)),
+                "stopped": float(sum(r.stop_reason == "policy" for r in rollouts)),
+                "eos": float(sum(r.stop_reason == "eos" for r in rollouts)),
+                "rollout_time": t_roll, "step_time": step_time,
+            }
+            tot = D.sum_scalars(local, device)
+            metrics = {
+                "step": step,
+                "loss": tot["loss_sum"] / max(tot["kept_tokens"], 1.0),
+                "kl_mean": tot["kl_sum"] / max(tot["gen_tokens"], 1.0),
+                "kl_kept_mean": tot["kl_kept_sum"] / max(tot["kept_tokens"], 1.0),
+                "gen_len_mean": tot["gen_tokens"] / tot["rollouts"],
+                "kept_len_mean": tot["kept_tokens"] / tot["rollouts"],
+                "fired_share": tot["stopped"] / tot["rollouts"],
+                "eos_share": tot["eos"] / tot["rollouts"],
+                "tokens_per_s": tot["sampled_tokens"] / max(tot["rollout_time"] / world, 1e-9),
+                "step_time": tot["step_time"] / world,
+                "rollout_time": tot["rollout_time"] / world,
+                "grad_norm": upd["grad_norm"],
+                "lr": sched.get_last_lr()[0],
+                **{f"policy/{k}": v for k, v in policy_metrics.items()},
+            }
+            metrics["tau"] = float(policy_metrics.get("tau", float("nan")))
+            sink.write(metrics)
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", kl=f"{metrics['kl_mean']:.3f}",
+                            gen=f"{metrics['gen_len_mean']:.0f}", kept=f"{metrics['kept_len_mean']:.0f}")
 
-        if writer is not None and step % cfg.trace_every == 0:
-            probs = [problems[i] for i in idx]
-            texts = tokenizer.batch_decode([r.token_ids.tolist() for r in rollouts], skip_special_tokens=True)
-            correct = [check_answer(p, t) for p, t in zip(probs, texts, strict=True)]
-            writer.append(trace_batch(rollouts, probs, texts, tokenizer, step, rank, cfg.termination,
-                                      metrics["tau"], correct))
+            if writer is not None and step % cfg.trace_every == 0:
+                probs = [problems[i] for i in idx]
+                texts = tokenizer.batch_decode([r.token_ids.tolist() for r in rollouts], skip_special_tokens=True)
+                correct = [check_answer(p, t) for p, t in zip(probs, texts, strict=True)]
+                writer.append(trace_batch(rollouts, probs, texts, tokenizer, step, rank, cfg.termination,
+                                          metrics["tau"], correct))
+            # From the update to here the run is between two consistent states (see KeyboardInterrupt).
+            last_done, updating = step, False
 
-        last = step == cfg.steps - 1
-        if bench and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last):
-            if rank == 0:
-                sink.write({"step": step, **evaluate_student(student, tokenizer, bench, cfg)})
-            D.barrier()
-        if (cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0) or last or step == end - 1:
-            if writer is not None:
-                writer.flush()  # traces up to this step are durable with the checkpoint
-            if rank == 0:
-                save_checkpoint(run, step, student, tokenizer, opt, sched, policy, cfg.keep_checkpoints)
-            D.barrier()
+            last = step == cfg.steps - 1
+            if bench and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last):
+                if rank == 0:
+                    sink.write({"step": step, **evaluate_student(student, tokenizer, bench, cfg)})
+                D.barrier()
+            if (cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0) or last or step == end - 1:
+                if writer is not None:
+                    writer.flush()  # traces up to this step are durable with the checkpoint
+                if rank == 0:
+                    save_checkpoint(run, step, student, tokenizer, opt, sched, policy, cfg.keep_checkpoints)
+                D.barrier()
+    except KeyboardInterrupt:
+        # Nothing lost on Ctrl-C: flushed traces, and a checkpoint of the last finished step unless
+        # the interrupt hit an optimizer update (then the last periodic checkpoint stands).
+        if writer is not None:
+            writer.flush()
+        if rank == 0 and not updating and last_done >= start:
+            save_checkpoint(run, last_done, student, tokenizer, opt, sched, policy, cfg.keep_checkpoints)
+            print(f"interrupted: step {last_done} checkpointed in {run}; continue with --resume")
+        raise
+
     if writer is not None:
         writer.close()
     if rank == 0 and end == cfg.steps:

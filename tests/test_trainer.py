@@ -118,3 +118,49 @@ def test_two_process_gloo_ddp_keeps_replicas_identical(quick_world, tmp_path):
     assert len(set(zip(cols["step"].tolist(), cols["prompt_id"].tolist(), strict=True))) == 18
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "loss" in m] == [0, 1, 2]
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-c", "from cli.main import main; main()", *args]
+
+
+def test_ctrl_c_checkpoints_the_last_finished_step_and_resume_finishes(quick_world, tmp_path):
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    args = ["train", "--teacher", str(quick_world / "teacher"), "--student", str(quick_world / "student"),
+            "--out", str(run), "--steps", "400", "--batch-size", "2", "--max-new-tokens", "8", "--chunk-size", "4",
+            "--ckpt-every", "1000", "--device", "cpu", "--eval-n", "1", "--eval-k", "1"]
+    proc = subprocess.Popen(_cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    ckpt = latest_checkpoint(run)
+    assert ckpt is not None, err[-2000:]
+    steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
+    assert int(ckpt.name.split("-")[1]) == steps[-1]
+    rows = TraceReader(run).read(columns=["step"])
+    assert sorted(set(rows["step"].tolist())) == list(range(steps[-1] + 1))
+    done = subprocess.run(_cli(*[a if a != "400" else str(steps[-1] + 3) for a in args], "--resume"),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    final = [json.loads(x)["step"] for x in metrics.read_text().splitlines() if "loss" in x]
+    assert final == list(range(steps[-1] + 3))
+
+
+def test_cli_reports_user_errors_in_one_line(quick_world, tmp_path):
+    bad = subprocess.run(_cli("train", "--teacher", str(tmp_path / "missing"), "--student",
+                              str(quick_world / "student"), "--out", str(tmp_path / "r")),
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1] == f"error: teacher path does not exist: {tmp_path / 'missing'}"
+    bad = subprocess.run(_cli("train", "--termination", "sometimes", "--out", str(tmp_path / "r"),
+                              "--teacher", str(quick_world / "teacher"), "--student", str(quick_world / "student")),
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown termination policy 'sometimes'" in bad.stderr
