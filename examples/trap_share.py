@@ -42,6 +42,12 @@ def first_error(prompt_first: int | None, text: str) -> int:
     return -1
 
 
+def loops(text: str) -> bool:
+    """A repetition loop: some step line occurs twice in a row."""
+    lines = [ln for ln in text.split("\n") if ln]
+    return any(a == b for a, b in zip(lines, lines[1:], strict=False))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run")
@@ -68,7 +74,10 @@ def main() -> None:
     out: dict[str, float] = {"rollouts": int(len(correct)), "accuracy": float(correct.mean()), "tau": tau,
                              "mean_gen_len": float(np.mean(b["gen_len"]))}
     fired = res.fire >= 0
-    for name, sel in (("right", correct), ("wrong", ~correct)):
+    looped = np.array([loops(t) for t in b["text"]])
+    out["loop_share"] = float(looped.mean())
+    groups = (("right", correct), ("wrong", ~correct), ("loop", looped), ("wrong_no_loop", ~correct & ~looped))
+    for name, sel in groups:
         out[f"fired_share_{name}"] = float(fired[sel].mean()) if sel.any() else float("nan")
     wrong_err = ~correct & (err >= 0)
     out["wrong_with_arith_error_share"] = float(wrong_err.sum() / max(1, (~correct).sum()))
@@ -88,6 +97,11 @@ def main() -> None:
     out["wrong_fired_onset_after_error_share"] = share
     right_kl = [kl[off[i] : off[i + 1]].mean() for i in np.flatnonzero(correct)]
     out["right_mean_kl"] = float(np.mean(right_kl)) if right_kl else float("nan")
+    loop_kl = [kl[off[i] : off[i + 1]].mean() for i in np.flatnonzero(looped)]
+    out["loop_mean_kl"] = float(np.mean(loop_kl)) if loop_kl else float("nan")
+    # Where KAT cuts a loop: share of its tokens kept (the pre-agreement prefix).
+    sel = looped & fired
+    out["loop_kept_share"] = float(np.mean(res.keep[sel] / res.length[sel])) if sel.any() else float("nan")
     print(json.dumps(out))
 
 

@@ -33,7 +33,9 @@ def encode_sft_batch(tokenizer, problems: list[Problem]) -> dict[str, torch.Tens
     seqs, labels = [], []
     for p in problems:
         prompt_ids = tokenizer(p.prompt, add_special_tokens=False)["input_ids"]
-        sol_ids = tokenizer(p.solution, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        sol_ids = tokenizer(p.solution, add_special_tokens=False)["input_ids"]
+        if p.kind != "loop":  # a loop document is cut off mid-loop: it never ends the text
+            sol_ids = sol_ids + [tokenizer.eos_token_id]
         seqs.append(prompt_ids + sol_ids)
         labels.append([-100] * len(prompt_ids) + sol_ids)
     t = max(len(s) for s in seqs)

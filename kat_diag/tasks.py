@@ -120,15 +120,30 @@ def world_splits(
     return splits
 
 
-def sft_stream(seed: int, ops: Sequence[int], exclude: set[str]) -> Iterable[Problem]:
-    """Endless SFT examples (prompt + solution), never a benchmark prompt."""
+def loop_variant(p: Problem, rng: random.Random, max_repeats: int = 4) -> Problem:
+    """A degenerate continuation of `p`: after a random step the solution repeats that line.
+
+    Real LLMs learn from pretraining text that a repeated line tends to repeat again, so a teacher
+    follows a student's repetition loop with high probability (degenerate agreement). These
+    documents give the tiny models that prior: the loop has no final answer and no end of text.
+    """
+    lines = p.solution.split("\n")[:-1]  # the step lines, without "#answer"
+    k = rng.randint(1, len(lines))
+    body = lines[:k] + [lines[k - 1]] * rng.randint(2, max_repeats)
+    return Problem(id=p.id + "-loop", prompt=p.prompt, answer=p.answer, solution="\n".join(body) + "\n",
+                   kind="loop")
+
+
+def sft_stream(seed: int, ops: Sequence[int], exclude: set[str], loop_share: float = 0.0) -> Iterable[Problem]:
+    """Endless SFT examples (prompt + solution), never a benchmark prompt; a `loop_share` of them
+    are repetition loops (`loop_variant`)."""
     rng = random.Random(seed)
     i = 0
     while True:
         p = make_problem(rng, rng.choice(list(ops)), f"sft-{i}")
         i += 1
         if p.prompt not in exclude:
-            yield p
+            yield loop_variant(p, rng) if loop_share and rng.random() < loop_share else p
 
 
 def write_jsonl(problems: Iterable[Problem], path: str | Path) -> None:

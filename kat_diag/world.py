@@ -43,6 +43,7 @@ class WorldConfig:
     n_train: int = 4000  # OPD training prompts
     n_bench: int = 200  # problems per benchmark split
     sft_ops: tuple[int, ...] = (2, 3, 4, 5)
+    loop_share: float = 0.0  # share of SFT documents that are repetition loops (tasks.loop_variant)
     teacher: ModelSpec = ModelSpec(128, 4, 4, 384, SFTConfig(steps=800, batch_size=64, lr=3e-3, seed=1))
     student: ModelSpec = ModelSpec(96, 3, 3, 288, SFTConfig(steps=600, batch_size=64, lr=3e-3, seed=2))
 
@@ -103,7 +104,7 @@ def build_world(out_dir: str | Path, cfg: WorldConfig = WorldConfig(), progress:
     for role, spec, seed_off in (("teacher", cfg.teacher, 11), ("student", cfg.student, 23)):
         t_model = time.time()
         model = _build_model(spec, tok, cfg.seed * 100 + seed_off)
-        stream = iter(sft_stream(cfg.seed * 100 + seed_off, cfg.sft_ops, bench_prompts))
+        stream = iter(sft_stream(cfg.seed * 100 + seed_off, cfg.sft_ops, bench_prompts, cfg.loop_share))
         losses = train_sft(model, tok, stream, spec.sft, desc=f"sft {role}", progress=progress)
         model.save_pretrained(out / role)
         tok.save_pretrained(out / role)

@@ -154,3 +154,38 @@ def test_check_math_with_math_verify(completion, answer, ok):
 def test_check_answer_dispatches_on_kind():
     arith = generate_problems(1, 2, seed=0, prefix="k")[0]
     assert check_answer(arith, arith.solution)
+
+
+def test_loop_variant_repeats_a_step_and_never_answers():
+    import random
+
+    from kat_diag.tasks import loop_variant, sft_stream
+
+    rng = random.Random(0)
+    for p in generate_problems(50, (2, 5), seed=4, prefix="l"):
+        lp = loop_variant(p, rng)
+        lines = lp.solution.rstrip("\n").split("\n")
+        assert lp.kind == "loop" and "#" not in lp.solution
+        assert lines[-1] == lines[-2] == lines[-3]  # at least two repeats of the same step
+        assert p.solution.startswith("\n".join(lines[: lines.index(lines[-1]) + 1]))
+    stream = sft_stream(1, (2, 3), set(), loop_share=0.25)
+    kinds = [next(stream).kind for _ in range(2000)]
+    assert 0.2 < kinds.count("loop") / 2000 < 0.3
+    assert all(p.kind == "arith" for p, _ in zip(sft_stream(1, (2, 3), set()), range(200), strict=False))
+
+
+def test_sft_encoding_ends_solutions_with_eos_but_not_loops():
+    import random
+
+    from kat_diag.sft import encode_sft_batch
+    from kat_diag.tasks import loop_variant
+    from kat_diag.tokenizer import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    p = generate_problems(1, 3, seed=0, prefix="e")[0]
+    batch = encode_sft_batch(tok, [p, loop_variant(p, random.Random(1))])
+    labels = batch["labels"]
+    n0, n1 = int(batch["attention_mask"][0].sum()), int(batch["attention_mask"][1].sum())
+    assert labels[0, n0 - 1] == tok.eos_token_id
+    assert labels[1, n1 - 1] != tok.eos_token_id
+    assert (labels[0, : len(p.prompt)] == -100).all()
