@@ -27,8 +27,9 @@ from kat_diag.traces import TraceReader
 LINE = re.compile(r"^(\d+)([+\-*])(\d+)=(\d+)$")
 
 
-def first_error(prompt_first: int | None, text: str) -> int:
-    """Character index of the first wrong result in `text` (-1: no arithmetic error found)."""
+def first_error(prompt_first: int | None, text: str) -> tuple[int, int]:
+    """(start, end) character span of the first wrong step line's result in `text`: start is the
+    first character after "=", end the line's end; (-1, -1) when no arithmetic error is found."""
     pos, prev = 0, prompt_first
     for line in text.split("\n"):
         m = LINE.match(line)
@@ -36,10 +37,22 @@ def first_error(prompt_first: int | None, text: str) -> int:
             a, op, b, c = int(m[1]), m[2], int(m[3]), int(m[4])
             want = {"+": a + b, "-": a - b, "*": a * b}[op]
             if (prev is not None and a != prev) or c != want:
-                return pos + line.index("=") + 1
+                return pos + line.index("=") + 1, pos + len(line)
             prev = c
         pos += len(line) + 1
-    return -1
+    return -1, -1
+
+
+def n_errors(text: str) -> int:
+    """Number of step lines whose result does not follow from their own operands (a line that
+    continues consistently from a wrong previous result is not an error)."""
+    n = 0
+    for line in text.split("\n"):
+        m = LINE.match(line)
+        if m and int(m[4]) != {"+": int(m[1]) + int(m[3]), "-": int(m[1]) - int(m[3]),
+                               "*": int(m[1]) * int(m[3])}[m[2]]:
+            n += 1
+    return n
 
 
 def loops(text: str) -> bool:
@@ -70,7 +83,8 @@ def main() -> None:
     tau = float(np.quantile(np.concatenate(means), cfg.quantile))
     res = replay(kl, off, cfg, tau)
     correct = b["correct"] == 1
-    err = np.array([first_error(None, t) for t in b["text"]])
+    spans = np.array([first_error(None, t) for t in b["text"]]).reshape(-1, 2)
+    err, err_end = spans[:, 0], spans[:, 1]
     out: dict[str, float] = {"rollouts": int(len(correct)), "accuracy": float(correct.mean()), "tau": tau,
                              "mean_gen_len": float(np.mean(b["gen_len"]))}
     fired = res.fire >= 0
@@ -81,18 +95,23 @@ def main() -> None:
         out[f"fired_share_{name}"] = float(fired[sel].mean()) if sel.any() else float("nan")
     wrong_err = ~correct & (err >= 0)
     out["wrong_with_arith_error_share"] = float(wrong_err.sum() / max(1, (~correct).sum()))
-    before, after = [], []
+    before, after, after_single = [], [], []
+    single = np.array([n_errors(t) == 1 for t in b["text"]])
     onset_after_error = []
     for i in np.flatnonzero(wrong_err):
         x = kl[off[i] : off[i + 1]]
-        e = err[i]
-        if 0 < e < len(x) - 1:
+        e, e_end = err[i], err_end[i]
+        if 0 < e and e_end + 1 < len(x):
             before.append(x[:e].mean())
-            after.append(x[e + 1 :].mean())  # after the wrong result's first digit
+            after.append(x[e_end + 1 :].mean())  # the lines after the wrong result's line
+            if single[i]:  # the rest continues consistently from the wrong value
+                after_single.append(x[e_end + 1 :].mean())
         if fired[i]:
             onset_after_error.append(res.onset[i] >= e)
     out["wrong_mean_kl_before_error"] = float(np.mean(before)) if before else float("nan")
     out["wrong_mean_kl_after_error"] = float(np.mean(after)) if after else float("nan")
+    out["wrong_single_error_share"] = float(len(after_single) / max(1, len(after)))
+    out["wrong_single_error_mean_kl_after"] = float(np.mean(after_single)) if after_single else float("nan")
     share = float(np.mean(onset_after_error)) if onset_after_error else float("nan")
     out["wrong_fired_onset_after_error_share"] = share
     right_kl = [kl[off[i] : off[i + 1]].mean() for i in np.flatnonzero(correct)]
