@@ -164,3 +164,22 @@ def test_cli_reports_user_errors_in_one_line(quick_world, tmp_path):
                               "--teacher", str(quick_world / "teacher"), "--student", str(quick_world / "student")),
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "unknown termination policy 'sometimes'" in bad.stderr
+
+
+def test_record_writes_full_traces_without_training(quick_world, tmp_path):
+    from kat_diag.record import RecordConfig, record
+
+    before = load_model(quick_world / "student", device="cpu").state_dict()
+    out = record(RecordConfig(teacher=str(quick_world / "teacher"), student=str(quick_world / "student"),
+                              out=str(tmp_path / "rec"), split="ops3", n_prompts=5, samples_per_prompt=2,
+                              batch_size=4, sampling=SamplingConfig(max_new_tokens=12, chunk_size=4),
+                              step_label=7, progress=False))
+    assert out["rollouts"] == 10
+    cols = TraceReader(tmp_path / "rec").read(columns=["step", "rollout_id", "policy", "gen_len", "kept_len",
+                                                       "prompt_id"])
+    assert len(cols["step"]) == 10 and set(cols["step"].tolist()) == {7}
+    assert len(set(cols["rollout_id"].tolist())) == 10
+    assert (cols["gen_len"] == cols["kept_len"]).all() and set(cols["policy"].tolist()) == {"none"}
+    assert sorted(set(cols["prompt_id"].tolist())) == [f"ops3-{i}" for i in range(5)]
+    after = load_model(quick_world / "student", device="cpu").state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
