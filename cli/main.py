@@ -39,6 +39,8 @@ def main() -> None:
     except (FileNotFoundError, NotADirectoryError, ValueError, KeyError, TraceStoreError) as e:
         typer.echo(f"error: {e}", err=True)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None  # the trainer already said what it saved
 
 
 if __name__ == "__main__":

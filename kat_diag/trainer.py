@@ -19,6 +19,9 @@ import json
 import math
 import os
 import shutil
+import signal
+import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -313,6 +316,28 @@ def _discard_traces_after(run: Path, step: int, rank: int) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
+class GracefulInterrupt:
+    """First SIGINT: ask the loop to stop at the end of the current step (checkpoint, then exit).
+    Second SIGINT: raise KeyboardInterrupt at once. Only installed in the main thread."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\ninterrupt: finishing this step, then checkpointing (Ctrl-C again to abort)", file=sys.stderr)
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
 def evaluate_student(student, tokenizer, bench: dict[str, list[Problem]], cfg: TrainConfig) -> dict[str, float]:
     from kat_diag.evaluation import evaluate_benchmarks
 
@@ -383,7 +408,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
     bar = tqdm(range(start, end), desc=f"train[{cfg.termination}]", disable=not cfg.progress or rank != 0,
                initial=start, total=cfg.steps)
     metrics: dict[str, Any] = {}
-    last_done, updating = start - 1, False
+    last_done, updating, saved = start - 1, False, start - 1
+    interrupt = GracefulInterrupt()
     try:
         for step in bar:
             t0 = time.perf_counter()
@@ -445,21 +471,29 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
                 if rank == 0:
                     sink.write({"step": step, **evaluate_student(student, tokenizer, bench, cfg)})
                 D.barrier()
-            if (cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0) or last or step == end - 1:
+            # A Ctrl-C (on any rank) ends the run here, at a step boundary, with a checkpoint.
+            stop_now = D.sum_scalars({"stop": float(interrupt.requested)}, device)["stop"] > 0
+            if (cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0) or last or step == end - 1 or stop_now:
                 if writer is not None:
                     writer.flush()  # traces up to this step are durable with the checkpoint
                 if rank == 0:
                     save_checkpoint(run, step, student, tokenizer, opt, sched, policy, cfg.keep_checkpoints)
+                    saved = step
                 D.barrier()
+            if stop_now:
+                print(f"interrupted: step {step} checkpointed in {run}; continue with --resume", file=sys.stderr)
+                raise KeyboardInterrupt
     except KeyboardInterrupt:
-        # Nothing lost on Ctrl-C: flushed traces, and a checkpoint of the last finished step unless
-        # the interrupt hit an optimizer update (then the last periodic checkpoint stands).
+        # A second Ctrl-C aborts mid-step: keep the flushed traces, and checkpoint the last finished
+        # step unless the abort hit an optimizer update (then the last checkpoint stands).
         if writer is not None:
             writer.flush()
-        if rank == 0 and not updating and last_done >= start:
+        if rank == 0 and not updating and last_done >= start and saved != last_done:
             save_checkpoint(run, last_done, student, tokenizer, opt, sched, policy, cfg.keep_checkpoints)
-            print(f"interrupted: step {last_done} checkpointed in {run}; continue with --resume")
+            print(f"aborted: step {last_done} checkpointed in {run}; continue with --resume", file=sys.stderr)
         raise
+    finally:
+        interrupt.restore()
 
     if writer is not None:
         writer.close()
