@@ -28,7 +28,8 @@ def register(app: typer.Typer) -> None:
     def train(
         teacher: Path = typer.Option(_T, help="Teacher checkpoint directory (AutoModelForCausalLM)."),
         student: Path = typer.Option(_S, help="Student checkpoint directory (AutoModelForCausalLM)."),
-        data: str = typer.Option("world", help="'world' (embedded train split) or a local JSONL/Parquet file."),
+        data: str = typer.Option("world", help="'world' (train split of the student's world, else data/world) "
+                                          "or a local JSONL/Parquet file."),
         question_field: str = typer.Option("question", help="Prompt field of a real data set."),
         answer_field: str = typer.Option("answer", help="Answer field of a real data set."),
         answer_format: str = typer.Option("auto", help="auto | gsm8k | boxed | plain."),

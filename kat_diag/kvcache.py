@@ -26,10 +26,6 @@ def _layers(cache) -> list:
     return layers
 
 
-def seq_length(cache) -> int:
-    return cache.get_seq_length()
-
-
 def select_rows(cache, idx_B: torch.Tensor) -> None:
     """Keep rows `idx_B` (in that order), in place."""
     for layer in _layers(cache):

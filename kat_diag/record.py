@@ -11,7 +11,6 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from kat_diag.detector import KATConfig
@@ -79,5 +78,4 @@ def record(cfg: RecordConfig) -> dict[str, float]:
                                       float(pm.get("tau", float("nan"))), correct))
             n_tok += sum(r.gen_len for r in rollouts)
             n_correct += sum(correct)
-    torch.set_grad_enabled(True)
     return {"rollouts": len(problems), "tokens": n_tok, "accuracy": n_correct / max(1, len(problems))}

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -80,7 +80,6 @@ class RolloutStats:
     generated_tokens: int = 0  # tokens sampled, including those discarded after a stop
     student_forwards: int = 0
     teacher_forwards: int = 0
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 def sample_next(logits_BV: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> torch.Tensor:
@@ -280,9 +279,7 @@ class RolloutEngine:
             # The teacher scores the whole chunk in one forward over its cache.
             T0 = self.T - C
             pos_BC = (T0 - self.start)[:, None] + torch.arange(C, device=self.device)[None, :]
-            cols = torch.arange(self.T, device=self.device)
-            mask_BT = (cols[None, :] >= self.start[:, None]).long()
-            t_out_BCV = self.t.forward(toks_BC, mask_BT, pos_BC)
+            t_out_BCV = self.t.forward(toks_BC, self._mask(0), pos_BC)
             stats.teacher_forwards += 1
             t_logp_BCV = torch.cat([self.t.next_logp_BV[:, None], t_out_BCV[:, :-1]], dim=1)
             self.t.next_logp_BV = t_out_BCV[:, -1]
@@ -299,23 +296,23 @@ class RolloutEngine:
             st["token_ids"] = toks_BC
             if keep_teacher_logprobs:
                 st["teacher_logprobs_full"] = t_logp_BCV
-            end_B = decision.end_B
             info = policy.row_info() if bool(finished.any()) else None
+            # Per-row values come to the host once per chunk (one transfer, not one per row).
+            nv_l, total_l, fin_l, stop_l, eos_l = (x.tolist() for x in (n_valid_B, n_gen, finished, stop_B, ended_B))
+            end_l, keep_l = decision.end_B.tolist(), decision.keep_B.tolist()
+            onset_l, fire_l = (info["onset"].tolist(), info["fire"].tolist()) if info else ([], [])
             for b, pi in enumerate(rows):
-                nv = int(n_valid_B[b])
                 for k, v in st.items():
-                    buf[pi].setdefault(k, []).append(v[b, :nv])
-                if bool(finished[b]):
-                    total = int(n_gen[b])
-                    if bool(stop_B[b]):
+                    buf[pi].setdefault(k, []).append(v[b, : nv_l[b]])
+                if fin_l[b]:
+                    total = total_l[b]
+                    if stop_l[b]:
                         # Tokens sampled past the policy's end (rest of the chunk) are discarded.
-                        reason, length = "policy", min(total, int(end_B[b]))
-                        keep = int(decision.keep_B[b])
+                        reason, length, keep = "policy", min(total, end_l[b]), keep_l[b]
                     else:
-                        reason, length = ("eos" if bool(ended_B[b]) else "max_len"), total
-                        keep = total
+                        reason, length, keep = ("eos" if eos_l[b] else "max_len"), total, total
                     r = self._finish(pi, prompts[pi], buf.pop(pi), keep, length, reason)
-                    r.onset, r.fire = int(info["onset"][b]), int(info["fire"][b])
+                    r.onset, r.fire = onset_l[b], fire_l[b]
                     done[pi] = r
             live = (~finished).nonzero().squeeze(-1)
             if live.numel() < B:

@@ -23,7 +23,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -92,15 +92,6 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-    @staticmethod
-    def from_dict(d: dict[str, Any]) -> TrainConfig:
-        d = dict(d)
-        d["sampling"] = SamplingConfig(**d.get("sampling", {}))
-        d["kat"] = KATConfig(**d.get("kat", {}))
-        d["bench"] = tuple(d.get("bench", ()))
-        names = {f.name for f in fields(TrainConfig)}
-        return TrainConfig(**{k: v for k, v in d.items() if k in names})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -517,6 +508,3 @@ def _random_target(cfg: TrainConfig) -> float | Path | None:
         raise FileNotFoundError(f"cannot length-match: no {METRICS_NAME} in {cfg.random_from}")
     return path
 
-
-def with_overrides(cfg: TrainConfig, **kw: Any) -> TrainConfig:
-    return replace(cfg, **kw)

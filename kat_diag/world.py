@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -56,19 +56,6 @@ class WorldConfig:
             teacher=ModelSpec(32, 2, 2, 64, SFTConfig(steps=30, batch_size=16, lr=3e-3, seed=1)),
             student=ModelSpec(16, 1, 2, 32, SFTConfig(steps=15, batch_size=16, lr=3e-3, seed=2)),
         )
-
-
-def _spec_from_dict(d: dict) -> ModelSpec:
-    return ModelSpec(**{**d, "sft": SFTConfig(**d["sft"])})
-
-
-def world_config_from_dict(d: dict) -> WorldConfig:
-    return replace(
-        WorldConfig(**{k: v for k, v in d.items() if k not in ("teacher", "student", "sft_ops")}),
-        sft_ops=tuple(d["sft_ops"]),
-        teacher=_spec_from_dict(d["teacher"]),
-        student=_spec_from_dict(d["student"]),
-    )
 
 
 def _build_model(spec: ModelSpec, tok, seed: int):
