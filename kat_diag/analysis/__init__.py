@@ -1,0 +1,1 @@
+"""Offline analyses of recorded runs (DESIGN §4): heatmaps, phases, figures."""
