@@ -15,7 +15,7 @@ from kat_diag.analysis import heatmap as H
 from kat_diag.analysis import phase_stats as P
 from kat_diag.analysis.curves import read_metrics, rolling_mean
 from kat_diag.analysis.store import read_rollouts, sample_rows, stage_ranges
-from kat_diag.analysis.threshold import derive_tau, parse_tau, resolve_tau, window_means
+from kat_diag.analysis.threshold import derive_tau, parse_tau, resolve_tau
 from kat_diag.detector import KATConfig
 from kat_diag.traces import TraceReader, TraceWriter
 
@@ -99,13 +99,16 @@ def test_teacher_entropy_topn_exact() -> None:
     assert math.isnan(h[2])
 
 
-def test_window_means_and_tau_rules() -> None:
+def test_derived_tau_and_tau_rules() -> None:
     values, offs = ragged([np.array([1, 2, 3, 4, 5, 6, 7, 8, 9], np.float32), np.array([4, np.nan, 4, 4], np.float32),
-                           np.array([2, 2], np.float32)])
-    # stride-4 windows: [1..4], [5..8] of the first; the second has a NaN (unusable); the third is short.
-    np.testing.assert_allclose(window_means(values, offs, 4), [2.5, 6.5])
-    tau = derive_tau(values, offs, CFG)
-    assert math.isfinite(tau) and 0 < tau
+                           np.array([2, 2], np.float32), np.ones(5, np.float32)])
+    # Rollout minima of the W=4 window means: 2.5 and 1.0 (the NaN rollout has no usable window, the
+    # third is shorter than W); tau = their 0.7 quantile, with no B_min guard offline.
+    assert derive_tau(values, offs, CFG) == pytest.approx(1.0 + 0.7 * 1.5)
+    windows = KATConfig(window=4, persistence=3, min_length=0, statistic="windows")
+    # stride windows: [1..4] 2.5, [5..8] 6.5, [1,1,1,1] 1.0 -> 0.7 quantile of (1, 2.5, 6.5)
+    assert derive_tau(values, offs, windows) == pytest.approx(float(np.quantile([1.0, 2.5, 6.5], 0.7)))
+    assert math.isnan(derive_tau(values[:0], np.zeros(1, np.int64), CFG))
     assert parse_tau("auto") == "auto" and parse_tau("0.25") == 0.25
     with pytest.raises(ValueError, match="--tau"):
         parse_tau("-1")
@@ -130,9 +133,9 @@ def test_binning_exact() -> None:
     prof = H.relative_profile(values, offs, np.array([True, False, True]), n_bins=2)
     # rollout 0 rel (.1 .3 .5 .7 .9): bins 0 0 1 1 1; rollout 2 rel (1/6, .5, 5/6) without the NaN: 6 -> 1, 8 -> 1
     np.testing.assert_allclose(prof, [1.5, (3 + 4 + 5 + 6 + 8) / 5])
-    order = H.sort_order("onset", np.array([5, 9, 7]), np.array([-1, 4, 2]), np.array([1, 0, -1]))
-    assert order.tolist() == [2, 1, 0]
-    assert H.sort_order("correct", np.array([5, 9, 7]), np.array([-1, 4, 2]), np.array([1, 0, -1])).tolist() == [1, 2, 0]
+    length, onset, correct = np.array([5, 9, 7]), np.array([-1, 4, 2]), np.array([1, 0, -1])
+    assert H.sort_order("onset", length, onset, correct).tolist() == [2, 1, 0]
+    assert H.sort_order("correct", length, onset, correct).tolist() == [1, 2, 0]
     assert H.sort_order("length", np.array([5, 9, 7]), np.zeros(3), np.zeros(3)).tolist() == [1, 2, 0]
 
 

@@ -9,55 +9,33 @@ NaN there. The rule used everywhere (`resolve_tau`):
 * ``derived``: the store-wide derived tau for every rollout (comparable across stages: one scale);
 * a number: that fixed tau for every rollout.
 
-`derive_tau` applies the run's KAT rule to the rollouts as one buffer: with the detector's
-``buffer_values`` / ``threshold_of`` when this kat_diag has them (what KAT online would push and
-the quantile it takes), else the ``cfg.quantile`` quantile of all stride-W window means (the
-earlier variant's buffer without its FIFO cap). One tau for the whole store, rather than the step
-by step tau of `kat-diag replay`, keeps early and late training on the same scale, so a change in
-how often KL falls below it is a change in the KL, not in the threshold.
+`derive_tau` applies the run's KAT rule to the rollouts at hand as one buffer: tau = the
+``cfg.tau_quantile`` quantile of what they would push into KAT's buffer
+(`kat_diag.detector.buffer_values`: each rollout's minimum window mean under the paper's rule, or
+its stride-W window means under the `windows` statistic), over the whole sample rather than a FIFO
+of the last B, and without the online B_min warm-up guard (offline, the sample is the buffer; with no
+usable window at all tau is NaN and nothing is low). One tau for the whole store, rather than the
+step-by-step tau of `kat-diag replay`, keeps early and late training on the same scale, so a change
+in how often KL falls below it is a change in the KL, not in the threshold.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 
-from kat_diag.detector import KATConfig
+from kat_diag.detector import KATConfig, buffer_values, threshold_of
 from kat_diag.traces import TraceReader
 
 TAU_MODES = ("auto", "derived")
 
 
-def window_means(kl_values: np.ndarray, offsets: np.ndarray, window: int) -> np.ndarray:
-    """Means of the non-overlapping windows ending at positions W-1, 2W-1, ... of every rollout.
-
-    Windows holding an unusable KL (NaN, inf, |d| > 1024 nats, as the detector counts them) are
-    left out. Rollouts are concatenated in order.
-    """
-    values = np.asarray(kl_values, dtype=np.float64)
-    offs = np.asarray(offsets, dtype=np.int64)
-    n_win = np.diff(offs) // window
-    if n_win.sum() == 0:
-        return np.zeros(0)
-    bad = ~np.isfinite(values) | (np.abs(values) > 1024.0)
-    csum = np.concatenate([[0.0], np.cumsum(np.where(bad, 0.0, values))])
-    cbad = np.concatenate([[0], np.cumsum(bad)])
-    rollout = np.repeat(np.arange(len(n_win)), n_win)
-    k = np.arange(int(n_win.sum())) - np.repeat(np.cumsum(n_win) - n_win, n_win)
-    end = offs[:-1][rollout] + (k + 1) * window  # exclusive end of each window
-    ok = cbad[end] == cbad[end - window]
-    return ((csum[end] - csum[end - window]) / window)[ok]
-
-
 def derive_tau(kl_values: np.ndarray, offsets: np.ndarray, cfg: KATConfig) -> float:
     """One tau for these rollouts under cfg's rule (see module docstring); NaN if undefined."""
-    try:
-        from kat_diag.detector import buffer_values, threshold_of  # type: ignore[attr-defined]
-    except ImportError:
-        means = window_means(kl_values, offsets, cfg.window)
-        return float(np.quantile(means, cfg.quantile)) if means.size else math.nan
-    return float(threshold_of(buffer_values(np.asarray(kl_values), np.asarray(offsets), cfg), cfg))
+    values = buffer_values(np.asarray(kl_values), np.asarray(offsets, dtype=np.int64), cfg)
+    return float(threshold_of(values, dataclasses.replace(cfg, min_fill=1)))
 
 
 def parse_tau(value: str | float | None) -> str | float:
