@@ -292,7 +292,7 @@ def plot(result: HeatmapResult, fig: Any = None, kl_range: tuple[float, float] |
                        norm=LogNorm(*kl_range), extent=(0, xmax, max(n, 1), 0))
         rows_y = np.arange(n) + 0.5
         on = s.onset >= 0
-        ax.scatter(s.onset[on] + 0.5, rows_y[on], marker="|", s=14, c="#00E5FF", linewidths=1.0,
+        ax.scatter(s.onset[on] + 0.5, rows_y[on], marker="|", s=40, c="#00E5FF", linewidths=1.8,
                    label="onset (replayed KAT)")
         ax.scatter(s.fire[on] + 0.5, rows_y[on], marker="x", s=8, c="white", linewidths=0.7, label="fire")
         stripe = ax.inset_axes((-0.035, 0.0, 0.02, 1.0))
@@ -340,9 +340,11 @@ def plot(result: HeatmapResult, fig: Any = None, kl_range: tuple[float, float] |
     ax1.legend()
     ax2.set_title("low-KL run lengths")
     ax2.set_xlabel("run length (tokens)")
-    ax2.set_ylabel("runs (log scale)")
-    ax2.set_yscale("log")
-    ax2.legend()
+    most = max((int(np.bincount(s.run_tokens).max()) for s in result.stages if s.run_tokens.size), default=0)
+    if most > 50:
+        ax2.set_yscale("log")
+    ax2.set_ylabel("runs" + (" (log scale)" if most > 50 else ""))
+    ax2.legend(loc="best")
     ax3.set_title("mean KL by relative position")
     ax3.set_xlabel("relative position in rollout (0 = first token, 1 = last)")
     ax3.set_ylabel("mean reverse KL (nats, log scale)")

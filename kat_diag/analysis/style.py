@@ -60,6 +60,6 @@ def save(fig: Any, path: str | Path) -> Path:
     """Write ``fig`` as PNG (tight bounding box) and close it; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    fig.savefig(path, dpi=DPI)  # layouts are set by the plots; a tight bbox would draw twice
     plt.close(fig)
     return path
