@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from kat_diag.traces import Ragged, TraceBatch, TraceReader
+from kat_diag.traces import TraceBatch, TraceReader
 
 
 def scan_scalars(reader: TraceReader, columns: Sequence[str], **filters: Any) -> dict[str, np.ndarray]:
@@ -85,7 +85,3 @@ def read_rollouts(reader: TraceReader, rollout_ids: np.ndarray, columns: Sequenc
         raise ValueError("some requested rollout ids are not in the store")
     return batch.take(pos)
 
-
-def ragged_lengths_mask(r: Ragged, mask_R: np.ndarray) -> np.ndarray:
-    """Per-token mask repeating a per-rollout mask."""
-    return np.repeat(np.asarray(mask_R, dtype=bool), r.lengths)
