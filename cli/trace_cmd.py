@@ -84,6 +84,8 @@ def _auto_tokenizer(tokenizer: Path | None, config: dict[str, Any] | None) -> An
     return load_tokenizer(path, what="--tokenizer")
 
 
+# KAT fields that phase marks and a fixed-tau replay read (an adaptive replay reads them all).
+PHASE_FIELDS = ("window", "persistence", "min_length")
 STEPS_HELP = "Only rollouts of these training steps: A:B (inclusive), A:, :B or A."
 POLICY_HELP = "Only rollouts of this termination policy (repeatable)."
 RANK_HELP = "Only rollouts written by this rank (repeatable)."
@@ -111,20 +113,22 @@ def inspect(
     kl_min: float = typer.Option(1e-3, "--kl-min", help="KL (nats) at the bottom of the log colour scale."),
     kl_max: float = typer.Option(10.0, "--kl-max", help="KL (nats) at the top of the log colour scale."),
     window: int | None = typer.Option(None, "--window", help="KAT window W for the phase marks "
-                                      "(default: the run config's, else KATConfig's)."),
+                                      "(default: the run config's)."),
     persistence: int | None = typer.Option(None, "--persistence", help="KAT persistence T for the phase "
-                                           "marks (default: the run config's, else KATConfig's)."),
+                                           "marks (default: the run config's)."),
+    min_length: int | None = typer.Option(None, "--min-length", help="KAT minimum length L0 for the phase "
+                                          "marks (default: the run config's)."),
     skip_corrupt: bool = typer.Option(False, "--skip-corrupt", help=SKIP_HELP),
 ) -> None:
     """Summarise a trace store, or render one rollout with each token coloured by its KL."""
     with _warnings_to_stderr():
         _inspect(run, rollout, html, as_json, list_rollouts, _filters(steps, policy, rank, stop_reason), color,
-                 tokenizer, kl_min, kl_max, window, persistence, skip_corrupt)
+                 tokenizer, kl_min, kl_max, window, persistence, min_length, skip_corrupt)
 
 
 def _inspect(run: Path, rollout: int | None, html: Path | None, as_json: bool, list_rollouts: bool,
              filters: dict[str, Any], color: bool | None, tokenizer: Path | None, kl_min: float, kl_max: float,
-             window: int | None, persistence: int | None, skip_corrupt: bool) -> None:
+             window: int | None, persistence: int | None, min_length: int | None, skip_corrupt: bool) -> None:
     if not 0 < kl_min < kl_max:
         raise typer.BadParameter(f"need 0 < --kl-min < --kl-max, got --kl-min {kl_min:g} --kl-max {kl_max:g}")
     if html is not None and rollout is None:
@@ -153,8 +157,13 @@ def _inspect(run: Path, rollout: int | None, html: Path | None, as_json: bool, l
     except KeyError:
         _fail(f"--rollout {rollout} is not in {reader.dir} (list the ids with --list)")
     config, source = _settings(reader)
-    phases = trace_view.rollout_phases(row, trace_view.kat_config(config, source=source, window=window,
-                                                                   persistence=persistence))
+    try:
+        kat = trace_view.kat_config(config, source=source, needed=PHASE_FIELDS, window=window,
+                                    persistence=persistence, min_length=min_length)
+        phases = trace_view.rollout_phases(row, kat)
+    except trace_view.MissingSettings as e:
+        typer.echo(f"warning: {e}; phase marks omitted", err=True)
+        phases = None
     problem = trace_view.problem_index(config).get(str(row.get("prompt_id")))
     row["prompt_text"] = None if problem is None else problem.prompt
     row["expected"] = None if problem is None else problem.answer
@@ -200,17 +209,17 @@ def _parse_tau(tau: str | None) -> float | str | None:
 def replay(
     run: Path = typer.Argument(..., help="Run directory (or its traces/ directory) to replay KAT over."),
     window: int | None = typer.Option(None, "--window", help="W: tokens per window mean "
-                                      "(default: the run config's kat.window, else KATConfig's)."),
+                                      "(default: the run config's kat.window)."),
     persistence: int | None = typer.Option(None, "--persistence", help="T: consecutive low windows "
-                                           "needed to fire (default: run config, else KATConfig)."),
+                                           "needed to fire (default: the run config's)."),
     min_length: int | None = typer.Option(None, "--min-length", help="L0: never fire before this many "
-                                          "tokens (default: run config, else KATConfig)."),
+                                          "tokens (default: the run config's)."),
     eta: float | None = typer.Option(None, "--eta", help="Quantile eta: tau = quantile_eta(buffer) "
-                                     "(default: run config, else KATConfig)."),
+                                     "(default: the run config's)."),
     warmup_steps: int | None = typer.Option(None, "--warmup-steps", help="K: steps during which KAT "
-                                            "only fills its buffer (default: run config, else KATConfig)."),
+                                            "only fills its buffer (default: the run config's)."),
     buffer_size: int | None = typer.Option(None, "--buffer-size", help="B: window means kept in the "
-                                           "FIFO buffer (default: run config, else KATConfig)."),
+                                           "FIFO buffer (default: the run config's)."),
     keep: str | None = typer.Option(None, "--keep", help="Kept tokens when fired: 'onset' ([0, onset)) "
                                     "or 'fire' ([0, fire]) (default: run config, else onset)."),
     tau: str | None = typer.Option(None, "--tau", help="Fixed threshold (nats) for every rollout, or "
@@ -241,7 +250,8 @@ def replay(
     with _warnings_to_stderr():
         reader = _open(run, skip_corrupt)
         config, source = _settings(reader)
-        cfg = trace_view.kat_config(config, source=source, window=window, persistence=persistence,
+        needed = None if tau_value is None else PHASE_FIELDS + ("keep",)  # fixed tau needs no buffer settings
+        cfg = trace_view.kat_config(config, source=source, needed=needed, window=window, persistence=persistence,
                                     min_length=min_length, quantile=eta, warmup_steps=warmup_steps,
                                     buffer_size=buffer_size, keep=keep)
         chunk = chunk_size or int(((config or {}).get("sampling") or {}).get("chunk_size") or 1)

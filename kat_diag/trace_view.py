@@ -247,15 +247,18 @@ class MissingSettings(ValueError):
     """The store's run settings are not known and the options do not supply them."""
 
 
-def kat_config(config: dict[str, Any] | None, *, source: str = "the run config", **overrides: Any) -> KATConfig:
+def kat_config(config: dict[str, Any] | None, *, source: str = "the run config",
+               needed: tuple[str, ...] | None = None, **overrides: Any) -> KATConfig:
     """KATConfig of a run: its recorded config's ``kat`` section, with non-None overrides applied.
 
-    Never silent defaults: without a ``kat`` section every field must come from ``overrides``, else
-    MissingSettings names what is missing. Unknown keys in the section are an error naming them.
+    Never silent defaults: without a ``kat`` section every field in ``needed`` (default: all) must
+    come from ``overrides``, else MissingSettings names what is missing (fields not needed by the
+    caller keep KATConfig's defaults, which it does not read). Unknown keys in the section are an
+    error naming them.
     """
     from kat_diag.config_io import build
 
-    names = [f for f in KATConfig.__dataclass_fields__]
+    names = [f for f in KATConfig.__dataclass_fields__ if needed is None or f in needed]
     section = (config or {}).get("kat")
     given = {k: v for k, v in overrides.items() if v is not None}
     if not isinstance(section, dict):
