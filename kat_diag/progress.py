@@ -15,13 +15,14 @@ from tqdm.auto import tqdm
 LOG_INTERVAL_S = 60.0
 
 
-def interactive() -> bool:
-    return bool(getattr(sys.stderr, "isatty", lambda: False)())
+def interactive(stream: Any = None) -> bool:
+    stream = sys.stderr if stream is None else stream
+    return bool(getattr(stream, "isatty", lambda: False)())
 
 
 def bar(iterable: Any = None, **kwargs: Any) -> tqdm:
     """`tqdm(iterable, **kwargs)` with a refresh interval that suits where stderr goes."""
-    if not interactive():
+    if not interactive(kwargs.get("file")):
         kwargs.setdefault("mininterval", LOG_INTERVAL_S)
         kwargs.setdefault("maxinterval", LOG_INTERVAL_S * 10)
         kwargs.setdefault("miniters", 1)

@@ -431,6 +431,20 @@ def _header(row: dict[str, Any], phases: tuple[int, int] | None) -> list[tuple[s
     return items
 
 
+def _visible(s: str) -> str:
+    """Control characters (except newline and tab) and bidi overrides as visible escapes."""
+    out = []
+    for ch in s:
+        o = ord(ch)
+        if (o < 32 and ch not in "\n\t") or 0x7F <= o < 0xA0:
+            out.append(f"\\x{o:02x}")
+        elif 0x202A <= o <= 0x202E or 0x2066 <= o <= 0x2069:
+            out.append(f"\\u{o:04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
 def _printable(s: str) -> str:
     """Terminal-safe token text: newlines kept (with a visible mark), other control chars escaped."""
     out = []
@@ -524,8 +538,15 @@ def render_html(
     tokenizer: Any = None,
     title: str | None = None,
 ) -> str:
-    """A standalone HTML page: tokens as spans coloured by KL, with a tooltip of per-token values."""
-    esc = html.escape
+    """A standalone HTML page: tokens as spans coloured by KL, with a tooltip of per-token values.
+
+    Every string from the store is HTML-escaped (``<script>`` shows as text) and its control
+    characters and bidi overrides are shown as ``\\xNN`` / ``\\uNNNN`` (the page stays inert in a
+    browser and when printed to a terminal)."""
+
+    def esc(text: str, quote: bool = True) -> str:
+        return html.escape(_visible(str(text)), quote=quote)
+
     lo, hi = kl_range
     strings = token_strings(row, tokenizer)
     ids = row["token_ids"]
