@@ -27,6 +27,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
     cls=KatGroup,
+    rich_markup_mode=None,  # plain click help: rich rendering doubled the time of --help
 )
 
 
