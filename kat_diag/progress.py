@@ -23,7 +23,7 @@ def interactive(stream: Any = None) -> bool:
 def bar(iterable: Any = None, **kwargs: Any) -> tqdm:
     """`tqdm(iterable, **kwargs)` with a refresh interval that suits where stderr goes."""
     if not interactive(kwargs.get("file")):
-        kwargs.setdefault("mininterval", LOG_INTERVAL_S)
+        kwargs["mininterval"] = max(float(kwargs.get("mininterval", 0.0)), LOG_INTERVAL_S)
         kwargs.setdefault("maxinterval", LOG_INTERVAL_S * 10)
         kwargs.setdefault("miniters", 1)
         kwargs.setdefault("dynamic_ncols", False)
