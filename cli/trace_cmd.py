@@ -214,20 +214,24 @@ def replay(
                                            "needed to fire (default: the run config's)."),
     min_length: int | None = typer.Option(None, "--min-length", help="L0: never fire before this many "
                                           "tokens (default: the run config's)."),
-    eta: float | None = typer.Option(None, "--eta", help="Quantile eta: tau = quantile_eta(buffer) "
-                                     "(default: the run config's)."),
+    statistic: str | None = typer.Option(None, "--statistic", help="What each rollout pushes into the "
+                                         "threshold buffer: 'rollout_min' (its minimum window mean, the "
+                                         "paper's rule) or 'windows' (its stride-W window means) "
+                                         "(default: the run config's)."),
+    tau_quantile: float | None = typer.Option(None, "--tau-quantile", help="tau = this quantile of the "
+                                              "buffer, in (0, 1); the paper's eta = 0.3 is 0.7 "
+                                              "(default: the run config's)."),
+    min_fill: int | None = typer.Option(None, "--min-fill", help="B_min: KAT stays inactive until the "
+                                        "buffer holds this many values (default: the run config's)."),
     warmup_steps: int | None = typer.Option(None, "--warmup-steps", help="K: steps during which KAT "
                                             "only fills its buffer (default: the run config's)."),
-    buffer_size: int | None = typer.Option(None, "--buffer-size", help="B: window means kept in the "
-                                           "FIFO buffer (default: the run config's)."),
+    buffer_size: int | None = typer.Option(None, "--buffer-size", help="B: values kept in the FIFO "
+                                           "buffer (default: the run config's)."),
     keep: str | None = typer.Option(None, "--keep", help="Kept tokens when fired: 'onset' ([0, onset)) "
-                                    "or 'fire' ([0, fire]) (default: run config, else onset)."),
+                                    "or 'fire' ([0, fire]) (default: the run config's)."),
     tau: str | None = typer.Option(None, "--tau", help="Fixed threshold (nats) for every rollout, or "
                                    "'recorded' for each rollout's recorded tau (reproduces the online "
                                    "decisions). Default: adaptive, derived step by step like KAT online."),
-    chunk_size: int | None = typer.Option(None, "--chunk-size", help="Adaptive tau only: tokens per "
-                                          "detector update of the online engine, for the buffer's window "
-                                          "means (default: the run config's sampling.chunk_size, else 1)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
     out: Path | None = typer.Option(None, "--out", help="Write per-rollout results (rollout_id, step, "
                                     "tau, onset, fire, keep, length, phases, recorded onset/fire) "
@@ -241,8 +245,6 @@ def replay(
     """Run the KAT detector offline over recorded traces and report what KAT would have done."""
     tau_value = _parse_tau(tau)
     filters = _filters(steps, policy, rank, stop_reason)
-    if chunk_size is not None and chunk_size < 1:
-        raise typer.BadParameter(f"--chunk-size must be >= 1, got {chunk_size}")
     if out is not None:
         _check_output_file("--out", out)  # before the replay is computed, not after
     from kat_diag import trace_view
@@ -252,11 +254,11 @@ def replay(
         config, source = _settings(reader)
         needed = None if tau_value is None else PHASE_FIELDS + ("keep",)  # fixed tau needs no buffer settings
         cfg = trace_view.kat_config(config, source=source, needed=needed, window=window, persistence=persistence,
-                                    min_length=min_length, quantile=eta, warmup_steps=warmup_steps,
-                                    buffer_size=buffer_size, keep=keep)
-        chunk = chunk_size or int(((config or {}).get("sampling") or {}).get("chunk_size") or 1)
-        result = trace_view.replay_store(reader, cfg, tau_value, chunk_size=chunk, per_rollout=out is not None,
-                                         progress=True, **filters)
+                                    min_length=min_length, tau_quantile=tau_quantile, statistic=statistic,
+                                    min_fill=min_fill, warmup_steps=warmup_steps, buffer_size=buffer_size,
+                                    keep=keep)
+        result = trace_view.replay_store(reader, cfg, tau_value, per_rollout=out is not None, progress=True,
+                                         **filters)
     if out is not None:
         import pyarrow as pa
         import pyarrow.parquet as pq

@@ -36,7 +36,7 @@ def _models(world: Path) -> list[str]:
 
 SMALL = ["--steps", "2", "--batch-size", "2", "--max-new-tokens", "8", "--chunk-size", "4", "--eval-n", "1",
          "--eval-k", "1", "--device", "cpu", "--window", "4", "--persistence", "2", "--min-length", "4",
-         "--kat-warmup", "1", "--buffer-size", "64"]
+         "--kat-warmup", "1", "--buffer-size", "64", "--min-fill", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +206,8 @@ def test_every_train_option_maps_to_a_config_field():
     cmd = get_command(app).commands["train"]
     paths = option_paths([p.name for p in cmd.params], TrainConfig, aliases=TRAIN_ALIASES,
                          not_config=TRAIN_NOT_CONFIG)
-    assert paths["eta"] == "kat.quantile" and paths["max_new_tokens"] == "sampling.max_new_tokens"
+    assert paths["tau_quantile"] == "kat.tau_quantile" and paths["max_new_tokens"] == "sampling.max_new_tokens"
+    assert paths["kat_preset"] == "kat" and paths["min_fill"] == "kat.min_fill"
     assert paths["warmup_steps"] == "warmup_steps" and paths["kat_warmup"] == "kat.warmup_steps"
 
 
@@ -277,3 +278,10 @@ def test_os_errors_are_one_line(tmp_path):
     (tmp_path / "traces").write_text("not a directory")
     line = _one_error_line(invoke("inspect", tmp_path / "traces"))
     assert str(tmp_path / "traces") in line
+
+
+def test_config_written_before_the_paper_rule_still_loads(tmp_path):
+    f = tmp_path / "old.json"
+    f.write_text(json.dumps({"kat": {"window": 8, "quantile": 0.2}}))
+    kat = json.loads(invoke("train", "--config", f, "--print-config").stdout)["kat"]
+    assert kat["tau_quantile"] == 0.2 and kat["statistic"] == "windows" and kat["window"] == 8

@@ -30,7 +30,7 @@ def _one_error_line(res) -> str:
 
 SMALL = ["--steps", "2", "--batch-size", "3", "--max-new-tokens", "12", "--chunk-size", "4", "--eval-n", "1",
          "--eval-k", "1", "--device", "cpu", "--window", "4", "--persistence", "2", "--min-length", "4",
-         "--kat-warmup", "1", "--buffer-size", "64", "--eta", "0.6"]
+         "--kat-warmup", "1", "--buffer-size", "64", "--tau-quantile", "0.6", "--min-fill", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +157,7 @@ def test_deleted_manifest_falls_back_to_config_json_else_refuses(run, tmp_path):
     res = invoke("replay", copy, "--json")
     assert res.exit_code == 0, res.output
     kat = json.loads(res.stdout)["kat"]
-    assert kat["window"] == 4 and kat["persistence"] == 2 and kat["quantile"] == 0.6  # the run's, not defaults
+    assert kat["window"] == 4 and kat["persistence"] == 2 and kat["tau_quantile"] == 0.6  # the run's, not defaults
     (copy / "config.json").unlink()
     line = _one_error_line(invoke("replay", copy, "--json"))
     assert "no KAT settings for this store" in line and "config.json" in line and "--window" in line
