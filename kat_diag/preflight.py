@@ -10,6 +10,7 @@ its value; the CLI prints it as `error: ...`.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -170,7 +171,8 @@ def check_train(cfg: Any, *, resume: bool = False, overwrite: bool = False) -> N
         check_data_file("--data", cfg.data, (cfg.question_field, cfg.answer_field))
     for b in cfg.bench:
         check_data_file("--bench", b, (cfg.question_field, cfg.answer_field))
-    rundir.check_out(cfg.out, resume=resume, overwrite=overwrite)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun rank 0 owns the directory; the others follow it
+        rundir.check_out(cfg.out, resume=resume, overwrite=overwrite)
 
 
 def check_record(cfg: Any, *, overwrite: bool = False) -> None:
