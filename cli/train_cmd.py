@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
@@ -180,4 +179,4 @@ def register(app: typer.Typer) -> None:
         preflight.check_record(cfg, overwrite=overwrite)
         with rundir.owned(cfg.out, overwrite=overwrite, owns_runs=False):
             result = run_record(cfg)
-        typer.echo(json.dumps(result))
+        typer.echo(strict_json(result))
