@@ -127,7 +127,7 @@ def register(app: typer.Typer) -> None:
         )
         cfg = config_io.resolve_options(ctx, TrainConfig, cfg, config_file=config, aliases=TRAIN_ALIASES,
                                         not_config=TRAIN_NOT_CONFIG, resume_from=out / CONFIG_NAME if resume else None,
-                                        resume_mutable=RESUME_MUTABLE)
+                                        resume_mutable=RESUME_MUTABLE, per_invocation=("out", "max_steps_this_run"))
         if print_config:
             typer.echo(config_io.dump(cfg))
             return

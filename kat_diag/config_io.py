@@ -272,13 +272,14 @@ def option_name(param: str) -> str:
 def resolve_options(ctx: Any, cls: type[C], cli_cfg: C, *, config_file: str | Path | None = None,
                     aliases: Mapping[str, str] | None = None, not_config: Iterable[str] = (),
                     resume_from: str | Path | None = None,
-                    resume_mutable: Iterable[str] = ()) -> C:
+                    resume_mutable: Iterable[str] = (), per_invocation: Iterable[str] = ()) -> C:
     """The config a command runs with: its defaults, under `--config FILE`, under the given options.
 
     `cli_cfg` is the config built from every option's value (defaults included). With
     `resume_from` (a run's config.json) that file is the base instead, and a given option (or a
     `--config` value) that differs from it is an error naming both values unless its field is in
-    `resume_mutable`.
+    `resume_mutable`. Fields in `per_invocation` (e.g. the output directory, a stop-after count)
+    are never inherited from the run: they take this invocation's value, given or default.
     """
     paths = option_paths([p.name for p in ctx.command.params if p.name], cls, aliases=aliases,
                          not_config=not_config)
@@ -294,6 +295,8 @@ def resolve_options(ctx: Any, cls: type[C], cli_cfg: C, *, config_file: str | Pa
             file_data = as_dict(load(cls, config_file, base=run_cfg))
             requested = {**{p: _get(file_data, p) for p in leaf_paths(cls)}, **requested}
         resume_overrides(run_data, requested, resume_mutable, option_of, source=resume_from)
+        for path in per_invocation:
+            requested.setdefault(path, _get(cli_data, path))
         for path, value in requested.items():
             _set(run_data, path, value)
         return build(cls, run_data)

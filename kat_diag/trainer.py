@@ -415,6 +415,9 @@ def _train(cfg: TrainConfig, resume: bool) -> TrainResult:
         start = state["step"] + 1
         sink.truncate_after(state["step"])
         _discard_traces_after(run, state["step"], rank)
+    elif resume:  # nothing was checkpointed: what the earlier attempt wrote is redone from step 0
+        sink.truncate_after(-1)
+        _discard_traces_after(run, -1, rank)
     if rank == 0:
         (run / CONFIG_NAME).write_text(json.dumps({**cfg.to_dict(), "world_size": world}, indent=2))
     D.barrier()

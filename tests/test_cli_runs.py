@@ -285,3 +285,19 @@ def test_config_written_before_the_paper_rule_still_loads(tmp_path):
     f.write_text(json.dumps({"kat": {"window": 8, "quantile": 0.2}}))
     kat = json.loads(invoke("train", "--config", f, "--print-config").stdout)["kat"]
     assert kat["tau_quantile"] == 0.2 and kat["statistic"] == "windows" and kat["window"] == 8
+
+
+def test_resume_before_the_first_checkpoint_redoes_the_run_without_duplicates(quick_world, tmp_path):
+    import shutil
+
+    from kat_diag.traces import TraceReader
+
+    run = tmp_path / "run"
+    assert invoke("train", *_models(quick_world), "--out", run, *SMALL, "--stop-after", "1").exit_code == 0
+    shutil.rmtree(run / "checkpoints")  # as if killed before its first checkpoint
+    res = invoke("train", "--out", run, "--resume")
+    assert res.exit_code == 0, res.output
+    assert "starting from scratch" in res.stderr
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert steps == [0, 1]
+    assert sorted(TraceReader(run).read(columns=["step"])["step"].tolist()) == [0, 0, 1, 1]
