@@ -163,9 +163,9 @@ def replay(
                                            "needed to fire (default: run config, else KATConfig)."),
     min_length: int | None = typer.Option(None, "--min-length", help="L0: never fire before this many "
                                           "tokens (default: run config, else KATConfig)."),
-    statistic: str | None = typer.Option(None, "--statistic", help="What each rollout pushes into the "
-                                         "threshold buffer: 'rollout_min' (its minimum window mean, the "
-                                         "paper's rule) or 'windows' (its stride-W window means) "
+    statistic: str | None = typer.Option(None, "--statistic", "--kat-statistic", help="What each rollout "
+                                         "pushes into the threshold buffer: 'rollout_min' (its minimum window "
+                                         "mean, the paper's rule) or 'windows' (its stride-W window means) "
                                          "(default: run config, else rollout_min)."),
     tau_quantile: float | None = typer.Option(None, "--tau-quantile", help="tau = this quantile of the "
                                               "buffer, in (0, 1); the paper's eta = 0.3 is 0.7 "
