@@ -214,9 +214,9 @@ def replay(
                                            "needed to fire (default: the run config's)."),
     min_length: int | None = typer.Option(None, "--min-length", help="L0: never fire before this many "
                                           "tokens (default: the run config's)."),
-    statistic: str | None = typer.Option(None, "--statistic", help="What each rollout pushes into the "
-                                         "threshold buffer: 'rollout_min' (its minimum window mean, the "
-                                         "paper's rule) or 'windows' (its stride-W window means) "
+    statistic: str | None = typer.Option(None, "--statistic", "--kat-statistic", help="What each rollout "
+                                         "pushes into the threshold buffer: 'rollout_min' (its minimum window "
+                                         "mean, the paper's rule) or 'windows' (its stride-W window means) "
                                          "(default: the run config's)."),
     tau_quantile: float | None = typer.Option(None, "--tau-quantile", help="tau = this quantile of the "
                                               "buffer, in (0, 1); the paper's eta = 0.3 is 0.7 "

@@ -47,9 +47,21 @@ def test_training_changes_parameters_and_writes_the_run(quick_world, tmp_path):
     assert latest_checkpoint(run).name == "step-000002"
     assert (run / "final" / "config.json").exists()
     reader = TraceReader(run)
-    cols = reader.read(columns=["step", "kl", "gen_len", "kept_len", "stop_reason"])
+    cols = reader.read(columns=["step", "kl", "gen_len", "kept_len", "stop_reason", "fire"])
     assert sorted(set(cols["step"].tolist())) == [0, 1, 2]
     assert len(cols["step"]) == 12
+    # Offline replay reproduces every online decision, from the recorded thresholds in force and
+    # from the thresholds it derives itself step by step.
+    from kat_diag.trace_view import kat_config, replay_store
+
+    assert (cols["fire"] >= 0).any()  # not vacuous
+    kat = kat_config(reader.config)
+    assert kat == _cfg(quick_world, run).kat
+    for tau in ("recorded", None):
+        rec = replay_store(reader, kat, tau)["recorded"]
+        assert rec["compared"] == 12 and rec["fire_match"] == 1.0 and rec["onset_match"] == 1.0, tau
+    manifest = json.loads((run / "traces" / "_manifest.json").read_text())
+    assert manifest["loss"] == {"estimator": "topk", "topk": 64}
 
 
 def test_resume_reproduces_the_uninterrupted_run(quick_world, tmp_path):
