@@ -301,3 +301,11 @@ def test_resume_before_the_first_checkpoint_redoes_the_run_without_duplicates(qu
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     assert steps == [0, 1]
     assert sorted(TraceReader(run).read(columns=["step"])["step"].tolist()) == [0, 0, 1, 1]
+
+
+def test_record_refuses_an_existing_store_unless_overwrite(quick_world, tmp_path, no_model_loads):
+    out = tmp_path / "rec"
+    (out / "traces").mkdir(parents=True)
+    line = _one_error_line(invoke("record", "--teacher", quick_world / "teacher", "--student",
+                                  quick_world / "student", "--out", out))
+    assert f"--out {out} already holds output (traces)" in line and "--overwrite" in line
