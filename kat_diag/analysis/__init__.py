@@ -1,0 +1,1 @@
+"""Offline analyses of recorded runs: one module per analysis (DESIGN §4)."""
