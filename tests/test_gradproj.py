@@ -159,7 +159,7 @@ def test_gradproj_end_to_end_on_a_two_step_run(quick_world, tmp_path):
                                    "--window", "2", "--persistence", "2", "--min-length", "0",
                                    "--tokens", "16", "--k", "1", "--k", "2", "--k", "4", "--random", "2", "--json"])
     assert res.exit_code == 0, res.output
-    summary = json.loads(res.output)
+    summary = json.loads(res.stdout)
     assert (out / "gradproj.png").stat().st_size > 10_000
     lines = (out / "gradproj.csv").read_text().splitlines()
     assert lines[0].startswith("phase,matrix,kind") and len(lines) > 10
