@@ -130,8 +130,8 @@ def test_phase_gradient_is_the_mean_of_per_token_gradients(quick_world):
     seqs = [([3, 4, 5], [6, 7, 8, 9]), ([5, 6], [7, 8, 9, 10, 11])]
     both = TokenSample("pre", np.array([0, 1, 1]), np.array([2, 0, 3]))
     singles = [TokenSample("pre", np.array([r]), np.array([p])) for r, p in ((0, 2), (1, 0), (1, 3))]
-    (g_all,) = phase_gradients(student, teacher, seqs, [both], micro_batch=1)
-    parts = phase_gradients(student, teacher, seqs, singles, micro_batch=8)
+    (g_all,) = list(phase_gradients(student, teacher, seqs, [both], micro_batch=1))
+    parts = list(phase_gradients(student, teacher, seqs, singles, micro_batch=8))
     assert g_all.tokens == 3 and g_all.rollouts == 2
     for name, g in g_all.grads.items():
         torch.testing.assert_close(g, sum(p.grads[name] for p in parts) / 3, atol=1e-6, rtol=1e-4)

@@ -30,7 +30,7 @@ import csv
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,7 +90,7 @@ def principal_subspace(delta_mn: torch.Tensor, k: int, svd: str = "auto", seed: 
 def energy_profile(U_mK: torch.Tensor, g_mn: torch.Tensor, V_nK: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """For k = 1..K: one-sided ||U_k^T g||^2 / ||g||^2 and two-sided ||U_k^T g V_k||^2 / ||g||^2
     (U_k, V_k the first k columns). Both arrays have length K; NaN when g = 0."""
-    g = g_mn.float()
+    g = g_mn.float().to(U_mK.device)
     total = float((g * g).sum())
     A_Kn = U_mK.float().mT @ g
     one = torch.cumsum((A_Kn * A_Kn).sum(1), 0)
@@ -99,7 +99,7 @@ def energy_profile(U_mK: torch.Tensor, g_mn: torch.Tensor, V_nK: torch.Tensor) -
     if total <= 0:
         nan = np.full(U_mK.shape[1], np.nan)
         return nan, nan.copy()
-    return (one / total).double().numpy(), (two / total).double().numpy()
+    return (one / total).double().cpu().numpy(), (two / total).double().cpu().numpy()
 
 
 def random_orthonormal(rows: int, k: int, draws: int, generator: torch.Generator) -> torch.Tensor:
@@ -189,55 +189,96 @@ def reference_k(ks: Sequence[int]) -> int:
     return 8 if 8 in ks else sorted(ks)[len(ks) // 2]
 
 
+@dataclass(frozen=True)
+class Subspace:
+    """A weight's top-k update subspace and its random baselines (what every phase is compared with)."""
+
+    name: str
+    kind: str
+    layer: int
+    m: int
+    n: int
+    rank: int  # numerical rank of delta
+    U: torch.Tensor  # m x kmax
+    V: torch.Tensor  # n x kmax
+    U_rand: torch.Tensor  # draws x m x kmax
+    V_rand: torch.Tensor  # draws x n x kmax
+
+
+def _check_ks(ks: Sequence[int], n_random: int) -> tuple[int, ...]:
+    out = tuple(sorted({int(k) for k in ks}))
+    if not out or out[0] < 1:
+        raise ValueError(f"k values must be >= 1, got {out}")
+    if n_random < 1:
+        raise ValueError(f"n_random must be >= 1, got {n_random}")
+    return out
+
+
+def update_subspaces(deltas: Iterable[tuple[str, torch.Tensor]], kmax: int, n_random: int = 4, seed: int = 0,
+                     svd: str = "auto") -> dict[str, Subspace]:
+    """Top-kmax SVD subspaces (k capped at min(m, n)) of each 2-D delta, with seeded random
+    orthonormal baselines. deltas may be a generator, so a large model's deltas never coexist."""
+    out = {}
+    for i, (name, delta) in enumerate(deltas):
+        if delta.ndim != 2:
+            continue
+        m, n = delta.shape
+        k = min(kmax, m, n)
+        U, V, rank = principal_subspace(delta, k, svd=svd, seed=seed + i)
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        kind, layer = matrix_kind(name)
+        dev = delta.device  # baselines drawn on the CPU (reproducible), used where the delta lives
+        out[name] = Subspace(name, kind, layer, m, n, rank, U, V, random_orthonormal(m, k, n_random, gen).to(dev),
+                             random_orthonormal(n, k, n_random, gen).to(dev))
+    return out
+
+
+def phase_rows(subspaces: Mapping[str, Subspace], phase: str, grads: Mapping[str, torch.Tensor],
+               ks: Sequence[int]) -> list[dict[str, Any]]:
+    """ROW_FIELDS rows of one phase gradient: every matrix x every k (k <= min(m, n)); k above the
+    numerical rank of delta gives NaN (those directions are arbitrary, not the update's)."""
+    rows = []
+    for name, s in subspaces.items():
+        g = grads.get(name)
+        if g is None:
+            continue
+        one, two = energy_profile(s.U, g, s.V)
+        rand = [energy_profile(s.U_rand[d], g, s.V_rand[d]) for d in range(s.U_rand.shape[0])]
+        one_r = np.mean([r[0] for r in rand], axis=0)
+        two_r = np.mean([r[1] for r in rand], axis=0)
+        energy = float((g.float() ** 2).sum())
+        for k in ks:
+            if k > s.U.shape[1]:
+                continue
+            inside = k <= s.rank
+            rows.append({
+                "phase": phase, "matrix": name, "kind": s.kind, "layer": s.layer, "m": s.m, "n": s.n, "k": k,
+                "rank": s.rank, "one_sided": float(one[k - 1]) if inside else math.nan,
+                "two_sided": float(two[k - 1]) if inside else math.nan,
+                "one_sided_random": float(one_r[k - 1]), "two_sided_random": float(two_r[k - 1]),
+                "one_sided_iso": k / s.m, "two_sided_iso": k * k / (s.m * s.n), "grad_energy": energy,
+            })
+    return rows
+
+
+def phase_stats(pg: PhaseGradient) -> dict[str, Any]:
+    return {"phase": pg.phase, "tokens": pg.tokens, "rollouts": pg.rollouts, "loss_per_token": pg.loss_per_token,
+            "grad_norm_per_token": pg.grad_norm}
+
+
 def compute_gradproj(deltas: Mapping[str, torch.Tensor], phase_grads: Sequence[PhaseGradient],
                      ks: Sequence[int] = DEFAULT_KS, n_random: int = 4, seed: int = 0,
                      svd: str = "auto") -> GradProjResult:
     """Energy ratios of every phase gradient in every 2-D weight's top-k update subspace.
 
     deltas: name -> W_final - W_init (2-D). phase_grads: one per phase, grads keyed like deltas
-    (names missing from a phase are skipped). k above min(m, n) is dropped for that matrix; k above
-    the numerical rank of delta gives NaN (those directions are arbitrary, not the update's).
+    (names missing from a phase are skipped). See `phase_rows` for k beyond the shape or the rank.
     """
-    ks = tuple(sorted({int(k) for k in ks}))
-    if not ks or ks[0] < 1:
-        raise ValueError(f"k values must be >= 1, got {ks}")
-    if n_random < 1:
-        raise ValueError(f"n_random must be >= 1, got {n_random}")
-    rows: list[dict[str, Any]] = []
-    for i, (name, delta) in enumerate(deltas.items()):
-        if delta.ndim != 2:
-            continue
-        m, n = delta.shape
-        kmax = min(max(ks), m, n)
-        U, V, rank = principal_subspace(delta, kmax, svd=svd, seed=seed + i)
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
-        Ur = random_orthonormal(m, kmax, n_random, gen)
-        Vr = random_orthonormal(n, kmax, n_random, gen)
-        kind, layer = matrix_kind(name)
-        for pg in phase_grads:
-            g = pg.grads.get(name)
-            if g is None:
-                continue
-            one, two = energy_profile(U, g, V)
-            rand = [energy_profile(Ur[d], g, Vr[d]) for d in range(n_random)]
-            one_r = np.mean([r[0] for r in rand], axis=0)
-            two_r = np.mean([r[1] for r in rand], axis=0)
-            energy = float((g.float() ** 2).sum())
-            for k in ks:
-                if k > kmax:
-                    continue
-                inside = k <= rank
-                rows.append({
-                    "phase": pg.phase, "matrix": name, "kind": kind, "layer": layer, "m": m, "n": n, "k": k,
-                    "rank": rank, "one_sided": float(one[k - 1]) if inside else math.nan,
-                    "two_sided": float(two[k - 1]) if inside else math.nan,
-                    "one_sided_random": float(one_r[k - 1]), "two_sided_random": float(two_r[k - 1]),
-                    "one_sided_iso": k / m, "two_sided_iso": k * k / (m * n), "grad_energy": energy,
-                })
-    phases = tuple({"phase": pg.phase, "tokens": pg.tokens, "rollouts": pg.rollouts,
-                    "loss_per_token": pg.loss_per_token, "grad_norm_per_token": pg.grad_norm}
-                   for pg in phase_grads)
-    return GradProjResult(ks=ks, rows=tuple(rows), phases=phases, n_random=n_random)
+    ks = _check_ks(ks, n_random)
+    subspaces = update_subspaces(deltas.items(), max(ks), n_random=n_random, seed=seed, svd=svd)
+    rows = [r for pg in phase_grads for r in phase_rows(subspaces, pg.phase, pg.grads, ks)]
+    return GradProjResult(ks=ks, rows=tuple(rows), phases=tuple(phase_stats(pg) for pg in phase_grads),
+                          n_random=n_random)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -325,17 +366,15 @@ def write_csv(result: GradProjResult, path: str | Path) -> None:
 # Models: deltas and phase gradients
 
 
-def weight_deltas(init_model, final_model) -> dict[str, torch.Tensor]:
-    """name -> W_final - W_init for every 2-D parameter (the names must match)."""
+def weight_deltas(init_model, final_model) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, W_final - W_init) for every 2-D parameter, one at a time (the names must match)."""
     init = dict(init_model.named_parameters())
-    out = {}
     for name, p in final_model.named_parameters():
         if p.ndim != 2:
             continue
         if name not in init or init[name].shape != p.shape:
             raise ValueError(f"checkpoints do not match: parameter {name} differs between --init and --final")
-        out[name] = (p.detach().float() - init[name].detach().float()).cpu()
-    return out
+        yield name, (p.detach().float() - init[name].detach().float())
 
 
 @dataclass(frozen=True)
@@ -355,12 +394,13 @@ def _selected_logits(model, ids_BT: torch.Tensor, mask_BT: torch.Tensor, rows: t
 
 
 def phase_gradients(student, teacher, sequences: Sequence[tuple[Sequence[int], Sequence[int]]],
-                    samples: Sequence[TokenSample], micro_batch: int = 8) -> list[PhaseGradient]:
+                    samples: Sequence[TokenSample], micro_batch: int = 8) -> Iterator[PhaseGradient]:
     """The mean per-token full reverse-KL gradient of each phase's token sample.
 
     sequences: (prompt ids, generated ids) per rollout. Each phase is one backward pass (gradient
     accumulated over micro-batches of rollouts); every selected token of a rollout is scored in the
     same forward. The student is in eval mode (no dropout) so the gradient is deterministic.
+    Yields one PhaseGradient at a time, so a caller can reduce it before the next is computed.
     """
     from kat_diag.loss import FullReverseKL, LossInputs
 
@@ -369,7 +409,6 @@ def phase_gradients(student, teacher, sequences: Sequence[tuple[Sequence[int], S
     params = {n: p for n, p in student.named_parameters() if p.ndim == 2}
     student.eval()
     teacher.eval()
-    out = []
     for s in samples:
         student.zero_grad(set_to_none=True)
         n_tok = len(s.pos_N)
@@ -406,12 +445,11 @@ def phase_gradients(student, teacher, sequences: Sequence[tuple[Sequence[int], S
                                       old_logprob_N=zeros, teacher_logprob_N=zeros, teacher_logprobs_NV=t_logp_NV))
             (loss / max(n_tok, 1)).backward()
             loss_sum += float(loss.detach())
-        grads = {n: (p.grad.detach().float().cpu().clone() if p.grad is not None else torch.zeros(p.shape))
+        grads = {n: (p.grad.detach().float().clone() if p.grad is not None else torch.zeros_like(p, dtype=torch.float))
                  for n, p in params.items()}
-        out.append(PhaseGradient(phase=s.phase, tokens=n_tok, rollouts=len(used),
-                                 loss_per_token=loss_sum / max(n_tok, 1), grads=grads))
-    student.zero_grad(set_to_none=True)
-    return out
+        student.zero_grad(set_to_none=True)
+        yield PhaseGradient(phase=s.phase, tokens=n_tok, rollouts=len(used),
+                            loss_per_token=loss_sum / max(n_tok, 1), grads=grads)
 
 
 def sample_phase_tokens(labels_N: np.ndarray, offsets: np.ndarray, max_tokens: int, seed: int = 0
@@ -557,13 +595,19 @@ def run_gradproj(run_dir: str | Path, out_dir: str | Path, init: str | Path | No
     prompt_ids = encode_prompts(tok, [lookup[p] for p in batch["prompt_id"]])
     sequences = [(prompt_ids[i], batch["token_ids"][i].tolist()) for i in range(batch.num_rows)]
 
+    ks = _check_ks(ks, n_random)
     init_m = load_model(init_p, what="--init", device=device)
     final_m = load_model(final_p, what="--final", device=device)
-    deltas = weight_deltas(init_m, final_m)
+    subspaces = update_subspaces(weight_deltas(init_m, final_m), max(ks), n_random=n_random, seed=seed, svd=svd)
     student = {"init": init_m, "final": final_m}.get(model) or load_model(model, what="--model", device=device)
+    del init_m, final_m  # only `student` stays alive
     teacher_m = load_model(teacher_p, what="teacher", device=device).requires_grad_(False)
-    grads = phase_gradients(student, teacher_m, sequences, samples, micro_batch=micro_batch)
-    result = compute_gradproj(deltas, grads, ks=ks, n_random=n_random, seed=seed, svd=svd)
+    rows, stats = [], []
+    # One phase's gradients at a time: reduced to rows, then dropped (memory: one gradient copy).
+    for pg in phase_gradients(student, teacher_m, sequences, samples, micro_batch=micro_batch):
+        rows += phase_rows(subspaces, pg.phase, pg.grads, ks)
+        stats.append(phase_stats(pg))
+    result = GradProjResult(ks=ks, rows=tuple(rows), phases=tuple(stats), n_random=n_random)
 
     out.mkdir(parents=True, exist_ok=True)
     write_csv(result, out / f"{name}.csv")

@@ -246,10 +246,13 @@ def plot_vocab(result: VocabResult, fig=None, top: int = 10):
     err = np.array([[j["js"] - j["ci_low"] for j in result.js], [j["ci_high"] - j["js"] for j in result.js]])
     ax.bar(labels, vals, yerr=np.clip(np.nan_to_num(err), 0, None) if len(vals) else None, capsize=6,
            color="#777777")
-    ax.axhline(np.log(2), color="k", ls="--", lw=1, label="ln 2 (disjoint)")
-    ax.set_ylabel("Jensen-Shannon divergence (nats)")
+    for x, j in enumerate(result.js):
+        ax.annotate(f"{j['js']:.3g}\n[{j['ci_low']:.3g}, {j['ci_high']:.3g}]", (x, j["ci_high"]), ha="center",
+                    va="bottom", fontsize=8)
+    top_val = max([j["ci_high"] for j in result.js if np.isfinite(j["ci_high"])] or [np.log(2)])
+    ax.set_ylim(0, max(top_val, 1e-4) * 1.35)  # the ceiling is ln 2 = 0.693 (disjoint supports)
+    ax.set_ylabel("Jensen-Shannon divergence (nats, max ln 2)")
     ax.set_title("JS between phases, 95 % bootstrap CI (rollouts)")
-    ax.legend(fontsize=8)
     ax = fig.add_subplot(gs[2, 1])
     ax.bar(phases, [result.reasoning_share[p] for p in phases], color=[PHASE_COLORS.get(p) for p in phases])
     ax.set_ylim(0, 1)
