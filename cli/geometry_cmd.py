@@ -14,7 +14,8 @@ import typer
 
 STEPS_HELP = "Only rollouts of these training steps: A:B (inclusive), A:, :B or A."
 TAU_HELP = ("Phase threshold: 'recorded' (each rollout's recorded tau; rollouts where KAT was inactive are "
-            "left out) or a number in nats for every rollout (needed for plain OPD runs).")
+            "left out), a number in nats for every rollout, or qX: the X-quantile of the rollouts' minimum "
+            "window means (the paper's rule with eta = 1 - X, e.g. q0.7; for plain OPD runs).")
 TRACES_HELP = ("Trace store to take rollouts from (default: RUN's own). Use a `kat-diag record` store with "
                "termination none for full, untruncated traces with a post-agreement phase.")
 

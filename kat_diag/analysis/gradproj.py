@@ -559,7 +559,7 @@ def run_gradproj(run_dir: str | Path, out_dir: str | Path, init: str | Path | No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from kat_diag.analysis.phase_sample import kat_config_of, parse_tau, run_config
+    from kat_diag.analysis.phase_sample import kat_config_of, parse_tau, resolve_tau, run_config
     from kat_diag.models import load_model
     from kat_diag.rollout import encode_prompts
     from kat_diag.traces import TraceReader
@@ -579,6 +579,7 @@ def run_gradproj(run_dir: str | Path, out_dir: str | Path, init: str | Path | No
     tau_fixed = parse_tau(tau)
     cfg = kat_config_of(config, **dict(kat or {}))
     reader = TraceReader(traces if traces is not None else run)
+    tau_fixed = resolve_tau(tau_fixed, reader, cfg.window, steps)
     batch, labels, usable = _reservoir_rollouts(reader, tau_fixed, cfg, rollouts, seed, steps)
     if batch is None:
         raise ValueError(f"no rollouts with a defined phase in {reader.dir}: every recorded tau is NaN "
@@ -615,7 +616,8 @@ def run_gradproj(run_dir: str | Path, out_dir: str | Path, init: str | Path | No
     fig.savefig(out / f"{name}.png", dpi=110)
     plt.close(fig)
     summary = {"run": str(run), "traces": str(reader.dir), "init": str(init_p), "final": str(final_p),
-               "model": model, "teacher": str(teacher_p), "tau": "recorded" if tau_fixed is None else tau_fixed,
+               "model": model, "teacher": str(teacher_p),
+               "tau": "recorded" if tau_fixed is None else tau_fixed, "tau_option": str(tau),
                "tokens_per_phase": n_tok, "rollouts_sampled": batch.num_rows,
                "files": {"png": str(out / f"{name}.png"), "csv": str(out / f"{name}.csv"),
                          "json": str(out / f"{name}.json")},

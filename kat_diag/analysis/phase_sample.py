@@ -44,17 +44,62 @@ def kat_config_of(config: dict[str, Any], **overrides: Any) -> KATConfig:
     return KATConfig(**values)
 
 
-def parse_tau(tau: str | float | None) -> float | None:
-    """``"recorded"``/None -> None (use each rollout's recorded tau), else a finite float."""
+def parse_tau(tau: str | float | None) -> float | str | None:
+    """``"recorded"``/None -> None (use each rollout's recorded tau); ``"qX"`` -> kept as the string
+    (resolved by `resolve_tau` on the store); else a finite float."""
     if tau is None or (isinstance(tau, str) and tau.strip().lower() == "recorded"):
         return None
+    if isinstance(tau, str) and tau.strip().lower().startswith("q"):
+        try:
+            q = float(tau.strip()[1:])
+        except ValueError as e:
+            raise ValueError(f"--tau qX needs a quantile X in (0, 1), got {tau!r}") from e
+        if not 0.0 < q < 1.0:
+            raise ValueError(f"--tau qX needs a quantile X in (0, 1), got {tau!r}")
+        return tau.strip().lower()
     try:
         value = float(tau)
     except ValueError as e:
-        raise ValueError(f"--tau must be 'recorded' or a number, got {tau!r}") from e
+        raise ValueError(f"--tau must be 'recorded', qX or a number, got {tau!r}") from e
     if not math.isfinite(value):
         raise ValueError(f"--tau must be finite, got {tau!r}")
     return value
+
+
+def rollout_min_window_means(kl_values: np.ndarray, offsets: np.ndarray, window: int) -> np.ndarray:
+    """Per rollout, the minimum mean of W consecutive KL values (what the paper's rule pushes into
+    its buffer); NaN for rollouts shorter than W. Windows with a non-finite value are skipped."""
+    offs = np.asarray(offsets, dtype=np.int64)
+    x = np.asarray(kl_values, dtype=np.float64)[offs[0]:offs[-1]]
+    lengths = np.diff(offs)
+    out = np.full(len(lengths), np.inf)
+    if len(x) >= window:
+        bad = ~np.isfinite(x)
+        csum = np.concatenate([[0.0], np.cumsum(np.where(bad, 0.0, x))])
+        cbad = np.concatenate([[0], np.cumsum(bad)])
+        p = np.arange(len(x) - window + 1)  # window [p, p + W) over the concatenated tokens
+        means = (csum[p + window] - csum[p]) / window
+        roll = np.repeat(np.arange(len(lengths)), lengths)[p]
+        inside = p - (offs[:-1] - offs[0])[roll] <= lengths[roll] - window  # not crossing into the next rollout
+        means[~inside | (cbad[p + window] - cbad[p] > 0)] = np.inf
+        np.minimum.at(out, roll, means)
+    return np.where(np.isfinite(out), out, np.nan)
+
+
+def resolve_tau(tau: float | str | None, reader, window: int, steps: tuple[int | None, int | None] | None = None
+                ) -> float | None:
+    """A fixed tau, None (recorded), or for ``"qX"``: the X-quantile of the per-rollout minimum
+    window means of the store (the paper's rule, s = Q_{1-eta}, over every analysed rollout at once)."""
+    if not isinstance(tau, str):
+        return tau
+    q = float(tau[1:])
+    mins = [rollout_min_window_means(b["kl"].values, b["kl"].offsets, window)
+            for b in reader.iter_batches(["kl"], steps=steps)]
+    values = np.concatenate(mins) if mins else np.zeros(0)
+    values = values[np.isfinite(values)]
+    if not len(values):
+        raise ValueError(f"--tau {tau}: no rollout of {reader.dir} is at least one window ({window} tokens) long")
+    return float(np.quantile(values, q))
 
 
 def rollout_tau(recorded_R: np.ndarray, fixed: float | None) -> np.ndarray:

@@ -343,7 +343,7 @@ def run_vocab(run_dir: str | Path, out_dir: str | Path, *, traces: str | Path | 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from kat_diag.analysis.phase_sample import kat_config_of, parse_tau, run_config
+    from kat_diag.analysis.phase_sample import kat_config_of, parse_tau, resolve_tau, run_config
     from kat_diag.traces import TraceReader
 
     if weight not in ("count", "prob"):
@@ -361,6 +361,7 @@ def run_vocab(run_dir: str | Path, out_dir: str | Path, *, traces: str | Path | 
             raise FileNotFoundError(f"--lexicon file does not exist: {p}")
         lex = [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
     reader = TraceReader(traces if traces is not None else run)
+    tau_fixed = resolve_tau(tau_fixed, reader, cfg.window, steps)
     top = min(top, reader.top_n)
     acc = accumulate_store(reader, tau_fixed, cfg, top, weight=weight, steps=steps)
     if acc["defined"] == 0:
@@ -399,7 +400,8 @@ def run_vocab(run_dir: str | Path, out_dir: str | Path, *, traces: str | Path | 
     fig = plot_vocab(result)
     fig.savefig(out / f"{name}.png", dpi=100)
     plt.close(fig)
-    summary = {"run": str(run), "traces": str(reader.dir), "tau": "recorded" if tau_fixed is None else tau_fixed,
+    summary = {"run": str(run), "traces": str(reader.dir), "tau_option": str(tau),
+               "tau": "recorded" if tau_fixed is None else tau_fixed,
                "top": top, "weight": weight,
                "lexicon": "default (digits, + - * =)" if lexicon is None else str(lexicon),
                "rollouts_read": R, "rollouts_with_phases": acc["defined"],
