@@ -139,7 +139,7 @@ def test_phase_gradient_is_the_mean_of_per_token_gradients(quick_world):
     assert g_all.grad_norm > 0
 
 
-def test_gradproj_end_to_end_on_a_two_step_run(quick_world, tmp_path):
+def test_gradproj_and_vocab_end_to_end_on_a_two_step_run(quick_world, tmp_path):
     from typer.testing import CliRunner
 
     from cli.main import app
@@ -170,3 +170,12 @@ def test_gradproj_end_to_end_on_a_two_step_run(quick_world, tmp_path):
     agg = [a for a in summary["aggregate"] if a["k"] == 1]
     assert agg and all(0 <= a["one_sided"] <= 1 for a in agg)
     assert summary["init"].endswith("student") and "final" in summary["final"]
+    # vocab on the same run: token names decoded with the run's tokenizer (config.json student).
+    res = CliRunner().invoke(app, ["vocab", str(run), "--out", str(out), "--tau", f"{tau:.6g}", "--window", "2",
+                                   "--persistence", "2", "--min-length", "0", "--boot", "50", "--json"])
+    assert res.exit_code == 0, res.output
+    voc = json.loads(res.stdout)
+    assert (out / "vocab.png").stat().st_size > 10_000 and (out / "vocab.csv").stat().st_size > 0
+    names = [t["token"] for p in voc["phases"] for t in voc["top_counts"][p]]
+    assert names and not any(n.startswith("<") and n[1:-1].isdigit() for n in names)
+    assert sum(voc["positions"].values()) == len(kl)  # a fixed tau: every stored token has a phase
