@@ -42,6 +42,7 @@ def test_gradient_inside_the_subspace_has_ratio_one_and_orthogonal_zero():
     assert one[3] == pytest.approx(1.0, abs=1e-5) and two[3] == pytest.approx(1.0, abs=1e-5)
     one, two = energy_profile(Uk, orth.float(), Vk)
     assert one[3] == pytest.approx(0.0, abs=1e-6) and two[3] == pytest.approx(0.0, abs=1e-6)
+    assert np.isnan(energy_profile(Uk, torch.zeros(24, 16), Vk)[0]).all()  # no gradient: no direction
     # The profile grows with k: ratio at k=1 of a gradient along u_1 v_1^T only is already 1.
     one, two = energy_profile(Uk, (U[:, :1] @ V[:, :1].T).float(), Vk)
     np.testing.assert_allclose(one, [1, 1, 1, 1], atol=1e-5)
@@ -53,9 +54,9 @@ def test_random_gradients_match_the_isotropic_expectation():
     delta, _, _ = _delta(m, n, 16, seed=3)
     Uk, Vk, _ = principal_subspace(delta, K, svd="exact")
     g = torch.Generator().manual_seed(7)
-    profiles = [energy_profile(Uk, torch.randn(m, n, generator=g), Vk) for _ in range(1000)]
-    one = np.mean([p[0] for p in profiles], axis=0)
-    two = np.mean([p[1] for p in profiles], axis=0)
+    one_DK, two_DK = energy_profile(Uk, torch.randn(1000, m, n, generator=g), Vk)  # 1000 gradients at once
+    assert one_DK.shape == (1000, K)
+    one, two = one_DK.mean(0), two_DK.mean(0)
     ks = np.arange(1, K + 1)
     np.testing.assert_allclose(one, ks / m, rtol=0.05)
     np.testing.assert_allclose(two, ks**2 / (m * n), rtol=0.15)  # k=1: chi2_1, sd 4.5 % at 1000 draws

@@ -89,17 +89,16 @@ def principal_subspace(delta_mn: torch.Tensor, k: int, svd: str = "auto", seed: 
 
 def energy_profile(U_mK: torch.Tensor, g_mn: torch.Tensor, V_nK: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """For k = 1..K: one-sided ||U_k^T g||^2 / ||g||^2 and two-sided ||U_k^T g V_k||^2 / ||g||^2
-    (U_k, V_k the first k columns). Both arrays have length K; NaN when g = 0."""
+    (U_k, V_k the first k columns). Batched: leading dimensions of U/V (e.g. random draws) and of g
+    broadcast; the result has shape (..., K). NaN where g = 0."""
     g = g_mn.float().to(U_mK.device)
-    total = float((g * g).sum())
+    total = (g * g).sum((-2, -1))
     A_Kn = U_mK.float().mT @ g
-    one = torch.cumsum((A_Kn * A_Kn).sum(1), 0)
+    one = torch.cumsum((A_Kn * A_Kn).sum(-1), -1)
     B_KK = A_Kn @ V_nK.float()
-    two = torch.diagonal(torch.cumsum(torch.cumsum(B_KK * B_KK, 0), 1))
-    if total <= 0:
-        nan = np.full(U_mK.shape[1], np.nan)
-        return nan, nan.copy()
-    return (one / total).double().cpu().numpy(), (two / total).double().cpu().numpy()
+    two = torch.diagonal(torch.cumsum(torch.cumsum(B_KK * B_KK, -2), -1), dim1=-2, dim2=-1)
+    denom = torch.where(total > 0, total, torch.nan).unsqueeze(-1)
+    return (one / denom).double().cpu().numpy(), (two / denom).double().cpu().numpy()
 
 
 def random_orthonormal(rows: int, k: int, draws: int, generator: torch.Generator) -> torch.Tensor:
@@ -243,9 +242,7 @@ def phase_rows(subspaces: Mapping[str, Subspace], phase: str, grads: Mapping[str
         if g is None:
             continue
         one, two = energy_profile(s.U, g, s.V)
-        rand = [energy_profile(s.U_rand[d], g, s.V_rand[d]) for d in range(s.U_rand.shape[0])]
-        one_r = np.mean([r[0] for r in rand], axis=0)
-        two_r = np.mean([r[1] for r in rand], axis=0)
+        one_r, two_r = (x.mean(0) for x in energy_profile(s.U_rand, g, s.V_rand))  # all draws at once
         energy = float((g.float() ** 2).sum())
         for k in ks:
             if k > s.U.shape[1]:
