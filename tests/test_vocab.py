@@ -148,14 +148,10 @@ def test_vocab_needs_a_tau_when_none_is_recorded(tmp_path):
     assert res.exit_code != 0 and "--tau" in str(res.exception)
 
 
-def test_rollout_min_window_means_and_tau_options(tmp_path):
-    from kat_diag.analysis.phase_sample import parse_tau, resolve_tau, rollout_min_window_means
+def test_tau_options(tmp_path):
+    from kat_diag.analysis.phase_sample import parse_tau, resolve_tau
     from kat_diag.traces import TraceReader, TraceWriter
 
-    kl = np.array([1, 2, 3, 4, 5, 1, 1, 9, 2, np.nan, 0, 0, 7, 7], dtype=float)
-    offsets = np.array([0, 4, 8, 9, 14])
-    # W=2: [1,2,3,4] -> 1.5; [5,1,1,9] -> 1; [2] too short; [nan,0,0,7,7] skips the NaN window -> 0.
-    np.testing.assert_array_equal(rollout_min_window_means(kl, offsets, 2), [1.5, 1.0, np.nan, 0.0])
     assert parse_tau("recorded") is None and parse_tau("0.25") == 0.25 and parse_tau("q0.7") == "q0.7"
     for bad in ("q1.5", "qx", "nan", "abc"):
         with pytest.raises(ValueError, match="--tau"):
@@ -166,7 +162,7 @@ def test_rollout_min_window_means_and_tau_options(tmp_path):
                   "token_ids": [np.arange(4)] * 3,
                   "kl": [np.array(v, dtype=np.float32) for v in ([1, 1, 1, 1], [2, 2, 2, 2], [3, 3, 3, 3])]})
     reader = TraceReader(run)
-    assert resolve_tau("q0.5", reader, window=2) == pytest.approx(2.0)
+    assert resolve_tau("q0.5", reader, window=2) == pytest.approx(2.0)  # minima 1, 2, 3 -> median 2
     assert resolve_tau(0.3, reader, window=2) == 0.3
     with pytest.raises(ValueError, match="at least one window"):
         resolve_tau("q0.5", reader, window=8)

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from kat_diag.detector import KATConfig
+from kat_diag.detector import KATConfig, rollout_minima
 from kat_diag.phases import phase_labels, segment
 
 PHASE_NAMES: tuple[str, ...] = ("pre", "agreement", "post")
@@ -66,26 +66,6 @@ def parse_tau(tau: str | float | None) -> float | str | None:
     return value
 
 
-def rollout_min_window_means(kl_values: np.ndarray, offsets: np.ndarray, window: int) -> np.ndarray:
-    """Per rollout, the minimum mean of W consecutive KL values (what the paper's rule pushes into
-    its buffer); NaN for rollouts shorter than W. Windows with a non-finite value are skipped."""
-    offs = np.asarray(offsets, dtype=np.int64)
-    x = np.asarray(kl_values, dtype=np.float64)[offs[0]:offs[-1]]
-    lengths = np.diff(offs)
-    out = np.full(len(lengths), np.inf)
-    if len(x) >= window:
-        bad = ~np.isfinite(x)
-        csum = np.concatenate([[0.0], np.cumsum(np.where(bad, 0.0, x))])
-        cbad = np.concatenate([[0], np.cumsum(bad)])
-        p = np.arange(len(x) - window + 1)  # window [p, p + W) over the concatenated tokens
-        means = (csum[p + window] - csum[p]) / window
-        roll = np.repeat(np.arange(len(lengths)), lengths)[p]
-        inside = p - (offs[:-1] - offs[0])[roll] <= lengths[roll] - window  # not crossing into the next rollout
-        means[~inside | (cbad[p + window] - cbad[p] > 0)] = np.inf
-        np.minimum.at(out, roll, means)
-    return np.where(np.isfinite(out), out, np.nan)
-
-
 def resolve_tau(tau: float | str | None, reader, window: int, steps: tuple[int | None, int | None] | None = None
                 ) -> float | None:
     """A fixed tau, None (recorded), or for ``"qX"``: the X-quantile of the per-rollout minimum
@@ -93,7 +73,7 @@ def resolve_tau(tau: float | str | None, reader, window: int, steps: tuple[int |
     if not isinstance(tau, str):
         return tau
     q = float(tau[1:])
-    mins = [rollout_min_window_means(b["kl"].values, b["kl"].offsets, window)
+    mins = [rollout_minima(b["kl"].values, b["kl"].offsets, window)
             for b in reader.iter_batches(["kl"], steps=steps)]
     values = np.concatenate(mins) if mins else np.zeros(0)
     values = values[np.isfinite(values)]
