@@ -114,8 +114,9 @@ def test_vocab_end_to_end_with_planted_phases(tmp_path):
     cfg = {"kat": {"window": W, "persistence": T, "min_length": 0}}
     with TraceWriter(run, config=cfg) as w:
         w.append({"step": 0, "prompt_id": [f"p{i}" for i in range(n)], "policy": "none", "tau": 0.5,
-                  "token_ids": [np.arange(L) % 7 for _ in range(n)], "kl": kl, "teacher_top_ids": top_ids,
-                  "teacher_top_probs": top_probs})
+                  "token_ids": [20 + np.arange(L) % 5 for _ in range(n)], "kl": kl, "teacher_top_ids": top_ids,
+                  "teacher_top_probs": top_probs,
+                  "token_text": [[["\n", "b", "c", "d", "e"][i % 5] for i in range(L)] for _ in range(n)]})
     out = tmp_path / "out"
     res = CliRunner().invoke(app, ["vocab", str(run), "--out", str(out), "--boot", "100", "--json"])
     assert res.exit_code == 0, res.output
@@ -124,7 +125,9 @@ def test_vocab_end_to_end_with_planted_phases(tmp_path):
     # holds a high token, so agreement = [12, 28) and post = [28, 40): exactly the planted spans.
     assert s["phases"] == ["pre", "agreement", "post"]
     assert s["positions"] == {"pre": 12 * n, "agreement": 16 * n, "post": 12 * n}
-    assert {t["token"] for t in s["top_log_odds"]["agreement"][:5]} == {f"<{i}>" for i in range(20, 25)}
+    # No tokenizer in the config: names of sampled ids come from the stored token_text, others are <id>.
+    assert {t["token"] for t in s["top_log_odds"]["agreement"][:5]} == {"\\n", "b", "c", "d", "e"}
+    assert {t["token"] for t in s["top_log_odds"]["pre"][:3]} <= {f"<{i}>" for i in range(10, 15)}
     js = {(j["a"], j["b"]): j for j in s["js"]}
     assert js[("pre", "agreement")]["js"] == pytest.approx(math.log(2))
     assert s["teacher_entropy_lower_bound"]["pre"] == pytest.approx(

@@ -170,12 +170,27 @@ class GradProjResult:
                                     "two_sided_random", "two_sided_iso")}})
         return out
 
+    def by_layer(self, k: int, kinds: Sequence[str] = AGG_KINDS) -> list[dict[str, Any]]:
+        """Per (phase, layer) at one k: mean over that layer's attention and MLP matrices."""
+        out = []
+        layers = sorted({r["layer"] for r in self.rows if r["kind"] in kinds})
+        for ph in [p["phase"] for p in self.phases]:
+            for layer in layers:
+                sel = [r for r in self.rows if r["phase"] == ph and r["k"] == k and r["layer"] == layer
+                       and r["kind"] in kinds and np.isfinite(r["one_sided"])]
+                if sel:
+                    out.append({"phase": ph, "layer": layer, "k": k, "matrices": len(sel),
+                                **{f: float(np.mean([r[f] for r in sel])) for f in
+                                   ("one_sided", "one_sided_random", "one_sided_iso", "two_sided",
+                                    "two_sided_random", "two_sided_iso")}})
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         kref = reference_k(self.ks)
         return {"ks": list(self.ks), "n_random": self.n_random, "reference_k": kref,
                 "aggregation": "unweighted mean over attention and MLP matrices (" + ",".join(AGG_KINDS) + ")",
                 "phases": [dict(p) for p in self.phases], "aggregate": self.aggregate(),
-                "by_kind": self.by_kind(kref)}
+                "by_kind": self.by_kind(kref), "by_layer": self.by_layer(kref)}
 
 
 def _kind_order(kind: str) -> int:

@@ -286,12 +286,17 @@ def write_csv(result: VocabResult, path: str | Path) -> None:
 
 
 def accumulate_store(reader, tau_fixed: float | None, cfg, top: int, weight: str = "count",
-                     steps: tuple[int | None, int | None] | None = None) -> dict[str, Any]:
+                     steps: tuple[int | None, int | None] | None = None, collect_text: bool = False
+                     ) -> dict[str, Any]:
     """One lazy pass over the store: per phase, per-rollout counts of the teacher's top-`top` ids
-    (sparse), entropy sums and positions, and an id -> text map from token_text where stored."""
+    (sparse), entropy sums and positions; with collect_text, an id -> text map from the stored
+    token_text of the sampled tokens (names for runs without a tokenizer at hand)."""
     from kat_diag.analysis.phase_sample import label_tokens, rollout_tau
 
-    cols = ["tau", "kl", "teacher_top_ids", "teacher_top_probs", "token_ids"]
+    cols = ["tau", "kl", "teacher_top_ids", "teacher_top_probs"]
+    if collect_text:
+        cols += ["token_ids", "token_text"]
+    text_of: dict[int, str] = {}
     rows: dict[int, list[np.ndarray]] = {i: [] for i in range(len(PHASE_NAMES))}
     toks: dict[int, list[np.ndarray]] = {i: [] for i in range(len(PHASE_NAMES))}
     wts: dict[int, list[np.ndarray]] = {i: [] for i in range(len(PHASE_NAMES))}
@@ -319,15 +324,23 @@ def accumulate_store(reader, tau_fixed: float | None, cfg, top: int, weight: str
             rows[i].append(np.broadcast_to(rollout_N[sel][:, None], ids.shape)[ok])
             toks[i].append(ids[ok].astype(np.int64))
             wts[i].append(np.ones(int(ok.sum())) if weight == "count" else np.nan_to_num(probs_NK[sel][ok]))
+        if collect_text:
+            ids, first = np.unique(b["token_ids"].values, return_index=True)
+            texts = b["token_text"].values
+            for t, j in zip(ids.tolist(), first.tolist(), strict=True):
+                if t not in text_of and j < len(texts) and isinstance(texts[j], str):
+                    text_of[t] = texts[j]
         base += b.num_rows
     return {"rows": rows, "toks": toks, "wts": wts, "entropy": ent, "positions": pos, "rollouts": base,
-            "defined": defined}
+            "defined": defined, "text_of": text_of}
 
 
-def _decode_names(ids: np.ndarray, tokenizer) -> list[str]:
-    if tokenizer is None:
-        return [f"<{int(i)}>" for i in ids]
-    return [visible_token(tokenizer.decode([int(i)])) for i in ids]
+def _decode_names(ids: np.ndarray, tokenizer, text_of: Mapping[int, str] | None = None) -> list[str]:
+    """Visible names: the tokenizer's decoding, else the stored token_text, else <id>."""
+    if tokenizer is not None:
+        return [visible_token(tokenizer.decode([int(i)])) for i in ids]
+    text_of = text_of or {}
+    return [visible_token(text_of[int(i)]) if int(i) in text_of else f"<{int(i)}>" for i in ids]
 
 
 def run_vocab(run_dir: str | Path, out_dir: str | Path, *, traces: str | Path | None = None,
@@ -363,7 +376,12 @@ def run_vocab(run_dir: str | Path, out_dir: str | Path, *, traces: str | Path | 
     reader = TraceReader(traces if traces is not None else run)
     tau_fixed = resolve_tau(tau_fixed, reader, cfg.window, steps)
     top = min(top, reader.top_n)
-    acc = accumulate_store(reader, tau_fixed, cfg, top, weight=weight, steps=steps)
+    tok_path = tokenizer or config.get("student")
+    if tok_path and not Path(tok_path).exists():
+        if tokenizer is not None:
+            raise FileNotFoundError(f"--tokenizer path does not exist: {tokenizer}")
+        tok_path = None  # the run's student is gone: fall back to the stored token_text
+    acc = accumulate_store(reader, tau_fixed, cfg, top, weight=weight, steps=steps, collect_text=not tok_path)
     if acc["defined"] == 0:
         raise ValueError(f"no rollouts with a defined phase in {reader.dir}: every recorded tau is NaN "
                          "(KAT inactive); pass --tau VALUE")
@@ -383,13 +401,12 @@ def run_vocab(run_dir: str | Path, out_dir: str | Path, *, traces: str | Path | 
         for m in counts.values():
             has |= m.getnnz(axis=1) > 0
         counts = {ph: m[has] for ph, m in counts.items()}
-    tok_path = tokenizer or config.get("student")
     tok = None
     if tok_path:
         from kat_diag.models import load_tokenizer
 
         tok = load_tokenizer(tok_path, what="--tokenizer")
-    names = _decode_names(used, tok)
+    names = _decode_names(used, tok, acc["text_of"])
     result = compute_vocab(counts, names, used,
                            {p: float(acc["entropy"][i]) for i, p in enumerate(PHASE_NAMES)},
                            {p: int(acc["positions"][i]) for i, p in enumerate(PHASE_NAMES)},
