@@ -572,7 +572,7 @@ def run_gradproj(run_dir: str | Path, out_dir: str | Path, init: str | Path | No
     import matplotlib.pyplot as plt
 
     from kat_diag.analysis.phase_sample import kat_config_of, parse_tau, resolve_tau, run_config
-    from kat_diag.models import load_model
+    from kat_diag.models import check_compatible, load_model
     from kat_diag.rollout import encode_prompts
     from kat_diag.traces import TraceReader
 
@@ -612,9 +612,15 @@ def run_gradproj(run_dir: str | Path, out_dir: str | Path, init: str | Path | No
     init_m = load_model(init_p, what="--init", device=device)
     final_m = load_model(final_p, what="--final", device=device)
     subspaces = update_subspaces(weight_deltas(init_m, final_m), max(ks), n_random=n_random, seed=seed, svd=svd)
-    student = {"init": init_m, "final": final_m}.get(model) or load_model(model, what="--model", device=device)
+    if model == "init":
+        student = init_m
+    elif model == "final":
+        student = final_m
+    else:
+        student = load_model(model, what="--model", device=device)
     del init_m, final_m  # only `student` stays alive
     teacher_m = load_model(teacher_p, what="teacher", device=device).requires_grad_(False)
+    check_compatible(teacher_m, student)
     rows, stats = [], []
     # One phase's gradients at a time: reduced to rows, then dropped (memory: one gradient copy).
     for pg in phase_gradients(student, teacher_m, sequences, samples, micro_batch=micro_batch):
