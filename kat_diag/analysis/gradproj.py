@@ -357,6 +357,7 @@ def plot_gradproj(result: GradProjResult, fig=None):
     for i, p in enumerate(result.phases):
         ax.annotate(f"N={p['tokens']}\nKL={p['loss_per_token']:.3g}", (i, norms[i]), ha="center", va="bottom",
                     fontsize=8)
+    ax.set_ylim(0, max([v for v in norms if np.isfinite(v)] or [1.0]) * 1.2)  # room for the labels
     ax.set_ylabel(r"$\|g\|_F$ of the mean per-token gradient")
     ax.set_xlabel("phase (equal token counts N)")
     ax.set_title("gradient norm per token")
