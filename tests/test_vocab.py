@@ -148,7 +148,7 @@ def test_vocab_needs_a_tau_when_none_is_recorded(tmp_path):
         w.append({"step": 0, "prompt_id": ["a"], "policy": "none", "token_ids": [np.arange(8)],
                   "kl": [np.ones(8, dtype=np.float32)]})
     res = CliRunner().invoke(app, ["vocab", str(run), "--out", str(tmp_path / "o")])
-    assert res.exit_code != 0 and "--tau" in str(res.exception)
+    assert res.exit_code != 0 and "--tau" in res.output + str(res.exception)
 
 
 def test_tau_options(tmp_path):
