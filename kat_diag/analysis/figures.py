@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class Analysis:
@@ -50,9 +52,41 @@ def _phases(run_dir: Path, out_dir: Path) -> dict[str, Any]:
     return run_phases(run_dir, out_dir)
 
 
+def _phase_tau(run_dir: Path) -> str:
+    """tau for gradproj / vocab: each rollout's recorded threshold when the run recorded any (a KAT
+    run), else the run's tau quantile of the store's rollout minima (plain OPD: no tau recorded)."""
+    from kat_diag.analysis.phase_sample import kat_config_of, run_config
+    from kat_diag.traces import TraceReader
+
+    taus = TraceReader(run_dir).read(["tau"])["tau"]
+    if np.isfinite(np.asarray(taus, dtype=np.float64)).any():
+        return "recorded"
+    return f"q{kat_config_of(run_config(run_dir)).tau_quantile}"
+
+
+def _needs_checkpoints(run_dir: Path) -> str | None:
+    if (run_dir / "final").is_dir() or any((run_dir / "checkpoints").glob("step-*")):
+        return _no_traces(run_dir)
+    return "no final/ or checkpoints/step-*/ (gradient geometry needs the trained student)"
+
+
+def _gradproj(run_dir: Path, out_dir: Path) -> dict[str, Any]:
+    from kat_diag.analysis.gradproj import run_gradproj
+
+    return run_gradproj(run_dir, out_dir, tau=_phase_tau(run_dir))
+
+
+def _vocab(run_dir: Path, out_dir: Path) -> dict[str, Any]:
+    from kat_diag.analysis.vocab import run_vocab
+
+    return run_vocab(run_dir, out_dir, tau=_phase_tau(run_dir))
+
+
 REGISTRY: dict[str, Analysis] = {
     "heatmap": Analysis("heatmap", "KL dynamics heatmap", _heatmap, _no_traces),
     "phases": Analysis("phases", "Phases and the heatmap findings", _phases, _no_traces),
+    "gradproj": Analysis("gradproj", "Gradient geometry per phase", _gradproj, _needs_checkpoints),
+    "vocab": Analysis("vocab", "Teacher vocabulary shift per phase", _vocab, _no_traces),
 }
 
 
