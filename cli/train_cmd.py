@@ -28,8 +28,9 @@ def register(app: typer.Typer) -> None:
     def train(
         teacher: Path = typer.Option(_T, help="Teacher checkpoint directory (AutoModelForCausalLM)."),
         student: Path = typer.Option(_S, help="Student checkpoint directory (AutoModelForCausalLM)."),
-        data: str = typer.Option("world", help="'world' (train split of the student's world, else data/world) "
-                                          "or a local JSONL/Parquet file."),
+        data: str = typer.Option("world", help="'world' (train split of the student's world, else data/world), "
+                                          "a JSONL/Parquet file, a datasets save_to_disk directory "
+                                          "or hf:NAME[:CONFIG]:SPLIT."),
         question_field: str = typer.Option("question", help="Prompt field of a real data set."),
         answer_field: str = typer.Option("answer", help="Answer field of a real data set."),
         answer_format: str = typer.Option("auto", help="auto | gsm8k | boxed | plain."),
@@ -97,7 +98,8 @@ def register(app: typer.Typer) -> None:
         teacher: Path = typer.Option(_T, help="Teacher checkpoint directory."),
         student: Path = typer.Option(_S, help="Student checkpoint directory (e.g. RUN/checkpoints/step-N)."),
         out: Path = typer.Option(Path("runs/record"), help="Output directory (its traces/ store)."),
-        data: str = typer.Option("world", help="'world' or a local JSONL/Parquet file."),
+        data: str = typer.Option("world", help="'world', a JSONL/Parquet file, a datasets directory or "
+                                                 "hf:NAME[:CONFIG]:SPLIT."),
         split: str = typer.Option("train", help="Split to draw prompts from (train, ops2, ...)."),
         n_prompts: int = typer.Option(64, help="Number of prompts."),
         samples: int = typer.Option(1, help="Samples per prompt."),
