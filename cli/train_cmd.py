@@ -70,9 +70,13 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, help="Seed: prompts and sampling are functions of it."),
         resume: bool = typer.Option(False, help="Resume from the run directory's last checkpoint."),
         stop_after: int = typer.Option(0, help="Stop after N steps of this invocation (0: run to the end)."),
+        report_to: list[str] = typer.Option(["none"], help="Trackers: tensorboard | trackio | wandb | all | none "
+                                                           "(repeatable or comma-separated)."),
+        tracker_project: str = typer.Option("kat-diag", help="Project name in trackio / wandb."),
     ) -> None:
         """On-policy distillation with a termination policy (KAT by default)."""
         from kat_diag.rollout import SamplingConfig
+        from kat_diag.tracking import parse_report_to
         from kat_diag.trainer import TrainConfig
         from kat_diag.trainer import train as run_train
 
@@ -89,6 +93,7 @@ def register(app: typer.Typer) -> None:
             kat=_kat(window, persistence, min_length, kat_warmup, buffer_size, eta, keep),
             eval_every=eval_every, eval_k=eval_k, eval_n=eval_n, ckpt_every=ckpt_every,
             trace_every=trace_every, max_steps_this_run=stop_after or None,
+            report_to=parse_report_to(report_to), tracker_project=tracker_project,
         )
         last = run_train(cfg, resume=resume).metrics
         typer.echo(json.dumps({k: v for k, v in last.items() if not k.startswith("policy/")}))

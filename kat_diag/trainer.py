@@ -38,6 +38,7 @@ from kat_diag.models import check_compatible, load_model, load_tokenizer, resolv
 from kat_diag.rollout import Rollout, RolloutEngine, SamplingConfig, encode_prompts
 from kat_diag.tasks import Problem, check_answer, load_math_dataset
 from kat_diag.termination import make_policy
+from kat_diag.tracking import make_tracker, rollout_rows
 
 CONFIG_NAME = "config.json"
 METRICS_NAME = "metrics.jsonl"
@@ -82,6 +83,8 @@ class TrainConfig:
     trace_every: int = 1  # record traces every N steps (0: never)
     max_steps_this_run: int | None = None  # stop early (simulates an interruption; for tests)
     progress: bool = True
+    report_to: tuple[str, ...] = ()  # tensorboard | trackio | wandb (kat_diag.tracking)
+    tracker_project: str = "kat-diag"
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.micro_batch < 1:
@@ -389,6 +392,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
     if rank == 0:
         (run / CONFIG_NAME).write_text(json.dumps({**cfg.to_dict(), "world_size": world}, indent=2))
     D.barrier()
+    tracker = make_tracker(cfg.report_to if rank == 0 else (), run, cfg.to_dict(), resumed=ckpt is not None,
+                           start_step=start, project=cfg.tracker_project)
     writer = None
     if cfg.trace_every:
         from kat_diag.traces import TraceWriter
@@ -445,6 +450,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
             }
             metrics["tau"] = float(policy_metrics.get("tau", float("nan")))
             sink.write(metrics)
+            tracker.log(metrics, step)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", kl=f"{metrics['kl_mean']:.3f}",
                             gen=f"{metrics['gen_len_mean']:.0f}", kept=f"{metrics['kept_len_mean']:.0f}")
 
@@ -460,7 +466,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
             last = step == cfg.steps - 1
             if bench and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last):
                 if rank == 0:
-                    sink.write({"step": step, **evaluate_student(student, tokenizer, bench, cfg)})
+                    ev = evaluate_student(student, tokenizer, bench, cfg)
+                    sink.write({"step": step, **ev})
+                    tracker.log(ev, step)
+                    tracker.log_rollouts(rollout_rows(rollouts, tokenizer, step, metrics["tau"], cfg.termination), step)
                 D.barrier()
             # A Ctrl-C (on any rank) ends the run here, at a step boundary, with a checkpoint.
             stop_now = D.sum_scalars({"stop": float(interrupt.requested)}, device)["stop"] > 0
@@ -485,6 +494,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
         raise
     finally:
         interrupt.restore()
+        tracker.close()
 
     if writer is not None:
         writer.close()
