@@ -91,7 +91,7 @@ def test_trackio_local_store_holds_the_metrics_and_resume_continues_the_run(quic
     proc = subprocess.run([sys.executable, str(script), str(quick_world), str(run), os.path.dirname(__file__)],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads(proc.stdout.split("RESULT", 1)[1])
+    res = json.loads(proc.stdout.split("RESULT", 1)[1].splitlines()[0])
     assert res["db"] == str(store / "katdiag-test.db")  # the local store: one SQLite file per project
     assert res["runs"] == [res["state"]["name"]]  # resume logged into the same run
     steps = [m for m in _jsonl(run) if "loss" in m]
