@@ -73,6 +73,9 @@ def register(app: typer.Typer) -> None:
         report_to: list[str] = typer.Option(["none"], help="Trackers: tensorboard | trackio | wandb | all | none "
                                                            "(repeatable or comma-separated)."),
         tracker_project: str = typer.Option("kat-diag", help="Project name in trackio / wandb."),
+        parallel: str = typer.Option("ddp", help="Multi-process mode under torchrun / accelerate launch: ddp "
+                                                 "(replicas) | fsdp (FSDP2: student sharded)."),
+        shard_teacher: bool = typer.Option(False, help="With --parallel fsdp: shard the teacher too."),
     ) -> None:
         """On-policy distillation with a termination policy (KAT by default)."""
         from kat_diag.rollout import SamplingConfig
@@ -93,7 +96,8 @@ def register(app: typer.Typer) -> None:
             kat=_kat(window, persistence, min_length, kat_warmup, buffer_size, eta, keep),
             eval_every=eval_every, eval_k=eval_k, eval_n=eval_n, ckpt_every=ckpt_every,
             trace_every=trace_every, max_steps_this_run=stop_after or None,
-            report_to=parse_report_to(report_to), tracker_project=tracker_project,
+            report_to=parse_report_to(report_to), tracker_project=tracker_project, parallel=parallel,
+            shard_teacher=shard_teacher,
         )
         last = run_train(cfg, resume=resume).metrics
         typer.echo(json.dumps({k: v for k, v in last.items() if not k.startswith("policy/")}))

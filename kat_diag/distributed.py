@@ -59,7 +59,9 @@ def sum_scalars(values: dict[str, float], device: torch.device) -> dict[str, flo
 
 def all_reduce_grads(model: torch.nn.Module) -> None:
     """Sum gradients over ranks, flattened into one buffer per dtype (few collectives)."""
-    if not is_active():
+    from kat_diag.fsdp import is_sharded
+
+    if not is_active() or is_sharded(model):  # FSDP reduce-scatters gradients itself
         return
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not grads:
