@@ -11,8 +11,9 @@ The model (bytes per device; P = parameters, N = devices, B = bytes per element)
 * gradients: P x B (same dtype as the weights); AdamW m + v: P x 8 (always fp32);
 * teacher weights: P_T x 2 (bf16) or x 4 (fp32);
 * FSDP shards weights, gradients, master weights and optimizer state N ways (the teacher too with
-  --shard-teacher). During a rollout the student is gathered once (full weights in memory: no
-  all-gather per decoded token); during the update one layer at a time is gathered (x2 for prefetch);
+  --shard-teacher). During a rollout the student (and a sharded teacher) is gathered once (full
+  weights in memory: no all-gather per decoded token, as `kat_diag.fsdp.gathered` does); during the
+  update one layer at a time is gathered (x2 for prefetch), and a sharded teacher is back to 1/N;
 * KV caches: slots x (prompt_len + budget) x layers x 2 x kv_heads x head_dim x B, for the student
   and the teacher;
 * rollout activations: the student's decode logits (slots x V) and the teacher's chunk logits
@@ -162,7 +163,7 @@ def memory_plan(teacher: ModelShape, student: ModelShape, cfg: PlanConfig, mode:
         t["teacher_state"] = step_tokens * 4
     # Rollout phase.
     t["gathered_student"] = ps * sb * (1 - 1 / n)  # FSDP: the rest of the student, gathered once
-    t["gathered_teacher_layer"] = 2 * teacher.layer_params() * cb if teacher_n > 1 else 0.0
+    t["gathered_teacher"] = pt * cb * (1 - 1 / teacher_n)
     t["kv_cache"] = slots * seq * (student.kv_bytes_per_token(cb) + teacher.kv_bytes_per_token(cb))
     t["rollout_activations"] = 3 * 4 * slots * (student.vocab + cfg.chunk_size * teacher.vocab)
     # Update phase.
@@ -173,7 +174,7 @@ def memory_plan(teacher: ModelShape, student: ModelShape, cfg: PlanConfig, mode:
     t["update_activations"] = tokens * (student.layers * per_tok_layer * cb + 3 * 4 * student.vocab)
 
     persistent = t["student_weights"] + t["master_weights"] + t["optimizer"] + t["teacher_weights"] + t["teacher_state"]
-    rollout = t["gathered_student"] + t["gathered_teacher_layer"] + t["kv_cache"] + t["rollout_activations"]
+    rollout = t["gathered_student"] + t["gathered_teacher"] + t["kv_cache"] + t["rollout_activations"]
     update = t["gradients"] + t["gathered_layer"] + t["update_activations"]
     t["persistent"] = persistent
     t["rollout_peak"] = persistent + rollout
@@ -196,7 +197,7 @@ def plan(teacher: ModelShape, student: ModelShape, cfg: PlanConfig) -> dict[str,
 
 
 ROWS = ("student_weights", "master_weights", "gradients", "optimizer", "teacher_weights", "teacher_state",
-        "kv_cache", "rollout_activations", "gathered_student", "gathered_teacher_layer", "gathered_layer",
+        "kv_cache", "rollout_activations", "gathered_student", "gathered_teacher", "gathered_layer",
         "update_activations", "rollout_peak", "update_peak", "peak")
 
 

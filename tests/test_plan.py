@@ -60,7 +60,7 @@ def test_world_plan_matches_a_hand_computation():
     assert fsdp["teacher_weights"] == 866048 * 4  # not sharded without shard_teacher
     sharded = memory_plan(t, s, PlanConfig(**{**cfg.__dict__, "shard_teacher": True}), "fsdp")
     assert sharded["teacher_weights"] == 866048 * 4 / 2
-    assert sharded["gathered_teacher_layer"] == 2 * t_layer * 4
+    assert sharded["gathered_teacher"] == 866048 * 4 / 2  # gathered once for the rollout, like the student
 
 
 def test_topk_and_sampled_teacher_state():
