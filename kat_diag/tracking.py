@@ -139,9 +139,9 @@ class TensorBoardTracker(Tracker):
         _require("tensorboard", "tensorboard")
         from torch.utils.tensorboard import SummaryWriter
 
-        logdir = state.setdefault("logdir", str(run / "tensorboard"))
+        logdir = run / state.setdefault("logdir", "tensorboard")  # relative to the run: the run dir may move
         # purge_step: on resume, events of the steps being redone are hidden, like metrics.jsonl's truncation.
-        self.writer = SummaryWriter(logdir, purge_step=start_step if start_step > 0 else None)
+        self.writer = SummaryWriter(str(logdir), purge_step=start_step if start_step > 0 else None)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         for k, v in scalars(metrics).items():
