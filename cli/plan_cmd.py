@@ -25,7 +25,7 @@ def register(app: typer.Typer) -> None:
         prompt_len: int = typer.Option(256, help="Prompt length in tokens."),
         chunk_size: int = typer.Option(16, help="Teacher scoring chunk size C."),
         micro_batch: int = typer.Option(8, help="Rollouts per backward pass."),
-        loss: str = typer.Option("full", help="full (tokens x vocab teacher state) | topk | sampled."),
+        loss: str = typer.Option("topk", help="topk (tokens x (k+1) teacher state) | full (tokens x vocab) | sampled."),
         top_k: int = typer.Option(64, help="k of the top-k loss."),
         dtype: str = typer.Option("bf16", help="Teacher weights / compute dtype: fp32 | bf16."),
         student_dtype: str = typer.Option("fp32", help="Student weights: fp32 | bf16 (+ fp32 master)."),

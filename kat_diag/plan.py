@@ -20,7 +20,8 @@ The model (bytes per device; P = parameters, N = devices, B = bytes per element)
   (slots x C x V), fp32, x3 (logits, log-softmax, softmax/KL temporaries);
 * teacher state kept until the update, for all tokens of the step (batch x budget): the full loss
   keeps tokens x V fp32 log-probabilities, the top-k loss tokens x (k+1) fp32 (k log-probs + the
-  tail mass) plus tokens x k int32 ids, the sampled loss one fp32 per token;
+  tail mass) plus tokens x k int64 ids (as `rollout.Rollout` holds them), the sampled loss one fp32
+  per token;
 * update activations (one micro-batch of micro_batch x (prompt_len + budget) tokens): per layer
   (4 H + 2 q_dim + 2 kv_dim + 3 I) saved values in the compute dtype (SDPA: no T^2 term), and the
   logits x3 in fp32.
@@ -117,7 +118,7 @@ class PlanConfig:
     prompt_len: int = 256
     chunk_size: int = 16
     micro_batch: int = 8
-    loss: str = "full"  # full | topk | sampled
+    loss: str = "topk"  # topk (the train default) | full | sampled
     top_k: int = 64
     dtype: str = "bf16"  # teacher weights and compute dtype: fp32 | bf16
     student_dtype: str = "fp32"  # student weights: fp32 | bf16 (then fp32 master weights)
@@ -158,7 +159,7 @@ def memory_plan(teacher: ModelShape, student: ModelShape, cfg: PlanConfig, mode:
     if cfg.loss == "full":
         t["teacher_state"] = step_tokens * teacher.vocab * 4
     elif cfg.loss == "topk":
-        t["teacher_state"] = step_tokens * ((cfg.top_k + 1) * 4 + cfg.top_k * 4)
+        t["teacher_state"] = step_tokens * ((cfg.top_k + 1) * 4 + cfg.top_k * 8)
     else:
         t["teacher_state"] = step_tokens * 4
     # Rollout phase.

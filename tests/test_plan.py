@@ -70,7 +70,7 @@ def test_topk_and_sampled_teacher_state():
     topk = memory_plan(s, s, PlanConfig(loss="topk", top_k=16, **base), "ddp")["teacher_state"]
     sampled = memory_plan(s, s, PlanConfig(loss="sampled", **base), "ddp")["teacher_state"]
     assert full == 800 * 151936 * 4
-    assert topk == 800 * (17 * 4 + 16 * 4)
+    assert topk == 800 * (17 * 4 + 16 * 8)  # k+1 fp32 values (top-k log-probs, tail) + k int64 ids
     assert sampled == 800 * 4
 
 
