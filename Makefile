@@ -26,7 +26,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check kat_diag cli tests benchmarks examples
 
 world: $(STAMP)
-	$(VENV)/bin/kat-diag world build
+	$(VENV)/bin/kat-diag world build --force
 
 bench: $(STAMP)
 	$(PY) benchmarks/detector.py
