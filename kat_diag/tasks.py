@@ -206,13 +206,24 @@ def extract_boxed(text: str) -> str | None:
 HF_PREFIX = "hf:"
 
 
-def _read_hf_dataset(spec: str) -> list[dict]:
-    """`hf:NAME[:CONFIG]:SPLIT` through `datasets.load_dataset` (the local cache when offline)."""
+def parse_hf_spec(spec: str) -> tuple[str, str | None, str]:
+    """`hf:NAME[:CONFIG]:SPLIT` -> (name, config or None, split)."""
     parts = spec[len(HF_PREFIX):].split(":")
-    if len(parts) not in (2, 3) or not all(parts):
+    if not spec.startswith(HF_PREFIX) or len(parts) not in (2, 3) or not all(parts):
         raise ValueError(f"--data {spec!r}: expected hf:NAME:SPLIT or hf:NAME:CONFIG:SPLIT "
                          "(e.g. hf:openai/gsm8k:main:train)")
-    name, config, split = (parts[0], None, parts[1]) if len(parts) == 2 else parts
+    return (parts[0], None, parts[1]) if len(parts) == 2 else (parts[0], parts[1], parts[2])
+
+
+def is_datasets_dir(path: str | Path) -> bool:
+    """A directory written by `Dataset.save_to_disk` (state.json) or `DatasetDict.save_to_disk`."""
+    p = Path(path)
+    return p.is_dir() and ((p / "state.json").exists() or (p / "dataset_dict.json").exists())
+
+
+def _read_hf_dataset(spec: str) -> list[dict]:
+    """`hf:NAME[:CONFIG]:SPLIT` through `datasets.load_dataset` (the local cache when offline)."""
+    name, config, split = parse_hf_spec(spec)
     datasets = _import_datasets(spec)
     try:
         ds = datasets.load_dataset(name, config, split=split)
@@ -248,7 +259,7 @@ def _read_records(path: Path) -> list[dict]:
     if not path.exists():
         raise FileNotFoundError(f"data file not found: {path}")
     if path.is_dir():
-        if not (path / "state.json").exists() and not (path / "dataset_dict.json").exists():
+        if not is_datasets_dir(path):
             raise ValueError(f"{path}: a directory but not a datasets save_to_disk directory (no state.json)")
         return _read_disk_dataset(path)
     suffix = path.suffix.lower()
