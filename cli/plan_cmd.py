@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from kat_diag.world import DEFAULT_WORLD_DIR
+from cli.common import WORLD_DIR
 
 
 def register(app: typer.Typer) -> None:
@@ -15,8 +15,8 @@ def register(app: typer.Typer) -> None:
 
     @app.command("plan")
     def plan(
-        teacher: Path = typer.Option(DEFAULT_WORLD_DIR / "teacher", help="Teacher checkpoint dir or config.json."),
-        student: Path = typer.Option(DEFAULT_WORLD_DIR / "student", help="Student checkpoint dir or config.json."),
+        teacher: Path = typer.Option(WORLD_DIR / "teacher", help="Teacher checkpoint dir or config.json."),
+        student: Path = typer.Option(WORLD_DIR / "student", help="Student checkpoint dir or config.json."),
         devices: int = typer.Option(1, help="Devices (FSDP shards N ways; DDP replicates)."),
         device_gb: float = typer.Option(80.0, help="Memory per device in GB (1e9 bytes) for the verdict."),
         batch_size: int = typer.Option(32, help="Prompts per step per device."),
