@@ -5,11 +5,12 @@ chunk of tokens with the teacher (chunk W), so its per-call cost is overhead on 
 prints one line per scenario and, last, one JSON object with the best and the median of several
 repeats (the machine is shared: the median is the figure to quote), on CPU with 2 threads.
 
-`step_<statistic>` cases time what KAT costs per training step under each threshold statistic:
-the detector updates of 64 rollouts of 1024 tokens at chunk W (world preset W = 16, paper preset
-W = 64), then `end_step`, which computes the
-step's buffer values (`rollout_min`: one minimum per rollout; `windows`: stride-W window means)
-from the stored KL and updates the threshold.
+`step_<preset>_<statistic>` cases time what the detector costs per training step under each
+threshold statistic: the updates of 64 rollouts of 1024 tokens at chunk W (world preset W = 16,
+paper preset W = 64), then the end of the step: the step's buffer values (`rollout_min`: one
+minimum per rollout; `windows`: stride-W window means) from the stored KL, the FIFO and the next
+threshold. `policy_step_...` runs the same through `KATPolicy`, whose per-row bookkeeping (torch)
+comes on top.
 
 Run: .venv/bin/python benchmarks/detector.py [--quick]
 """
@@ -72,24 +73,40 @@ def policy_case(cfg: KATConfig, chunk: int, calls: int, repeats: int) -> tuple[f
     return rate(lambda: policy.update(kl, valid), BATCH * chunk, calls, repeats)
 
 
-def step_case(cfg: KATConfig, statistic: str, length: int, steps: int, repeats: int) -> tuple[float, float]:
-    """Whole KAT steps (updates at chunk W + end_step with the buffer values) in token updates/s."""
+def step_case(cfg: KATConfig, statistic: str, length: int, steps: int, repeats: int, policy: bool
+              ) -> tuple[float, float]:
+    """Whole KAT steps in token updates/s: the detector's updates at chunk W plus the end of the step
+    (the buffer values of the step's rollouts under `statistic`, the FIFO, the next threshold).
+    policy=True runs the same through `KATPolicy` (adds its per-row bookkeeping)."""
     import dataclasses
+
+    from kat_diag.detector import AdaptiveThreshold, buffer_values_of
 
     cfg = dataclasses.replace(cfg, statistic=statistic)
     rng = np.random.default_rng(0)
     kl = torch.tensor(rng.exponential(0.05, size=(BATCH, length)), dtype=torch.float32)
     rows = list(kl)
-    policy = KATPolicy(cfg)
-    policy.threshold.observe([1e-9] * cfg.min_fill)  # active, but nothing fires: full-length rollouts
     w = cfg.window
+    if policy:
+        pol = KATPolicy(cfg)
+        pol.threshold.observe([1e-9] * cfg.min_fill)  # active, but nothing fires: full-length rollouts
 
-    def one_step() -> None:
-        policy.begin_step(cfg.warmup_steps)
-        policy.add_rows(BATCH)
-        for c0 in range(0, length, w):
-            policy.update(kl[:, c0: c0 + w])
-        policy.end_step(rows)
+        def one_step() -> None:
+            pol.begin_step(cfg.warmup_steps)
+            pol.add_rows(BATCH)
+            for c0 in range(0, length, w):
+                pol.update(kl[:, c0: c0 + w])
+            pol.end_step(rows)
+    else:
+        thr = AdaptiveThreshold(cfg)
+        thr.observe([1e-9] * cfg.min_fill)
+
+        def one_step() -> None:
+            det = StreamingDetector(cfg, BATCH)
+            det.set_tau(thr.begin_step(cfg.warmup_steps))
+            for c0 in range(0, length, w):
+                det.update(kl[:, c0: c0 + w])
+            thr.observe(buffer_values_of(rows, cfg))
 
     return rate(one_step, BATCH * length, steps, repeats)
 
@@ -138,11 +155,12 @@ def main() -> None:
     print(f"{'policy_chunkW':22s} best {best / 1e6:7.2f} M/s   median {median / 1e6:7.2f} M/s")
     for preset in ("world", "paper"):  # chunk W = 16 and 64
         for statistic in ("rollout_min", "windows"):
-            name = f"step_{preset}_{statistic}"
-            best, median = step_case(kat_preset(preset), statistic, 1024, int(10 * scale) or 2, repeats)
-            out[f"token_updates_per_s_{name}"] = round(best)
-            out[f"token_updates_per_s_{name}_median"] = round(median)
-            print(f"{name:22s} best {best / 1e6:7.2f} M/s   median {median / 1e6:7.2f} M/s", flush=True)
+            for pol in (False, True):
+                name = f"{'policy_' if pol else ''}step_{preset}_{statistic}"
+                best, median = step_case(kat_preset(preset), statistic, 1024, int(10 * scale) or 2, repeats, pol)
+                out[f"token_updates_per_s_{name}"] = round(best)
+                out[f"token_updates_per_s_{name}_median"] = round(median)
+                print(f"{name:29s} best {best / 1e6:7.2f} M/s   median {median / 1e6:7.2f} M/s", flush=True)
     tokens = 1 << 20 if quick else 1 << 22
     out["replay_tokens_per_s"] = round(replay_case(cfg, tokens, 2 if quick else 3))
     out["replay_tokens"] = tokens

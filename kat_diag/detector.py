@@ -283,12 +283,15 @@ def buffer_values(kl_values: np.ndarray, offsets: np.ndarray, cfg: KATConfig) ->
 
 def buffer_values_of(kl_by_rollout: Sequence[Any], cfg: KATConfig) -> np.ndarray:
     """`buffer_values` for a list of per-rollout KL arrays or CPU tensors (one step's rollouts)."""
-    arrays = [np.asarray(x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x, dtype=np.float64)
-              .reshape(-1) for x in kl_by_rollout]
-    if not arrays:
+    if not len(kl_by_rollout):
         return np.zeros(0, dtype=np.float64)
-    offsets = np.concatenate([[0], np.cumsum([a.shape[0] for a in arrays])]).astype(np.int64)
-    return buffer_values(np.concatenate(arrays), offsets, cfg)
+    lengths = [int(x.shape[0]) if hasattr(x, "shape") else len(x) for x in kl_by_rollout]
+    if all(isinstance(x, torch.Tensor) for x in kl_by_rollout):
+        values = torch.cat([x.detach().reshape(-1).cpu() for x in kl_by_rollout]).numpy()  # one copy
+    else:
+        values = np.concatenate([np.asarray(x, dtype=np.float64).reshape(-1) for x in kl_by_rollout])
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    return buffer_values(values, offsets, cfg)
 
 
 def threshold_of(values: np.ndarray | Sequence[float], cfg: KATConfig) -> float:
@@ -346,14 +349,15 @@ class AdaptiveThreshold:
 
     def observe(self, values: torch.Tensor | np.ndarray | Sequence[float]) -> int:
         """Append values, oldest first (non-finite ones are ignored); returns the count added."""
-        v = torch.as_tensor(np.asarray(values, dtype=np.float64)).reshape(-1)
-        v = v[torch.isfinite(v)]
+        if isinstance(values, torch.Tensor):
+            values = values.detach().cpu().numpy()
+        v = np.asarray(values, dtype=np.float64).reshape(-1)
+        v = v[np.isfinite(v)]  # numpy: torch's boolean indexing costs ~10 ms on 4k values here
         cap = self.cfg.buffer_size
-        if v.numel() >= cap:
-            self._buffer = v[-cap:].clone()
-        elif v.numel() > 0:
-            self._buffer = torch.cat([self._buffer, v])[-cap:].clone()
-        return int(v.numel())
+        if v.shape[0] > 0:
+            buf = np.concatenate([self._buffer.numpy(), v])[-cap:]
+            self._buffer = torch.from_numpy(buf.copy())
+        return int(v.shape[0])
 
     def begin_step(self, step: int) -> float:
         """Start training step `step`: recompute the buffer's quantile; return the threshold in force."""
