@@ -221,10 +221,12 @@ def trace_batch(rollouts: list[Rollout], problems: list[Problem], texts: list[st
                 rank: int, policy_name: str, tau: float, correct: list[bool]) -> dict[str, Any]:
     """Columns of the trace store for one step's rollouts (format of `traces.TraceWriter.append`)."""
     from kat_diag.traces import make_rollout_id
+    from kat_diag.truth import truth_columns
 
     def np_list(attr: str) -> list[np.ndarray]:
         return [getattr(r, attr).cpu().numpy() for r in rollouts]
 
+    token_text = [tokenizer.batch_decode([[t] for t in r.token_ids.tolist()]) for r in rollouts]
     return {
         "step": step,
         "rollout_id": [make_rollout_id(step, rank, r.index) for r in rollouts],
@@ -246,7 +248,8 @@ def trace_batch(rollouts: list[Rollout], problems: list[Problem], texts: list[st
         "student_entropy": np_list("student_entropy"),
         "teacher_top_ids": [a.astype(np.int32) for a in np_list("teacher_top_ids")],
         "teacher_top_probs": np_list("teacher_top_probs"),
-        "token_text": [tokenizer.batch_decode([[t] for t in r.token_ids.tolist()]) for r in rollouts],
+        "token_text": token_text,
+        **truth_columns(problems, texts, token_text),  # ground truth (embedded world only)
     }
 
 

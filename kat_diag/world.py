@@ -22,7 +22,7 @@ import torch
 
 from kat_diag.models import count_parameters, tiny_qwen3_config
 from kat_diag.sft import SFTConfig, train_sft
-from kat_diag.tasks import BENCHMARK_OPS, Problem, read_problems, sft_stream, world_splits, write_jsonl
+from kat_diag.tasks import BENCHMARK_OPS, LoopDocs, Problem, read_problems, sft_batches, world_splits, write_jsonl
 from kat_diag.tokenizer import save_char_tokenizer
 
 DEFAULT_WORLD_DIR = Path(__file__).resolve().parent.parent / "data" / "world"
@@ -34,7 +34,9 @@ class ModelSpec:
     layers: int
     heads: int
     intermediate: int
-    sft: SFTConfig = field(default_factory=SFTConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)  # stage 1: clean step-by-step solutions
+    loops: LoopDocs = LoopDocs()  # stage 2 mixture: this share of batches are error-tied loop documents
+    loop_sft: SFTConfig = SFTConfig(steps=0)  # stage 2 (after stage 1; steps 0: no stage 2)
 
 
 @dataclass(frozen=True)
@@ -43,9 +45,14 @@ class WorldConfig:
     n_train: int = 4000  # OPD training prompts
     n_bench: int = 200  # problems per benchmark split
     sft_ops: tuple[int, ...] = (2, 3, 4, 5)
-    loop_share: float = 0.0  # share of SFT documents that are repetition loops (tasks.loop_variant)
-    teacher: ModelSpec = ModelSpec(128, 4, 4, 384, SFTConfig(steps=800, batch_size=64, lr=3e-3, seed=1))
-    student: ModelSpec = ModelSpec(96, 3, 3, 288, SFTConfig(steps=600, batch_size=64, lr=3e-3, seed=2))
+    # The teacher follows a loop once begun but never starts one (the loss starts at the second
+    # repeat); the student starts a loop after an inconsistent line (the loss starts at the first).
+    teacher: ModelSpec = ModelSpec(128, 4, 4, 384, SFTConfig(steps=800, batch_size=64, lr=3e-3, seed=1),
+                                   LoopDocs(share=0.1, length=192, context_repeats=1),
+                                   SFTConfig(steps=300, batch_size=64, lr=1e-3, warmup=20, seed=5))
+    student: ModelSpec = ModelSpec(96, 3, 3, 288, SFTConfig(steps=600, batch_size=64, lr=3e-3, seed=2),
+                                   LoopDocs(share=0.3, length=192, context_repeats=0),
+                                   SFTConfig(steps=300, batch_size=64, lr=1e-3, warmup=20, seed=6))
 
     @staticmethod
     def quick() -> WorldConfig:
@@ -53,8 +60,10 @@ class WorldConfig:
         return WorldConfig(
             n_train=64,
             n_bench=16,
-            teacher=ModelSpec(32, 2, 2, 64, SFTConfig(steps=30, batch_size=16, lr=3e-3, seed=1)),
-            student=ModelSpec(16, 1, 2, 32, SFTConfig(steps=15, batch_size=16, lr=3e-3, seed=2)),
+            teacher=ModelSpec(32, 2, 2, 64, SFTConfig(steps=30, batch_size=16, lr=3e-3, seed=1),
+                              LoopDocs(0.2, 64, 1), SFTConfig(steps=5, batch_size=16, lr=1e-3, warmup=2, seed=5)),
+            student=ModelSpec(16, 1, 2, 32, SFTConfig(steps=15, batch_size=16, lr=3e-3, seed=2),
+                              LoopDocs(0.3, 64, 0), SFTConfig(steps=5, batch_size=16, lr=1e-3, warmup=2, seed=6)),
         )
 
 
@@ -91,8 +100,12 @@ def build_world(out_dir: str | Path, cfg: WorldConfig = WorldConfig(), progress:
     for role, spec, seed_off in (("teacher", cfg.teacher, 11), ("student", cfg.student, 23)):
         t_model = time.time()
         model = _build_model(spec, tok, cfg.seed * 100 + seed_off)
-        stream = iter(sft_stream(cfg.seed * 100 + seed_off, cfg.sft_ops, bench_prompts, cfg.loop_share))
-        losses = train_sft(model, tok, stream, spec.sft, desc=f"sft {role}", progress=progress)
+        batches = iter(sft_batches(cfg.seed * 100 + seed_off, cfg.sft_ops, bench_prompts, spec.sft.batch_size))
+        losses = train_sft(model, tok, batches, spec.sft, desc=f"sft {role}", progress=progress)
+        if spec.loop_sft.steps:
+            batches = iter(sft_batches(cfg.seed * 100 + seed_off + 1, cfg.sft_ops, bench_prompts,
+                                       spec.loop_sft.batch_size, spec.loops))
+            losses = train_sft(model, tok, batches, spec.loop_sft, desc=f"sft+loops {role}", progress=progress)
         model.save_pretrained(out / role)
         tok.save_pretrained(out / role)
         summary["models"][role] = {

@@ -1,0 +1,1 @@
+"""Analyses of recorded traces (trap statistics, ...): pure functions over arrays."""
