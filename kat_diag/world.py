@@ -87,7 +87,7 @@ def build_world(out_dir: str | Path, cfg: WorldConfig = WorldConfig(), progress:
     """Build data, tokenizer, teacher and student into `out_dir`; return the world summary."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()
     torch.manual_seed(cfg.seed)
 
     splits = world_splits(cfg.seed, cfg.n_train, cfg.n_bench)
@@ -103,7 +103,7 @@ def build_world(out_dir: str | Path, cfg: WorldConfig = WorldConfig(), progress:
         batches = iter(sft_batches(cfg.seed * 100 + seed_off, cfg.sft_ops, bench_prompts, spec.sft.batch_size))
         losses = train_sft(model, tok, batches, spec.sft, desc=f"sft {role}", progress=progress)
         if spec.loop_sft.steps:
-            batches = iter(sft_batches(cfg.seed * 100 + seed_off + 1, cfg.sft_ops, bench_prompts,
+            batches = iter(sft_batches(cfg.seed * 100 + spec.loop_sft.seed, cfg.sft_ops, bench_prompts,
                                        spec.loop_sft.batch_size, spec.loops))
             losses = train_sft(model, tok, batches, spec.loop_sft, desc=f"sft+loops {role}", progress=progress)
         model.save_pretrained(out / role)
@@ -114,6 +114,7 @@ def build_world(out_dir: str | Path, cfg: WorldConfig = WorldConfig(), progress:
             "sft_seconds": round(time.time() - t_model, 1),
         }
     summary["build_seconds"] = round(time.time() - t0, 1)
+    summary["build_cpu_seconds"] = round(time.process_time() - cpu0, 1)  # wall time under load says little
     (out / "world.json").write_text(json.dumps(summary, indent=2))
     return summary
 
