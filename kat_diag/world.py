@@ -83,8 +83,32 @@ def _build_model(spec: ModelSpec, tok, seed: int):
     return AutoModelForCausalLM.from_config(cfg)
 
 
-def build_world(out_dir: str | Path, cfg: WorldConfig = WorldConfig(), progress: bool = True) -> dict:
-    """Build data, tokenizer, teacher and student into `out_dir`; return the world summary."""
+def _load_stage1(world: Path, role: str, spec: ModelSpec, tok, seed: int):
+    """A stage-1 checkpoint of an earlier build of the same config (clean SFT only)."""
+    from transformers import AutoModelForCausalLM
+
+    info = json.loads((world / "world.json").read_text()) if (world / "world.json").exists() else None
+    stage1 = info and info["config"]["seed"] == seed and info["config"][role]["sft"] == asdict(spec.sft) and \
+        not info["config"][role].get("loop_sft", {}).get("steps")
+    if not stage1:
+        raise ValueError(f"--stage1-from {world}: its {role} is not stage 1 of this config (same stage-1 SFT, "
+                         f"no stage 2 in its world.json)")
+    model = AutoModelForCausalLM.from_pretrained(world / role)
+    got = (model.config.hidden_size, model.config.num_hidden_layers, model.config.vocab_size)
+    if got != (spec.hidden, spec.layers, len(tok)):
+        raise ValueError(f"--stage1-from {world}: {role} has (hidden, layers, vocab) {got}, this config "
+                         f"{(spec.hidden, spec.layers, len(tok))}")
+    return model
+
+
+def build_world(out_dir: str | Path, cfg: WorldConfig = WorldConfig(), progress: bool = True,
+                stage1_from: str | Path | None = None) -> dict:
+    """Build data, tokenizer, teacher and student into `out_dir`; return the world summary.
+
+    Each model gets stage 1 (SFT on clean solutions from random init) and stage 2 (SFT on a mixture
+    with error-tied loop documents). `stage1_from`: take the stage-1 models from an earlier build
+    of the same config instead of retraining them (stage 1 is deterministic in the seed), so a
+    stage-2 recipe can be iterated in minutes."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0, cpu0 = time.time(), time.process_time()
@@ -96,12 +120,16 @@ def build_world(out_dir: str | Path, cfg: WorldConfig = WorldConfig(), progress:
     bench_prompts = {p.prompt for name in BENCHMARK_OPS for p in splits[name]}
     tok = save_char_tokenizer(out / "tokenizer")
 
-    summary: dict = {"config": asdict(cfg), "models": {}}
+    summary: dict = {"config": asdict(cfg), "models": {},
+                     "stage1_from": None if stage1_from is None else str(stage1_from)}
     for role, spec, seed_off in (("teacher", cfg.teacher, 11), ("student", cfg.student, 23)):
         t_model = time.time()
-        model = _build_model(spec, tok, cfg.seed * 100 + seed_off)
-        batches = iter(sft_batches(cfg.seed * 100 + seed_off, cfg.sft_ops, bench_prompts, spec.sft.batch_size))
-        losses = train_sft(model, tok, batches, spec.sft, desc=f"sft {role}", progress=progress)
+        if stage1_from is None:
+            model = _build_model(spec, tok, cfg.seed * 100 + seed_off)
+            batches = iter(sft_batches(cfg.seed * 100 + seed_off, cfg.sft_ops, bench_prompts, spec.sft.batch_size))
+            losses = train_sft(model, tok, batches, spec.sft, desc=f"sft {role}", progress=progress)
+        else:
+            model, losses = _load_stage1(Path(stage1_from), role, spec, tok, cfg.seed), []
         if spec.loop_sft.steps:
             batches = iter(sft_batches(cfg.seed * 100 + spec.loop_sft.seed, cfg.sft_ops, bench_prompts,
                                        spec.loop_sft.batch_size, spec.loops))
