@@ -8,10 +8,6 @@ from pathlib import Path
 
 import typer
 
-from kat_diag.analysis.trap import TrapConfig
-
-_D = TrapConfig()
-
 _LABELS = (
     ("rollouts", "rollouts", "{:.0f}"),
     ("accuracy", "accuracy", "{:.3f}"),
@@ -36,29 +32,27 @@ def register(app: typer.Typer) -> None:
     def trap(
         store: Path = typer.Argument(..., help="Run directory or trace store of full rollouts "
                                                "(e.g. from `kat-diag record`)."),
-        window: int = typer.Option(_D.window, help="W: tokens per window mean."),
-        persistence: int = typer.Option(_D.persistence, help="T: consecutive low windows needed to fire."),
-        min_length: int = typer.Option(_D.min_length, help="L0: no fire before this many tokens."),
-        tau_quantile: float = typer.Option(_D.quantile, help="tau = this quantile of the rollout minima "
-                                                             "(paper: 0.7 = 1 - eta)."),
-        buffer_size: int = typer.Option(_D.buffer_size, help="B: FIFO capacity in rollout minima "
-                                                             "(stores of several steps)."),
-        min_fill: int = typer.Option(_D.min_fill, help="B_min: no tau before the buffer holds this many."),
-        keep: str = typer.Option(_D.keep, help="Tokens kept of a fired rollout: onset | fire."),
+        preset: str = typer.Option("world", "--kat-preset", help="KAT parameters: world | paper; the options below "
+                                                     "override single values."),
+        window: int = typer.Option(None, help="W: tokens per window mean."),
+        persistence: int = typer.Option(None, help="T: consecutive low windows needed to fire."),
+        min_length: int = typer.Option(None, help="L0: no fire before this many tokens."),
+        tau_quantile: float = typer.Option(None, help="tau = this quantile of the buffer (paper: 0.7)."),
+        statistic: str = typer.Option(None, help="Buffer values: rollout_min (paper) | windows."),
+        buffer_size: int = typer.Option(None, help="B: FIFO capacity (stores of several steps)."),
+        min_fill: int = typer.Option(None, help="B_min: no tau before the buffer holds this many values."),
+        warmup_steps: int = typer.Option(None, help="K: steps without KAT (stores of several steps)."),
+        keep: str = typer.Option(None, help="Tokens kept of a fired rollout: onset | fire."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
     ) -> None:
         """Replay KAT on a store and report the trap: fire rates right vs wrong, tokens cut, low-KL
         spans, and (embedded world) onsets against the first error."""
         from kat_diag.analysis.trap import trap_report
+        from kat_diag.detector import kat_preset
 
-        if not 0.0 < tau_quantile < 1.0:
-            raise ValueError(f"--tau-quantile must be in (0, 1), got {tau_quantile}")
-        if keep not in ("onset", "fire"):
-            raise ValueError(f"--keep must be onset or fire, got {keep!r}")
-        if min_fill < 1:
-            raise ValueError(f"--min-fill must be >= 1, got {min_fill}")
-        cfg = TrapConfig(window=window, persistence=persistence, min_length=min_length, quantile=tau_quantile,
-                         buffer_size=buffer_size, min_fill=min_fill, keep=keep)
+        cfg = kat_preset(preset, window=window, persistence=persistence,
+                         min_length=min_length, tau_quantile=tau_quantile, statistic=statistic,
+                         buffer_size=buffer_size, min_fill=min_fill, warmup_steps=warmup_steps, keep=keep)
         res = trap_report(store, cfg)
         if as_json:
             typer.echo(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v)

@@ -12,7 +12,8 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
-from kat_diag.analysis.trap import TrapConfig, rollout_minima, step_taus, trap_report, trap_stats
+from kat_diag.analysis.trap import step_taus, trap_report, trap_stats
+from kat_diag.detector import KATConfig, rollout_minima
 from kat_diag.tasks import Problem, error_loop_variant, make_problem
 from kat_diag.traces import UNKNOWN_POSITION, TraceReader, TraceWriter
 from kat_diag.truth import first_departure, loop_start, rollout_truth, token_starts_of, truth_columns
@@ -77,7 +78,7 @@ def _planted(n_right: int = 4, n_wrong: int = 6):
 
 def test_trap_stats_on_planted_traces() -> None:
     kl, off, correct, err, loop = _planted()
-    cfg = TrapConfig(window=8, persistence=4, min_length=32, quantile=0.7)
+    cfg = _cfg(8, 4, 32)
     np.testing.assert_allclose(rollout_minima(kl, off, 8), [0.5] * 4 + [0.0625] * 6)
     s = trap_stats(kl, off, correct, cfg, first_error=err, loop_start=loop)
     # tau = 0.7-quantile of {0.0625 x6, 0.5 x4} = 0.5; a window is low when its mean is < 0.5, so
@@ -95,20 +96,29 @@ def test_trap_stats_on_planted_traces() -> None:
     s2 = trap_stats(kl, off, correct, cfg, first_error=np.where(err >= 0, 44, -1))
     assert s2["onset_after_error_share"] == 0.0
     # L0 beyond every right rollout and the loop onset: fire moves to L0 - 1 = 99, onset 99 - 10 = 89
-    s3 = trap_stats(kl, off, correct, TrapConfig(8, 4, 100, 0.7), first_error=err)
+    s3 = trap_stats(kl, off, correct, _cfg(8, 4, 100), first_error=err)
     assert s3["cut_share"] == pytest.approx(6 * (200 - 89) / 1360)
     # without ground truth the truth statistics are absent
     assert "onset_after_error_share" not in trap_stats(kl, off, correct, cfg)
 
 
+def _cfg(w: int, t: int, l0: int, **kw) -> KATConfig:
+    return KATConfig(window=w, persistence=t, min_length=l0, warmup_steps=0, min_fill=1, tau_quantile=0.7, **kw)
+
+
 def test_step_taus_use_only_earlier_steps() -> None:
-    minima = np.array([1.0, 2.0, 3.0, np.nan, 5.0])
+    # one-token rollouts, W = 1: each rollout's minimum is its KL value
+    kl = np.array([1.0, 2.0, 3.0, np.nan, 5.0])
+    off = np.arange(6)
     steps = np.array([0, 0, 1, 1, 2])
-    cfg = TrapConfig(quantile=0.5, min_fill=2, buffer_size=2)
-    tau = step_taus(minima, steps, cfg)
-    # step 0: empty buffer; step 1: {1, 2} -> 1.5; step 2: FIFO of 2 -> {2, 3} -> 2.5
+    cfg = KATConfig(window=1, persistence=1, min_length=0, warmup_steps=0, tau_quantile=0.5, min_fill=2,
+                    buffer_size=2)
+    tau = step_taus(kl, off, steps, cfg)
+    # step 0: empty buffer; step 1: {1, 2} -> 1.5; step 2: FIFO of 2 -> {2, 3} -> 2.5 (NaN is no value)
     np.testing.assert_allclose(tau, [np.nan, np.nan, 1.5, 1.5, 2.5])
-    np.testing.assert_allclose(step_taus(minima[:2], steps[:2], cfg), [1.5, 1.5])  # one step: its own
+    np.testing.assert_allclose(step_taus(kl[:2], off[:3], steps[:2], cfg), [1.5, 1.5])  # one step: its own
+    late = KATConfig(window=1, persistence=1, min_length=0, warmup_steps=2, tau_quantile=0.5, min_fill=2)
+    np.testing.assert_allclose(step_taus(kl, off, steps, late), [np.nan] * 4 + [2.0])  # K = 2
 
 
 def _write_planted(run: Path, truth: bool) -> None:
@@ -125,12 +135,12 @@ def _write_planted(run: Path, truth: bool) -> None:
 
 def test_trap_report_and_cli_on_a_store(tmp_path: Path) -> None:
     _write_planted(tmp_path / "w", truth=True)
-    rep = trap_report(tmp_path / "w", TrapConfig(8, 4, 32, 0.7))
+    rep = trap_report(tmp_path / "w", _cfg(8, 4, 32))
     assert rep["fire_rate_wrong"] == 1.0 and rep["onset_after_error_share"] == 1.0
     b = TraceReader(tmp_path / "w").read(columns=["first_error", "verdict"])
     assert list(b["first_error"]) == [-1] * 4 + [40] * 6 and b["verdict"][-1] == "loop"
     res = CliRunner().invoke(app, ["trap", str(tmp_path / "w"), "--window", "8", "--persistence", "4",
-                                   "--min-length", "32", "--tau-quantile", "0.7", "--json"])
+                                   "--min-length", "32", "--tau-quantile", "0.7", "--min-fill", "1", "--json"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.output.strip().splitlines()[-1])
     assert out["fire_rate_right"] == 0.0 and out["cut_share"] == pytest.approx(6 * 157 / 1360)
@@ -142,7 +152,7 @@ def test_trap_report_and_cli_on_a_store(tmp_path: Path) -> None:
 
 def test_stores_without_ground_truth_and_schema_1_stores(tmp_path: Path) -> None:
     _write_planted(tmp_path / "real", truth=False)  # real data: truth columns null
-    rep = trap_report(tmp_path / "real", TrapConfig(8, 4, 32, 0.7))
+    rep = trap_report(tmp_path / "real", _cfg(8, 4, 32))
     assert rep["fire_rate_wrong"] == 1.0 and "onset_after_error_share" not in rep
     # a schema-1 file: no truth columns, version 1 in its metadata -> still readable, truth unknown
     _write_planted(tmp_path / "old", truth=True)
@@ -154,4 +164,4 @@ def test_stores_without_ground_truth_and_schema_1_stores(tmp_path: Path) -> None
     pq.write_table(table.replace_schema_metadata(meta), part)
     b = TraceReader(tmp_path / "old").read(columns=["kl", "first_error", "verdict"])
     assert (b["first_error"] == UNKNOWN_POSITION).all() and list(b["verdict"]) == [None] * 10
-    assert "onset_after_error_share" not in trap_report(tmp_path / "old", TrapConfig(8, 4, 32, 0.7))
+    assert "onset_after_error_share" not in trap_report(tmp_path / "old", _cfg(8, 4, 32))

@@ -7,15 +7,15 @@ given configuration and reports accuracy, fire rates on right vs wrong rollouts,
 tokens it would cut, the longest low-KL span, and — when the store carries the embedded world's
 ground truth (`kat_diag.truth`) — whether the onsets fall at or after the first error.
 
-The threshold: tau = the `quantile` of the rollout minima (per rollout, the minimum window mean
-over usable windows) in the KAT buffer. A store of one step (no training history) uses its own
-rollouts as the buffer; a store of several steps replays the FIFO buffer step by step, each step
-using the minima of the steps before it (NaN until `min_fill` values are in: no fire).
+The threshold: tau = the `tau_quantile` of the KAT buffer (with the paper's statistic, the rollout
+minima: per rollout the minimum window mean over usable windows). A store of one step (no
+training history, e.g. one `record`) uses its own rollouts as the buffer; a store of several
+steps replays the FIFO buffer step by step, each step using the values of the steps before it
+(NaN, no fire, before step K and until `min_fill` values are in).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -24,66 +24,28 @@ if TYPE_CHECKING:
     from kat_diag.detector import KATConfig
 
 
-@dataclass(frozen=True)
-class TrapConfig:
-    """The KAT rule replayed (W, T, L0, eta quantile, B, B_min) and the keep mode."""
+def step_taus(kl_values: np.ndarray, offsets: np.ndarray, steps: np.ndarray, cfg: KATConfig) -> np.ndarray:
+    """Per rollout tau. A store of one step: the threshold of all its rollouts' buffer values (no
+    history: the store is its own buffer; warm-up K does not apply). Several steps: the FIFO
+    buffer (capacity B) of the values of earlier steps, NaN before step K or below B_min values."""
+    from kat_diag.detector import buffer_values, threshold_of
 
-    window: int = 16
-    persistence: int = 4
-    min_length: int = 32
-    quantile: float = 0.7  # tau = this quantile of the buffer of rollout minima (paper: 1 - eta)
-    buffer_size: int = 4096
-    min_fill: int = 1
-    keep: str = "onset"
-
-    def kat(self) -> KATConfig:
-        from kat_diag.detector import KATConfig
-
-        # The detector's own quantile is unused here: tau is computed below and passed to replay.
-        return KATConfig(window=self.window, persistence=self.persistence, min_length=self.min_length,
-                         warmup_steps=0, buffer_size=max(1, self.buffer_size), keep=self.keep)
-
-
-def rollout_minima(kl_values: np.ndarray, offsets: np.ndarray, window: int) -> np.ndarray:
-    """Per rollout the minimum window mean over usable windows (all W values finite); NaN if none."""
-    from kat_diag.replay import check_ragged
-
-    values, offs = check_ragged(kl_values, offsets)
-    x = np.asarray(values, dtype=np.float64)
-    bad = ~np.isfinite(x)
-    c = np.concatenate([[0.0], np.cumsum(np.where(bad, 0.0, x))])
-    cb = np.concatenate([[0], np.cumsum(bad)])
-    n = x.shape[0]
-    end = np.arange(n)  # window ending at flat index `end`
-    start = end - window + 1
-    roll = np.searchsorted(offs, end, side="right") - 1
-    ok = (start >= offs[np.clip(roll, 0, len(offs) - 1)]) & (start >= 0)
-    s0 = np.clip(start, 0, None)
-    mean = np.where(ok & (cb[end + 1] - cb[s0] == 0), (c[end + 1] - c[s0]) / window, np.inf)
-    n_roll = len(offs) - 1
-    out = np.full(n_roll, np.inf)
-    if n:
-        np.minimum.at(out, roll[roll < n_roll], mean[roll < n_roll])
-    return np.where(np.isfinite(out), out, np.nan)
-
-
-def step_taus(minima: np.ndarray, steps: np.ndarray, cfg: TrapConfig) -> np.ndarray:
-    """Per rollout tau. One step: the quantile of all minima. Several steps: a FIFO buffer of the
-    minima of earlier steps (capacity buffer_size), NaN while it holds fewer than min_fill."""
+    steps = np.asarray(steps)
+    offs = np.asarray(offsets, dtype=np.int64)
     uniq = np.unique(steps)
-    tau = np.full(len(minima), np.nan)
+    tau = np.full(len(steps), np.nan)
     if len(uniq) <= 1:
-        fin = minima[np.isfinite(minima)]
-        if len(fin) >= cfg.min_fill and len(fin):
-            tau[:] = float(np.quantile(fin, cfg.quantile))
+        tau[:] = threshold_of(buffer_values(kl_values, offs, cfg), cfg)
         return tau
     buf = np.empty(0)
     for s in uniq:
-        sel = steps == s
-        if len(buf) >= cfg.min_fill and len(buf):
-            tau[sel] = float(np.quantile(buf, cfg.quantile))
-        new = minima[sel]
-        buf = np.concatenate([buf, new[np.isfinite(new)]])[-cfg.buffer_size:]
+        idx = np.flatnonzero(steps == s)
+        if s >= cfg.warmup_steps:
+            tau[idx] = threshold_of(buf, cfg)
+        sub = [np.asarray(kl_values[offs[i] : offs[i + 1]], dtype=np.float64) for i in idx]
+        sub_off = np.concatenate([[0], np.cumsum([len(x) for x in sub])]).astype(np.int64)
+        flat = np.concatenate(sub) if sub else np.zeros(0)
+        buf = np.concatenate([buf, buffer_values(flat, sub_off, cfg)])[-cfg.buffer_size:]
     return tau
 
 
@@ -110,21 +72,21 @@ def _share(num: np.ndarray, sel: np.ndarray) -> float:
     return float(num[sel].mean()) if sel.any() else float("nan")
 
 
-def trap_stats(kl_values: np.ndarray, offsets: np.ndarray, correct: np.ndarray, cfg: TrapConfig,
+def trap_stats(kl_values: np.ndarray, offsets: np.ndarray, correct: np.ndarray, cfg: KATConfig,
                steps: np.ndarray | None = None, first_error: np.ndarray | None = None,
                loop_start: np.ndarray | None = None) -> dict[str, float]:
     """The trap report of ragged per-token KL (see the module docstring). first_error / loop_start:
     ground-truth token indices per rollout (-1 none), or None when unknown (real data)."""
+    from kat_diag.detector import rollout_minima
     from kat_diag.replay import check_ragged, replay
 
     values, offs = check_ragged(kl_values, offsets)
     correct = np.asarray(correct, dtype=bool)
     n = len(offs) - 1
     steps = np.zeros(n, dtype=np.int64) if steps is None else np.asarray(steps)
-    kat = cfg.kat()
     minima = rollout_minima(values, offs, cfg.window)
-    tau = step_taus(minima, steps, cfg)
-    res = replay(values, offs, kat, tau, return_low=True)
+    tau = step_taus(values, offs, steps, cfg)
+    res = replay(values, offs, cfg, tau, return_low=True)
     fired = res.fire >= 0
     length = res.length
     gen_tokens = max(1, int(length.sum()))
@@ -162,7 +124,7 @@ def trap_stats(kl_values: np.ndarray, offsets: np.ndarray, correct: np.ndarray, 
     return out
 
 
-def trap_report(store, cfg: TrapConfig = TrapConfig()) -> dict[str, float]:
+def trap_report(store, cfg: KATConfig) -> dict[str, float]:
     """`trap_stats` of a trace store (a run directory or store path readable by `TraceReader`)."""
     from kat_diag.traces import UNKNOWN_POSITION, TraceReader
 
