@@ -133,11 +133,12 @@ def wrong_line(rng: random.Random, a: int, op: str, b: int, c: int) -> str:
     return f"{a2}{op}{b}={c2}"
 
 
-def error_loop_variant(p: Problem, rng: random.Random, length: int, context_repeats: int) -> Problem:
-    """A repetition loop that starts at an error: the correct steps up to a random one, that step
-    with a wrong result (`wrong_line`), then the wrong line repeated until the completion is
-    `length` characters long (cut mid-line, no answer, no end of text, like a rollout that hits
-    its budget).
+def error_loop_variant(p: Problem, rng: random.Random, length: int, context_repeats: int,
+                       wrong: bool = True) -> Problem:
+    """A repetition loop: the correct steps up to a random one, that step with a wrong result
+    (`wrong_line`; with wrong=False the correct step itself), then that line repeated until the
+    completion is `length` characters long (cut mid-line, no answer, no end of text, like a
+    rollout that hits its budget).
 
     Everything up to and including the wrong line and its first `context_repeats` repeats goes
     into the prompt, so the SFT loss (completion only) never teaches the model to make the error.
@@ -149,7 +150,7 @@ def error_loop_variant(p: Problem, rng: random.Random, length: int, context_repe
     k = rng.randrange(len(lines))
     m = re.match(r"^(\d+)([+\-*])(\d+)=(\d+)$", lines[k])
     assert m is not None
-    bad = wrong_line(rng, int(m[1]), m[2], int(m[3]), int(m[4]))
+    bad = wrong_line(rng, int(m[1]), m[2], int(m[3]), int(m[4])) if wrong else lines[k]
     context = "".join(line + "\n" for line in lines[:k] + [bad] * (1 + context_repeats))
     n_rep = (length - len(context)) // (len(bad) + 1) + 1
     body = ((bad + "\n") * max(1, n_rep))[: max(1, length - len(context))]
@@ -158,11 +159,12 @@ def error_loop_variant(p: Problem, rng: random.Random, length: int, context_repe
 
 @dataclass(frozen=True)
 class LoopDocs:
-    """Error-tied loop documents in an SFT mixture: a `share` of the batches consist of them."""
+    """Loop documents in an SFT mixture: a `share` of the batches consist of them."""
 
     share: float = 0.0
     length: int = 192  # characters of completion, as the rollout budget
-    context_repeats: int = 0  # repeats of the wrong line kept out of the loss (see error_loop_variant)
+    context_repeats: int = 0  # repeats of the line kept out of the loss (see error_loop_variant)
+    wrong: bool = True  # the repeated line is a wrong step (True) or a correct one (a spontaneous loop)
 
 
 def sft_batches(seed: int, ops: Sequence[int], exclude: set[str], batch_size: int,
@@ -183,7 +185,7 @@ def sft_batches(seed: int, ops: Sequence[int], exclude: set[str], batch_size: in
 
     while True:
         if loops.share and rng.random() < loops.share:
-            yield [error_loop_variant(problem(), rng, loops.length, loops.context_repeats)
+            yield [error_loop_variant(problem(), rng, loops.length, loops.context_repeats, loops.wrong)
                    for _ in range(batch_size)]
         else:
             yield [problem() for _ in range(batch_size)]
