@@ -73,7 +73,7 @@ class TrainConfig:
     prefix_len: int | None = None
     random_target: float | None = None  # mean kept length for `random` ...
     random_from: str | None = None  # ... or a KAT run directory to length-match
-    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=160, chunk_size=16))
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=192, chunk_size=16))
     kat: KATConfig = field(default_factory=KATConfig)
     eval_every: int = 0  # 0: evaluate only after the last step
     eval_k: int = 4
