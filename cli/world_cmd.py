@@ -18,15 +18,13 @@ def build(
     out: Path = typer.Option(DEFAULT_WORLD_DIR, help="Directory to write the world into."),
     quick: bool = typer.Option(False, help="Build a small world in seconds (for tests)."),
     seed: int = typer.Option(0, help="Seed: the build is reproducible from it."),
-    stage1_from: Path = typer.Option(None, help="Reuse the stage-1 (clean SFT) models of an earlier build of "
-                                                "the same config and seed; only stage 2 is trained."),
 ) -> None:
     """Build data, tokenizer, teacher and student (SFT from random init)."""
     from kat_diag.world import build_world
 
     cfg = WorldConfig.quick() if quick else WorldConfig()
     cfg = replace(cfg, seed=seed)
-    summary = build_world(out, cfg, stage1_from=stage1_from)
+    summary = build_world(out, cfg)
     for role, info in summary["models"].items():
         typer.echo(f"{role}: {info['parameters']:,} parameters, SFT loss {info['sft_final_loss']:.4f}, "
                    f"{info['sft_seconds']:.0f} s")

@@ -45,15 +45,12 @@ class WorldConfig:
     n_train: int = 4000  # OPD training prompts
     n_bench: int = 200  # problems per benchmark split
     sft_ops: tuple[int, ...] = (2, 3, 4, 5)
-    # The teacher follows a loop once begun but never starts one (loop documents after an error,
-    # the loss starts at the second repeat); the student drifts into repetition loops of a step
-    # line (the loss starts at the first repeat).
-    teacher: ModelSpec = ModelSpec(128, 4, 4, 384, SFTConfig(steps=800, batch_size=64, lr=3e-3, seed=1),
-                                   LoopDocs(share=0.1, length=192, context_repeats=1),
-                                   SFTConfig(steps=300, batch_size=64, lr=1e-3, warmup=20, seed=5))
-    student: ModelSpec = ModelSpec(96, 3, 3, 288, SFTConfig(steps=600, batch_size=64, lr=3e-3, seed=2),
-                                   LoopDocs(share=0.4, length=192, context_repeats=0, wrong=False),
-                                   SFTConfig(steps=300, batch_size=64, lr=1e-3, warmup=20, seed=6))
+    # Stage 2 (loop documents) is off: both recipes tried did not give the trap (README "The embedded
+    # world", variants A and C). Variant A, for instance, is
+    #   teacher: LoopDocs(0.1, 192, context_repeats=1), SFTConfig(steps=300, lr=1e-3, warmup=20, seed=5)
+    #   student: LoopDocs(0.3, 192, context_repeats=0), SFTConfig(steps=300, lr=1e-3, warmup=20, seed=6)
+    teacher: ModelSpec = ModelSpec(128, 4, 4, 384, SFTConfig(steps=800, batch_size=64, lr=3e-3, seed=1))
+    student: ModelSpec = ModelSpec(96, 3, 3, 288, SFTConfig(steps=600, batch_size=64, lr=3e-3, seed=2))
 
     @staticmethod
     def quick() -> WorldConfig:
