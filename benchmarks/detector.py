@@ -6,7 +6,8 @@ prints one line per scenario and, last, one JSON object with the best and the me
 repeats (the machine is shared: the median is the figure to quote), on CPU with 2 threads.
 
 `step_<statistic>` cases time what KAT costs per training step under each threshold statistic:
-the detector updates of 64 rollouts of 512 tokens at chunk W, then `end_step`, which computes the
+the detector updates of 64 rollouts of 1024 tokens at chunk W (world preset W = 16, paper preset
+W = 64), then `end_step`, which computes the
 step's buffer values (`rollout_min`: one minimum per rollout; `windows`: stride-W window means)
 from the stored KL and updates the threshold.
 
@@ -24,7 +25,7 @@ import time
 import numpy as np
 import torch
 
-from kat_diag.detector import KATConfig, StreamingDetector
+from kat_diag.detector import KATConfig, StreamingDetector, kat_preset
 from kat_diag.replay import replay
 from kat_diag.termination import KATPolicy
 
@@ -135,11 +136,13 @@ def main() -> None:
     out["token_updates_per_s_policy_chunkW"] = round(best)
     out["token_updates_per_s_policy_chunkW_median"] = round(median)
     print(f"{'policy_chunkW':22s} best {best / 1e6:7.2f} M/s   median {median / 1e6:7.2f} M/s")
-    for statistic in ("rollout_min", "windows"):
-        best, median = step_case(cfg, statistic, 512, int(20 * scale) or 2, repeats)
-        out[f"token_updates_per_s_step_{statistic}"] = round(best)
-        out[f"token_updates_per_s_step_{statistic}_median"] = round(median)
-        print(f"{'step_' + statistic:22s} best {best / 1e6:7.2f} M/s   median {median / 1e6:7.2f} M/s")
+    for preset in ("world", "paper"):  # chunk W = 16 and 64
+        for statistic in ("rollout_min", "windows"):
+            name = f"step_{preset}_{statistic}"
+            best, median = step_case(kat_preset(preset), statistic, 1024, int(10 * scale) or 2, repeats)
+            out[f"token_updates_per_s_{name}"] = round(best)
+            out[f"token_updates_per_s_{name}_median"] = round(median)
+            print(f"{name:22s} best {best / 1e6:7.2f} M/s   median {median / 1e6:7.2f} M/s", flush=True)
     tokens = 1 << 20 if quick else 1 << 22
     out["replay_tokens_per_s"] = round(replay_case(cfg, tokens, 2 if quick else 3))
     out["replay_tokens"] = tokens

@@ -8,12 +8,12 @@ arithmetic world, math-verify on real data).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from kat_diag.progress import bar as tqdm  # few lines in a log, live on a terminal
 from kat_diag.tasks import Problem, check_answer
 
 
@@ -105,10 +105,17 @@ def evaluate_split(
 
 
 def evaluate_benchmarks(
-    model, tokenizer, splits: dict[str, Sequence[Problem]], **kwargs
+    model, tokenizer, splits: dict[str, Sequence[Problem]], on_split: Callable[[str], None] | None = None,
+    **kwargs
 ) -> dict[str, dict[str, float]]:
-    """`evaluate_split` on every split, plus their unweighted mean under "mean"."""
-    res = {name: evaluate_split(model, tokenizer, probs, **kwargs) for name, probs in splits.items()}
+    """`evaluate_split` on every split, plus their unweighted mean under "mean".
+
+    `on_split(name)` is called after each split (progress reporting)."""
+    res = {}
+    for name, probs in splits.items():
+        res[name] = evaluate_split(model, tokenizer, probs, **kwargs)
+        if on_split is not None:
+            on_split(name)
     keys = [k for k in next(iter(res.values())) if k != "n"] if res else []
     res["mean"] = {k: float(np.mean([r[k] for r in res.values()])) for k in keys}
     return res

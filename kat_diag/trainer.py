@@ -29,12 +29,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from kat_diag import checkpoint as ckpt_io
 from kat_diag import distributed as D
+from kat_diag import rundir
+from kat_diag.config_io import check_resumed
 from kat_diag.detector import KATConfig
 from kat_diag.loss import LossInputs, make_loss
 from kat_diag.models import check_compatible, load_model, load_tokenizer, resolve_device, resolve_dtype
+from kat_diag.progress import bar as progress_bar
 from kat_diag.rollout import Rollout, RolloutEngine, SamplingConfig, encode_prompts
 from kat_diag.tasks import Problem, check_answer, load_math_dataset
 from kat_diag.termination import make_policy
@@ -43,6 +46,10 @@ CONFIG_NAME = "config.json"
 METRICS_NAME = "metrics.jsonl"
 CKPT_DIRNAME = "checkpoints"
 STATE_NAME = "trainer_state.pt"
+# Settings a resumed run may change (everything else must match its config.json): they decide how
+# long it runs and what it evaluates / saves / records, never the trajectory of the updates.
+RESUME_MUTABLE = frozenset({"out", "steps", "max_steps_this_run", "eval_every", "eval_k", "eval_n", "ckpt_every",
+                            "keep_checkpoints", "trace_every", "progress"})
 
 
 @dataclass(frozen=True)
@@ -83,6 +90,7 @@ class TrainConfig:
     trace_every: int = 1  # record traces every N steps (0: never)
     max_steps_this_run: int | None = None  # stop early (simulates an interruption; for tests)
     progress: bool = True
+    trust_remote_code: bool = False  # let from_pretrained run a checkpoint's own Python code
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.micro_batch < 1:
@@ -283,8 +291,8 @@ def save_checkpoint(run: Path, step: int, student, tokenizer, opt, sched, policy
     shutil.rmtree(tmp, ignore_errors=True)
     student.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    torch.save({"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "policy": policy.state_dict(), "torch_rng": torch.get_rng_state()}, tmp / STATE_NAME)
+    ckpt_io.save_state(tmp / STATE_NAME, {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                          "policy": policy.state_dict(), "torch_rng": torch.get_rng_state()})
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in sorted(p for p in root.glob("step-*"))[:-keep]:
@@ -356,21 +364,34 @@ class TrainResult:
     run_dir: Path
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
-    """Run OPD with the configured termination policy."""
+def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> TrainResult:
+    """Run OPD with the configured termination policy. Rank 0 owns (locks) the run directory while it
+    runs; an existing run is refused unless `resume` (its config.json must match, see RESUME_MUTABLE)
+    or `overwrite` (see `kat_diag.rundir`)."""
+    if resume:
+        check_resumed(cfg, Path(cfg.out) / CONFIG_NAME, RESUME_MUTABLE)
+    with rundir.owned(cfg.out, resume=resume, overwrite=overwrite, enabled=int(os.environ.get("RANK", "0")) == 0):
+        return _train(cfg, resume)
+
+
+def _train(cfg: TrainConfig, resume: bool) -> TrainResult:
     device = D.local_device(resolve_device(cfg.device))
     rank, world = D.init(device)
     run = Path(cfg.out)
-    run.mkdir(parents=True, exist_ok=True)
 
     ckpt = latest_checkpoint(run) if resume else None
+    state = ckpt_io.load_state(ckpt / STATE_NAME) if ckpt is not None else None  # before any model loads
+    if rank == 0 and ckpt is not None:
+        print(f"resuming from {ckpt} (step {state['step']})", file=sys.stderr)
     if resume and ckpt is None and rank == 0:
-        print(f"no checkpoint in {run}: starting from scratch")
-    tokenizer = load_tokenizer(cfg.student, what="student tokenizer")
+        print(f"no checkpoint in {run}: starting from scratch", file=sys.stderr)
+    remote = cfg.trust_remote_code
+    tokenizer = load_tokenizer(cfg.student, what="student tokenizer", trust_remote_code=remote)
     teacher = load_model(cfg.teacher, what="teacher", dtype="bf16" if cfg.dtype == "bf16" else "fp32",
-                         device=str(device))
-    student = load_model(ckpt or cfg.student, what="student", device=str(device))
-    check_compatible(teacher, student, load_tokenizer(cfg.teacher, what="teacher tokenizer"), tokenizer)
+                         device=str(device), trust_remote_code=remote)
+    student = load_model(ckpt or cfg.student, what="student", device=str(device), trust_remote_code=remote)
+    check_compatible(teacher, student, load_tokenizer(cfg.teacher, what="teacher tokenizer",
+                                                      trust_remote_code=remote), tokenizer)
     teacher.eval().requires_grad_(False)
     student.eval()
 
@@ -389,8 +410,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
 
     sink = MetricsSink(run / METRICS_NAME, enabled=rank == 0)
     start = 0
-    if ckpt is not None:
-        state = torch.load(ckpt / STATE_NAME, weights_only=False)
+    if state is not None:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         policy.load_state_dict(state["policy"])
@@ -398,6 +418,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
         start = state["step"] + 1
         sink.truncate_after(state["step"])
         _discard_traces_after(run, state["step"], rank)
+    elif resume:  # nothing was checkpointed: what the earlier attempt wrote is redone from step 0
+        sink.truncate_after(-1)
+        _discard_traces_after(run, -1, rank)
     if rank == 0:
         (run / CONFIG_NAME).write_text(json.dumps({**cfg.to_dict(), "world_size": world}, indent=2))
     D.barrier()
@@ -408,7 +431,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
         writer = TraceWriter(run, rank=rank, config=cfg.to_dict(), top_n=max(1, cfg.sampling.top_n))
 
     end = cfg.steps if cfg.max_steps_this_run is None else min(cfg.steps, start + cfg.max_steps_this_run)
-    bar = tqdm(range(start, end), desc=f"train[{cfg.termination}]", disable=not cfg.progress or rank != 0,
+    bar = progress_bar(range(start, end), desc=f"train[{cfg.termination}]", disable=not cfg.progress or rank != 0,
                initial=start, total=cfg.steps)
     metrics: dict[str, Any] = {}
     last_done, updating, saved = start - 1, False, start - 1

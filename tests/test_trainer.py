@@ -47,9 +47,21 @@ def test_training_changes_parameters_and_writes_the_run(quick_world, tmp_path):
     assert latest_checkpoint(run).name == "step-000002"
     assert (run / "final" / "config.json").exists()
     reader = TraceReader(run)
-    cols = reader.read(columns=["step", "kl", "gen_len", "kept_len", "stop_reason"])
+    cols = reader.read(columns=["step", "kl", "gen_len", "kept_len", "stop_reason", "fire"])
     assert sorted(set(cols["step"].tolist())) == [0, 1, 2]
     assert len(cols["step"]) == 12
+    # Offline replay reproduces every online decision, from the recorded thresholds in force and
+    # from the thresholds it derives itself step by step.
+    from kat_diag.trace_view import kat_config, replay_store
+
+    assert (cols["fire"] >= 0).any()  # not vacuous
+    kat = kat_config(reader.config)
+    assert kat == _cfg(quick_world, run).kat
+    for tau in ("recorded", None):
+        rec = replay_store(reader, kat, tau)["recorded"]
+        assert rec["compared"] == 12 and rec["fire_match"] == 1.0 and rec["onset_match"] == 1.0, tau
+    manifest = json.loads((run / "traces" / "_manifest.json").read_text())
+    assert manifest["loss"] == {"estimator": "topk", "topk": 64}
 
 
 def test_resume_reproduces_the_uninterrupted_run(quick_world, tmp_path):
@@ -168,11 +180,12 @@ def test_cli_reports_user_errors_in_one_line(quick_world, tmp_path):
                               str(quick_world / "student"), "--out", str(tmp_path / "r")),
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2
-    assert bad.stderr.strip().splitlines()[-1] == f"error: teacher path does not exist: {tmp_path / 'missing'}"
+    last = bad.stderr.strip().splitlines()[-1]
+    assert last == f"error: --teacher {tmp_path / 'missing'}: no such checkpoint directory"
     bad = subprocess.run(_cli("train", "--termination", "sometimes", "--out", str(tmp_path / "r"),
                               "--teacher", str(quick_world / "teacher"), "--student", str(quick_world / "student")),
                          capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "unknown termination policy 'sometimes'" in bad.stderr
+    assert bad.returncode == 2 and "--termination 'sometimes' is not one of" in bad.stderr
 
 
 def test_record_writes_full_traces_without_training(quick_world, tmp_path):

@@ -1,1 +1,2 @@
-"""Analyses of recorded traces (trap statistics, ...): pure functions over arrays."""
+"""Offline analyses of recorded runs, one module per analysis (DESIGN §3, §4): heatmaps, phases, gradient
+geometry, teacher vocabulary, trap statistics, figures."""
