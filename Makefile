@@ -19,11 +19,11 @@ demo: $(STAMP)
 	$(VENV)/bin/kat-diag demo
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check kat_diag cli tests benchmarks
+	$(VENV)/bin/ruff check kat_diag cli tests benchmarks examples
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check kat_diag cli tests benchmarks
+	$(VENV)/bin/ruff check kat_diag cli tests benchmarks examples
 
 world: $(STAMP)
 	$(VENV)/bin/kat-diag world build --force
