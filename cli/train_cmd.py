@@ -39,8 +39,9 @@ def register(app: typer.Typer) -> None:
         ctx: typer.Context,
         teacher: Path = typer.Option(_T, help="Teacher checkpoint directory (AutoModelForCausalLM)."),
         student: Path = typer.Option(_S, help="Student checkpoint directory (AutoModelForCausalLM)."),
-        data: str = typer.Option("world", help="'world' (train split of the student's world, else data/world) "
-                                          "or a local JSONL/Parquet file."),
+        data: str = typer.Option("world", help="'world' (train split of the student's world, else data/world), "
+                                          "a JSONL/Parquet file, a datasets save_to_disk directory "
+                                          "or hf:NAME[:CONFIG]:SPLIT."),
         question_field: str = typer.Option("question", help="Prompt field of a real data set."),
         answer_field: str = typer.Option("answer", help="Answer field of a real data set."),
         answer_format: str = typer.Option("auto", help="auto | gsm8k | boxed | plain."),
@@ -94,6 +95,12 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, help="Seed: prompts and sampling are functions of it."),
         resume: bool = typer.Option(False, help="Resume from the run directory's last checkpoint."),
         stop_after: int = typer.Option(0, help="Stop after N steps of this invocation (0: run to the end)."),
+        report_to: list[str] = typer.Option(["none"], help="Trackers: tensorboard | trackio | wandb | all | none "
+                                                           "(repeatable or comma-separated)."),
+        tracker_project: str = typer.Option("kat-diag", help="Project name in trackio / wandb."),
+        parallel: str = typer.Option("ddp", help="Multi-process mode under torchrun / accelerate launch: ddp "
+                                                 "(replicas) | fsdp (FSDP2: student sharded)."),
+        shard_teacher: bool = typer.Option(False, help="With --parallel fsdp: shard the teacher too."),
         overwrite: bool = typer.Option(False, help="Replace the run already in --out (its run files are deleted)."),
         trust_remote_code: bool = typer.Option(False, help="Let from_pretrained run Python code shipped "
                                                "with the checkpoints (off: such checkpoints are refused)."),
@@ -103,9 +110,11 @@ def register(app: typer.Typer) -> None:
         """On-policy distillation with a termination policy (KAT by default).
 
         --resume continues the run in --out with its config.json; only --steps, --stop-after,
-        --eval-every, --eval-k, --eval-n, --ckpt-every and --trace-every may differ from it."""
+        --eval-every, --eval-k, --eval-n, --ckpt-every, --trace-every, --report-to, --tracker-project,
+        --parallel and --shard-teacher may differ from it."""
         from kat_diag import config_io, preflight
         from kat_diag.rollout import SamplingConfig
+        from kat_diag.tracking import parse_report_to
         from kat_diag.trainer import CONFIG_NAME, RESUME_MUTABLE, TrainConfig
         from kat_diag.trainer import train as run_train
 
@@ -124,6 +133,8 @@ def register(app: typer.Typer) -> None:
                      tau_quantile=tau_quantile, statistic=kat_statistic, keep=keep),
             eval_every=eval_every, eval_k=eval_k, eval_n=eval_n, ckpt_every=ckpt_every,
             trace_every=trace_every, max_steps_this_run=stop_after or None, trust_remote_code=trust_remote_code,
+            report_to=parse_report_to(report_to), tracker_project=tracker_project, parallel=parallel,
+            shard_teacher=shard_teacher,
         )
         cfg = config_io.resolve_options(ctx, TrainConfig, cfg, config_file=config, aliases=TRAIN_ALIASES,
                                         not_config=TRAIN_NOT_CONFIG, resume_from=out / CONFIG_NAME if resume else None,
@@ -141,7 +152,8 @@ def register(app: typer.Typer) -> None:
         teacher: Path = typer.Option(_T, help="Teacher checkpoint directory."),
         student: Path = typer.Option(_S, help="Student checkpoint directory (e.g. RUN/checkpoints/step-N)."),
         out: Path = typer.Option(Path("runs/record"), help="Output directory (its traces/ store)."),
-        data: str = typer.Option("world", help="'world' or a local JSONL/Parquet file."),
+        data: str = typer.Option("world", help="'world', a JSONL/Parquet file, a datasets directory or "
+                                                 "hf:NAME[:CONFIG]:SPLIT."),
         split: str = typer.Option("train", help="Split to draw prompts from (train, ops2, ...)."),
         n_prompts: int = typer.Option(64, min=1, help="Number of prompts."),
         samples: int = typer.Option(1, min=1, help="Samples per prompt."),

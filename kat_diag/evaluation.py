@@ -61,7 +61,8 @@ def generate(
         # generate() draws from the global RNG; seed it per batch so results don't depend on history.
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
         kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                      eos_token_id=tokenizer.eos_token_id, do_sample=do_sample)
+                      eos_token_id=tokenizer.eos_token_id, do_sample=do_sample,
+                      synced_gpus=False)  # one process evaluates; transformers would sync FSDP ranks per token
         if do_sample:
             kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
         seqs = model.generate(**enc, **kwargs)

@@ -80,6 +80,13 @@ def world_split_names(student: str | Path) -> list[str]:
 
 def check_data_file(option: str, path: str | Path, fields: Iterable[str] = ()) -> None:
     """The file exists, has a supported format, and its first record has the mapped fields."""
+    from kat_diag.tasks import HF_PREFIX, is_datasets_dir, parse_hf_spec
+
+    if str(path).startswith(HF_PREFIX):  # loaded by `datasets` later (an offline miss is its own one-line error)
+        parse_hf_spec(str(path))
+        return
+    if is_datasets_dir(path):  # a save_to_disk directory: fields are checked when it loads
+        return
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{option} {p}: no such file")
