@@ -59,7 +59,7 @@ def register(app: typer.Typer) -> None:
                                  "plus one tail bucket, the paper's) | full (full-vocabulary reverse KL) | "
                                  "sampled (sampled-token policy gradient)."),
         topk: int = typer.Option(64, help="k of --loss topk (capped at the vocabulary size, where it equals full)."),
-        max_new_tokens: int = typer.Option(160, help="Rollout budget in tokens."),
+        max_new_tokens: int = typer.Option(192, help="Rollout budget in tokens (the world's loops run to 192)."),
         chunk_size: int = typer.Option(16, help="Tokens generated between teacher scoring calls (C)."),
         slots: int = typer.Option(0, help="Rollouts in flight at once (0: the whole batch)."),
         temperature: float = typer.Option(1.0, help="Student sampling temperature."),
@@ -159,7 +159,7 @@ def register(app: typer.Typer) -> None:
         samples: int = typer.Option(1, min=1, help="Samples per prompt."),
         batch_size: int = typer.Option(32, min=1, help="Rollouts per engine call."),
         termination: str = typer.Option("none", help="Policy while recording (none: full traces)."),
-        max_new_tokens: int = typer.Option(160, help="Rollout budget in tokens."),
+        max_new_tokens: int = typer.Option(192, help="Rollout budget in tokens (the world's loops run to 192)."),
         chunk_size: int = typer.Option(16, help="Teacher scoring chunk size."),
         temperature: float = typer.Option(1.0, help="Sampling temperature."),
         step_label: int = typer.Option(0, help="Value written as the traces' step."),

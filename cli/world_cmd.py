@@ -144,7 +144,7 @@ def register(app: typer.Typer) -> None:
         typer.echo(_eval_table(run_world_eval(world, k, n or None, 0, 96)))
         typer.echo(f"== 2. OPD with KAT, {steps} steps -> {run} ==")
         cfg = TrainConfig(teacher=str(world / "teacher"), student=str(world / "student"), out=str(run),
-                          steps=steps, kat=KATConfig(), sampling=SamplingConfig(max_new_tokens=160, slots=16),
+                          steps=steps, kat=KATConfig(), sampling=SamplingConfig(max_new_tokens=192, slots=16),
                           eval_n=50, eval_k=4, ckpt_every=10)
         metrics = train(cfg, overwrite=overwrite).metrics
         typer.echo(strict_json({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()

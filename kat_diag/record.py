@@ -33,7 +33,7 @@ class RecordConfig:
     samples_per_prompt: int = 1
     termination: str = "none"
     seed: int = 0
-    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=160, chunk_size=16))
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=192, chunk_size=16))
     kat: KATConfig = field(default_factory=KATConfig)
     step_label: int = 0  # written as the traces' `step` (e.g. the checkpoint's training step)
     progress: bool = True

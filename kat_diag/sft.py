@@ -52,13 +52,13 @@ def encode_sft_batch(tokenizer, problems: list[Problem]) -> dict[str, torch.Tens
 def train_sft(
     model,
     tokenizer,
-    stream: Iterator[Problem],
+    batches: Iterator[list[Problem]],
     cfg: SFTConfig,
     desc: str = "sft",
     log: Callable[[dict], None] | None = None,
     progress: bool = True,
 ) -> list[float]:
-    """Train `model` in place on `cfg.steps` batches drawn from `stream`; returns the loss curve."""
+    """Train `model` in place on `cfg.steps` batches drawn from `batches`; returns the loss curve."""
     torch.manual_seed(cfg.seed)
     model.train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
@@ -78,7 +78,7 @@ def train_sft(
     losses: list[float] = []
     bar = tqdm(range(cfg.steps), desc=desc, disable=not progress, mininterval=2.0)
     for step in bar:
-        batch = encode_sft_batch(tokenizer, [next(stream) for _ in range(cfg.batch_size)])
+        batch = encode_sft_batch(tokenizer, next(batches))
         out = model(**batch)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

@@ -120,30 +120,75 @@ def world_splits(
     return splits
 
 
-def loop_variant(p: Problem, rng: random.Random, max_repeats: int = 4) -> Problem:
-    """A degenerate continuation of `p`: after a random step the solution repeats that line.
+def wrong_line(rng: random.Random, a: int, op: str, b: int, c: int) -> str:
+    """A step line with an error like a sampling accident: one digit of the result changed (3 in
+    4), or the left operand not the previous result (1 in 4)."""
+    if rng.random() < 0.75:
+        digits = list(str(c))
+        i = rng.randrange(len(digits))
+        digits[i] = rng.choice([d for d in "0123456789" if d != digits[i] and (i or d != "0" or len(digits) == 1)])
+        return f"{a}{op}{b}={''.join(digits)}"
+    a2 = rng.choice([x for x in range(max(0, a - 9), min(MAX_VALUE, a + 9) + 1) if x != a])
+    c2 = {"+": a2 + b, "-": a2 - b, "*": a2 * b}[op]
+    return f"{a2}{op}{b}={c2}"
 
-    Real LLMs learn from pretraining text that a repeated line tends to repeat again, so a teacher
-    follows a student's repetition loop with high probability (degenerate agreement). These
-    documents give the tiny models that prior: the loop has no final answer and no end of text.
+
+def error_loop_variant(p: Problem, rng: random.Random, length: int, context_repeats: int,
+                       wrong: bool = True) -> Problem:
+    """A repetition loop: the correct steps up to a random one, that step with a wrong result
+    (`wrong_line`; with wrong=False the correct step itself), then that line repeated until the
+    completion is `length` characters long (cut mid-line, no answer, no end of text, like a
+    rollout that hits its budget).
+
+    Everything up to and including the wrong line and its first `context_repeats` repeats goes
+    into the prompt, so the SFT loss (completion only) never teaches the model to make the error.
+    With `context_repeats` 0 the model learns to start a loop after an inconsistent line (the
+    student); with 1 it only learns that a line repeated twice goes on repeating (the teacher:
+    it follows a loop once begun but never starts one).
     """
     lines = p.solution.split("\n")[:-1]  # the step lines, without "#answer"
-    k = rng.randint(1, len(lines))
-    body = lines[:k] + [lines[k - 1]] * rng.randint(2, max_repeats)
-    return Problem(id=p.id + "-loop", prompt=p.prompt, answer=p.answer, solution="\n".join(body) + "\n",
-                   kind="loop")
+    k = rng.randrange(len(lines))
+    m = re.match(r"^(\d+)([+\-*])(\d+)=(\d+)$", lines[k])
+    assert m is not None
+    bad = wrong_line(rng, int(m[1]), m[2], int(m[3]), int(m[4])) if wrong else lines[k]
+    context = "".join(line + "\n" for line in lines[:k] + [bad] * (1 + context_repeats))
+    n_rep = (length - len(context)) // (len(bad) + 1) + 1
+    body = ((bad + "\n") * max(1, n_rep))[: max(1, length - len(context))]
+    return Problem(id=p.id + "-loop", prompt=p.prompt + context, answer=p.answer, solution=body, kind="loop")
 
 
-def sft_stream(seed: int, ops: Sequence[int], exclude: set[str], loop_share: float = 0.0) -> Iterable[Problem]:
-    """Endless SFT examples (prompt + solution), never a benchmark prompt; a `loop_share` of them
-    are repetition loops (`loop_variant`)."""
+@dataclass(frozen=True)
+class LoopDocs:
+    """Loop documents in an SFT mixture: a `share` of the batches consist of them."""
+
+    share: float = 0.0
+    length: int = 192  # characters of completion, as the rollout budget
+    context_repeats: int = 0  # repeats of the line kept out of the loss (see error_loop_variant)
+    wrong: bool = True  # the repeated line is a wrong step (True) or a correct one (a spontaneous loop)
+
+
+def sft_batches(seed: int, ops: Sequence[int], exclude: set[str], batch_size: int,
+                loops: LoopDocs = LoopDocs()) -> Iterable[list[Problem]]:
+    """Endless SFT batches (prompt + solution), never a benchmark prompt. A `loops.share` of the
+    batches are error-tied loop documents only (`error_loop_variant`): whole batches, so the long
+    loop documents do not pad the short clean ones."""
     rng = random.Random(seed)
     i = 0
+
+    def problem() -> Problem:
+        nonlocal i
+        while True:
+            p = make_problem(rng, rng.choice(list(ops)), f"sft-{i}")
+            i += 1
+            if p.prompt not in exclude:
+                return p
+
     while True:
-        p = make_problem(rng, rng.choice(list(ops)), f"sft-{i}")
-        i += 1
-        if p.prompt not in exclude:
-            yield loop_variant(p, rng) if loop_share and rng.random() < loop_share else p
+        if loops.share and rng.random() < loops.share:
+            yield [error_loop_variant(problem(), rng, loops.length, loops.context_repeats, loops.wrong)
+                   for _ in range(batch_size)]
+        else:
+            yield [problem() for _ in range(batch_size)]
 
 
 def write_jsonl(problems: Iterable[Problem], path: str | Path) -> None:

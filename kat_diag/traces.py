@@ -20,7 +20,11 @@ Columns (one row per rollout)::
                   policy: string, tau: float64 (NaN = undefined), onset: int32 (-1 = none),
                   fire: int32 (-1 = not fired), stop_reason: string (eos, max_len, policy, ...),
                   gen_len: int32 (= number of stored tokens), kept_len: int32, text: string,
-                  correct: bool, null when not graded
+                  correct: bool, null when not graded;
+                  ground truth (schema 2, `kat_diag.truth`; null on real data and in schema-1 files):
+                  first_error: int32 (token index of the first token that leaves the reference
+                  solution, -1 = none), loop_start: int32 (token index where a repetition loop
+                  starts, -1 = none), verdict: string (right | wrong | loop | unfinished)
     per token     token_ids: list<int32>, student_logprob / teacher_logprob / kl (full-vocabulary
                   reverse KL) / kl_sampled (log pi_s(y_t) - log pi_T(y_t)) / student_entropy:
                   list<float32>; teacher_top_ids: list<fixed_size_list<int32, n>>,
@@ -48,7 +52,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DEFAULT_TOP_N = 5
 
 MANIFEST_NAME = "_manifest.json"  # "_" prefix: pyarrow/pandas dataset readers skip it
@@ -66,8 +70,11 @@ _ID_RANK_BITS = 12
 
 SCALAR_COLUMNS: tuple[str, ...] = (
     "run", "step", "rank", "rollout_id", "prompt_id", "policy", "tau", "onset", "fire",
-    "stop_reason", "gen_len", "kept_len", "text", "correct",
+    "stop_reason", "gen_len", "kept_len", "text", "correct", "first_error", "loop_start", "verdict",
 )
+# Columns added by schema version 2; files of version 1 lack them and read as nulls.
+TRUTH_COLUMNS: tuple[str, ...] = ("first_error", "loop_start", "verdict")
+UNKNOWN_POSITION = -2  # how a null first_error / loop_start reads (no ground truth)
 TOKEN_COLUMNS: tuple[str, ...] = (
     "token_ids", "student_logprob", "teacher_logprob", "kl", "kl_sampled", "student_entropy",
 )
@@ -81,6 +88,7 @@ _SCALAR_TYPES: dict[str, pa.DataType] = {
     "prompt_id": pa.string(), "policy": pa.string(), "tau": pa.float64(), "onset": pa.int32(),
     "fire": pa.int32(), "stop_reason": pa.string(), "gen_len": pa.int32(),
     "kept_len": pa.int32(), "text": pa.string(), "correct": pa.bool_(),
+    "first_error": pa.int32(), "loop_start": pa.int32(), "verdict": pa.string(),
 }
 _TOKEN_DTYPES: dict[str, np.dtype] = {
     "token_ids": np.dtype(np.int32), "student_logprob": np.dtype(np.float32),
@@ -88,7 +96,7 @@ _TOKEN_DTYPES: dict[str, np.dtype] = {
     "kl_sampled": np.dtype(np.float32), "student_entropy": np.dtype(np.float32),
     "teacher_top_ids": np.dtype(np.int32), "teacher_top_probs": np.dtype(np.float32),
 }
-_STRING_SCALARS = ("run", "prompt_id", "policy", "stop_reason", "text")
+_STRING_SCALARS = ("run", "prompt_id", "policy", "stop_reason", "text", "verdict")
 # Columns with min/max statistics, used to skip row groups without reading them.
 _STATS_COLUMNS = ["step", "rank", "rollout_id", "policy", "stop_reason", "fire", "gen_len"]
 
@@ -188,7 +196,9 @@ class Ragged:
 class TraceBatch(Mapping[str, Any]):
     """Columns of a set of rollouts: scalar columns as 1-D numpy arrays, per-token columns as Ragged.
 
-    String columns are numpy object arrays of ``str``; ``correct`` is int8 with -1 = not graded.
+    String columns are numpy object arrays of ``str``; ``correct`` is int8 with -1 = not graded;
+    ``first_error`` / ``loop_start`` are int32 with ``UNKNOWN_POSITION`` (-2) = no ground truth, and
+    ``verdict`` holds None there.
     """
 
     def __init__(self, columns: dict[str, Any], num_rows: int) -> None:
@@ -461,6 +471,10 @@ class TraceWriter:
                                     else lengths.astype(np.int32))
         cols["text"] = pa.array([str(v) for v in scalar("text", "", object)], pa.string())
         cols["correct"] = pa.array([_as_correct(v) for v in scalar("correct", None, object)], pa.bool_())
+        for name in ("first_error", "loop_start"):
+            cols[name] = pa.array([None if v is None else int(v) for v in scalar(name, None, object)], pa.int32())
+        cols["verdict"] = pa.array([None if v is None else str(v) for v in scalar("verdict", None, object)],
+                                   pa.string())
 
         ragged: dict[str, Ragged] = {"token_ids": token_ids}
         for name in ("student_logprob", "teacher_logprob", "kl", "kl_sampled", "student_entropy"):
@@ -667,6 +681,8 @@ def _check_file(path: Path) -> tuple[pq.FileMetaData, int]:
         )
     expected = schema(top_n)
     for field in expected:
+        if version < 2 and field.name in TRUTH_COLUMNS:
+            continue
         idx = arrow_schema.get_field_index(field.name)
         if idx < 0:
             raise TraceStoreError(f"{path}: not a kat-diag trace file (missing column {field.name!r})")
@@ -793,6 +809,8 @@ def _column_to_numpy(name: str, col: pa.ChunkedArray) -> Any:
         return Ragged(offsets, values)
     if name == "correct":
         return pc.fill_null(pc.cast(arr, pa.int8()), -1).to_numpy()
+    if name in ("first_error", "loop_start"):
+        return pc.fill_null(pc.cast(arr, pa.int32()), UNKNOWN_POSITION).to_numpy()
     return arr.to_numpy(zero_copy_only=False)
 
 
@@ -872,7 +890,11 @@ class TraceReader:
                 mask = flt.mask(pf.read_row_group(rg.index, columns=fcols))
                 if not mask.any():
                     return None
-            table = pf.read_row_group(rg.index, columns=columns)
+            present = set(pf.schema_arrow.names)
+            table = pf.read_row_group(rg.index, columns=[c for c in columns if c in present])
+            for c in columns:  # a schema-1 file has no ground-truth columns: they read as nulls
+                if c not in present:
+                    table = table.append_column(c, pa.nulls(table.num_rows, _SCALAR_TYPES[c]))
         except Exception as e:
             err = TraceStoreError(f"{rg.path}: corrupt data in row group {rg.index} ({e})")
             self._fail(rg.path, err)

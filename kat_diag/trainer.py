@@ -84,7 +84,7 @@ class TrainConfig:
     prefix_len: int | None = None
     random_target: float | None = None  # mean kept length for `random` ...
     random_from: str | None = None  # ... or a KAT run directory to length-match
-    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=160, chunk_size=16))
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=192, chunk_size=16))
     kat: KATConfig = field(default_factory=KATConfig)
     eval_every: int = 0  # 0: evaluate only after the last step
     eval_k: int = 4
@@ -251,10 +251,12 @@ def trace_batch(rollouts: list[Rollout], problems: list[Problem], texts: list[st
                 rank: int, policy_name: str, tau: float, correct: list[bool]) -> dict[str, Any]:
     """Columns of the trace store for one step's rollouts (format of `traces.TraceWriter.append`)."""
     from kat_diag.traces import make_rollout_id
+    from kat_diag.truth import truth_columns
 
     def np_list(attr: str) -> list[np.ndarray]:
         return [getattr(r, attr).cpu().numpy() for r in rollouts]
 
+    token_text = [tokenizer.batch_decode([[t] for t in r.token_ids.tolist()]) for r in rollouts]
     return {
         "step": step,
         "rollout_id": [make_rollout_id(step, rank, r.index) for r in rollouts],
@@ -276,7 +278,8 @@ def trace_batch(rollouts: list[Rollout], problems: list[Problem], texts: list[st
         "student_entropy": np_list("student_entropy"),
         "teacher_top_ids": [a.astype(np.int32) for a in np_list("teacher_top_ids")],
         "teacher_top_probs": np_list("teacher_top_probs"),
-        "token_text": [tokenizer.batch_decode([[t] for t in r.token_ids.tolist()]) for r in rollouts],
+        "token_text": token_text,
+        **truth_columns(problems, texts, token_text),  # ground truth (embedded world only)
     }
 
 

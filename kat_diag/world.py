@@ -22,7 +22,7 @@ import torch
 
 from kat_diag.models import count_parameters, tiny_qwen3_config
 from kat_diag.sft import SFTConfig, train_sft
-from kat_diag.tasks import BENCHMARK_OPS, Problem, read_problems, sft_stream, world_splits, write_jsonl
+from kat_diag.tasks import BENCHMARK_OPS, LoopDocs, Problem, read_problems, sft_batches, world_splits, write_jsonl
 from kat_diag.tokenizer import save_char_tokenizer
 
 DEFAULT_WORLD_DIR = Path(__file__).resolve().parent.parent / "data" / "world"
@@ -34,7 +34,9 @@ class ModelSpec:
     layers: int
     heads: int
     intermediate: int
-    sft: SFTConfig = field(default_factory=SFTConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)  # stage 1: clean step-by-step solutions
+    loops: LoopDocs = LoopDocs()  # stage 2 mixture: this share of batches are error-tied loop documents
+    loop_sft: SFTConfig = SFTConfig(steps=0)  # stage 2 (after stage 1; steps 0: no stage 2)
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,10 @@ class WorldConfig:
     n_train: int = 4000  # OPD training prompts
     n_bench: int = 200  # problems per benchmark split
     sft_ops: tuple[int, ...] = (2, 3, 4, 5)
-    loop_share: float = 0.0  # share of SFT documents that are repetition loops (tasks.loop_variant)
+    # Stage 2 (loop documents) is off: both recipes tried did not give the trap (README "The embedded
+    # world", variants A and C). Variant A, for instance, is
+    #   teacher: LoopDocs(0.1, 192, context_repeats=1), SFTConfig(steps=300, lr=1e-3, warmup=20, seed=5)
+    #   student: LoopDocs(0.3, 192, context_repeats=0), SFTConfig(steps=300, lr=1e-3, warmup=20, seed=6)
     teacher: ModelSpec = ModelSpec(128, 4, 4, 384, SFTConfig(steps=800, batch_size=64, lr=3e-3, seed=1))
     student: ModelSpec = ModelSpec(96, 3, 3, 288, SFTConfig(steps=600, batch_size=64, lr=3e-3, seed=2))
 
@@ -53,8 +58,10 @@ class WorldConfig:
         return WorldConfig(
             n_train=64,
             n_bench=16,
-            teacher=ModelSpec(32, 2, 2, 64, SFTConfig(steps=30, batch_size=16, lr=3e-3, seed=1)),
-            student=ModelSpec(16, 1, 2, 32, SFTConfig(steps=15, batch_size=16, lr=3e-3, seed=2)),
+            teacher=ModelSpec(32, 2, 2, 64, SFTConfig(steps=30, batch_size=16, lr=3e-3, seed=1),
+                              LoopDocs(0.2, 64, 1), SFTConfig(steps=5, batch_size=16, lr=1e-3, warmup=2, seed=5)),
+            student=ModelSpec(16, 1, 2, 32, SFTConfig(steps=15, batch_size=16, lr=3e-3, seed=2),
+                              LoopDocs(0.3, 64, 0), SFTConfig(steps=5, batch_size=16, lr=1e-3, warmup=2, seed=6)),
         )
 
 
@@ -74,11 +81,35 @@ def _build_model(spec: ModelSpec, tok, seed: int):
     return AutoModelForCausalLM.from_config(cfg)
 
 
-def build_world(out_dir: str | Path, cfg: WorldConfig = WorldConfig(), progress: bool = True) -> dict:
-    """Build data, tokenizer, teacher and student into `out_dir`; return the world summary."""
+def _load_stage1(world: Path, role: str, spec: ModelSpec, tok, seed: int):
+    """A stage-1 checkpoint of an earlier build of the same config (clean SFT only)."""
+    from transformers import AutoModelForCausalLM
+
+    info = json.loads((world / "world.json").read_text()) if (world / "world.json").exists() else None
+    stage1 = info and info["config"]["seed"] == seed and info["config"][role]["sft"] == asdict(spec.sft) and \
+        not info["config"][role].get("loop_sft", {}).get("steps")
+    if not stage1:
+        raise ValueError(f"--stage1-from {world}: its {role} is not stage 1 of this config (same stage-1 SFT, "
+                         f"no stage 2 in its world.json)")
+    model = AutoModelForCausalLM.from_pretrained(world / role)
+    got = (model.config.hidden_size, model.config.num_hidden_layers, model.config.vocab_size)
+    if got != (spec.hidden, spec.layers, len(tok)):
+        raise ValueError(f"--stage1-from {world}: {role} has (hidden, layers, vocab) {got}, this config "
+                         f"{(spec.hidden, spec.layers, len(tok))}")
+    return model
+
+
+def build_world(out_dir: str | Path, cfg: WorldConfig = WorldConfig(), progress: bool = True,
+                stage1_from: str | Path | None = None) -> dict:
+    """Build data, tokenizer, teacher and student into `out_dir`; return the world summary.
+
+    Each model gets stage 1 (SFT on clean solutions from random init) and stage 2 (SFT on a mixture
+    with error-tied loop documents). `stage1_from`: take the stage-1 models from an earlier build
+    of the same config instead of retraining them (stage 1 is deterministic in the seed), so a
+    stage-2 recipe can be iterated in minutes."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()
     torch.manual_seed(cfg.seed)
 
     splits = world_splits(cfg.seed, cfg.n_train, cfg.n_bench)
@@ -87,12 +118,20 @@ def build_world(out_dir: str | Path, cfg: WorldConfig = WorldConfig(), progress:
     bench_prompts = {p.prompt for name in BENCHMARK_OPS for p in splits[name]}
     tok = save_char_tokenizer(out / "tokenizer")
 
-    summary: dict = {"config": asdict(cfg), "models": {}}
+    summary: dict = {"config": asdict(cfg), "models": {},
+                     "stage1_from": None if stage1_from is None else str(stage1_from)}
     for role, spec, seed_off in (("teacher", cfg.teacher, 11), ("student", cfg.student, 23)):
         t_model = time.time()
-        model = _build_model(spec, tok, cfg.seed * 100 + seed_off)
-        stream = iter(sft_stream(cfg.seed * 100 + seed_off, cfg.sft_ops, bench_prompts, cfg.loop_share))
-        losses = train_sft(model, tok, stream, spec.sft, desc=f"sft {role}", progress=progress)
+        if stage1_from is None:
+            model = _build_model(spec, tok, cfg.seed * 100 + seed_off)
+            batches = iter(sft_batches(cfg.seed * 100 + seed_off, cfg.sft_ops, bench_prompts, spec.sft.batch_size))
+            losses = train_sft(model, tok, batches, spec.sft, desc=f"sft {role}", progress=progress)
+        else:
+            model, losses = _load_stage1(Path(stage1_from), role, spec, tok, cfg.seed), []
+        if spec.loop_sft.steps:
+            batches = iter(sft_batches(cfg.seed * 100 + spec.loop_sft.seed, cfg.sft_ops, bench_prompts,
+                                       spec.loop_sft.batch_size, spec.loops))
+            losses = train_sft(model, tok, batches, spec.loop_sft, desc=f"sft+loops {role}", progress=progress)
         model.save_pretrained(out / role)
         tok.save_pretrained(out / role)
         summary["models"][role] = {
@@ -101,6 +140,7 @@ def build_world(out_dir: str | Path, cfg: WorldConfig = WorldConfig(), progress:
             "sft_seconds": round(time.time() - t_model, 1),
         }
     summary["build_seconds"] = round(time.time() - t0, 1)
+    summary["build_cpu_seconds"] = round(time.process_time() - cpu0, 1)  # wall time under load says little
     (out / "world.json").write_text(json.dumps(summary, indent=2))
     return summary
 

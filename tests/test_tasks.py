@@ -156,36 +156,32 @@ def test_check_answer_dispatches_on_kind():
     assert check_answer(arith, arith.solution)
 
 
-def test_loop_variant_repeats_a_step_and_never_answers():
-    import random
+def test_sft_batches_mix_whole_batches_of_error_loops():
+    from kat_diag.tasks import LoopDocs, sft_batches
 
-    from kat_diag.tasks import loop_variant, sft_stream
-
-    rng = random.Random(0)
-    for p in generate_problems(50, (2, 5), seed=4, prefix="l"):
-        lp = loop_variant(p, rng)
-        lines = lp.solution.rstrip("\n").split("\n")
-        assert lp.kind == "loop" and "#" not in lp.solution
-        assert lines[-1] == lines[-2] == lines[-3]  # at least two repeats of the same step
-        assert p.solution.startswith("\n".join(lines[: lines.index(lines[-1]) + 1]))
-    stream = sft_stream(1, (2, 3), set(), loop_share=0.25)
-    kinds = [next(stream).kind for _ in range(2000)]
-    assert 0.2 < kinds.count("loop") / 2000 < 0.3
-    assert all(p.kind == "arith" for p, _ in zip(sft_stream(1, (2, 3), set()), range(200), strict=False))
+    stream = sft_batches(1, (2, 3), set(), 4, LoopDocs(share=0.25, length=64, context_repeats=1))
+    batches = [next(stream) for _ in range(800)]
+    kinds = [{p.kind for p in b} for b in batches]
+    assert all(len(k) == 1 for k in kinds)  # a batch is all clean or all loops
+    assert 0.2 < sum(k == {"loop"} for k in kinds) / 800 < 0.3
+    clean = sft_batches(1, (2, 3), set(), 4)
+    assert all(p.kind == "arith" for _ in range(100) for p in next(clean))
 
 
 def test_sft_encoding_ends_solutions_with_eos_but_not_loops():
     import random
 
     from kat_diag.sft import encode_sft_batch
-    from kat_diag.tasks import loop_variant
+    from kat_diag.tasks import error_loop_variant
     from kat_diag.tokenizer import build_char_tokenizer
 
     tok = build_char_tokenizer()
     p = generate_problems(1, 3, seed=0, prefix="e")[0]
-    batch = encode_sft_batch(tok, [p, loop_variant(p, random.Random(1))])
+    lp = error_loop_variant(p, random.Random(1), 64, 0)
+    batch = encode_sft_batch(tok, [p, lp])
     labels = batch["labels"]
     n0, n1 = int(batch["attention_mask"][0].sum()), int(batch["attention_mask"][1].sum())
     assert labels[0, n0 - 1] == tok.eos_token_id
     assert labels[1, n1 - 1] != tok.eos_token_id
     assert (labels[0, : len(p.prompt)] == -100).all()
+    assert (labels[1, : len(lp.prompt)] == -100).all()  # the error itself is never a target

@@ -205,3 +205,13 @@ def test_record_writes_full_traces_without_training(quick_world, tmp_path):
     assert sorted(set(cols["prompt_id"].tolist())) == [f"ops3-{i}" for i in range(5)]
     after = load_model(quick_world / "student", device="cpu").state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+    # ground truth of every world rollout, recomputed from its text and problem
+    from kat_diag.truth import rollout_truth
+    from kat_diag.world import load_world_splits
+
+    t = TraceReader(tmp_path / "rec").read(columns=["text", "prompt_id", "first_error", "loop_start", "verdict"])
+    probs = {p.id: p for p in load_world_splits(quick_world)["ops3"]}
+    for i in range(10):
+        want = rollout_truth(probs[t["prompt_id"][i]], t["text"][i])
+        assert (t["first_error"][i], t["loop_start"][i], t["verdict"][i]) == \
+            (want.first_error, want.loop_start, want.verdict)

@@ -51,6 +51,24 @@ def test_world_build_is_reproducible(quick_world, tmp_path):
     assert (quick_world / "data" / "ops3.jsonl").read_text() == (tmp_path / "data" / "ops3.jsonl").read_text()
 
 
+def test_stage1_from_gives_the_full_build(quick_world, tmp_path):
+    from dataclasses import replace
+
+    from kat_diag.sft import SFTConfig
+
+    full = WorldConfig.quick()
+    stage1 = replace(full, teacher=replace(full.teacher, loop_sft=SFTConfig(steps=0)),
+                     student=replace(full.student, loop_sft=SFTConfig(steps=0)))
+    build_world(tmp_path / "s1", stage1, progress=False)
+    build_world(tmp_path / "s2", full, progress=False, stage1_from=tmp_path / "s1")
+    for role in ("teacher", "student"):
+        a = load_model(quick_world / role, device="cpu").state_dict()
+        b = load_model(tmp_path / "s2" / role, device="cpu").state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="not stage 1"):  # a world that already has stage 2
+        build_world(tmp_path / "s3", full, progress=False, stage1_from=quick_world)
+
+
 def test_sft_lowers_the_loss(quick_world):
     summary = json.loads((quick_world / "world.json").read_text())
     # ln(99) = 4.6 is the loss of a uniform guess over the vocabulary.
