@@ -223,6 +223,9 @@ def plot_vocab(result: VocabResult, fig=None, top: int = 10):
         for name, c in zip(result.names, result.counts[i], strict=True):
             if c > 0:
                 freq[name] = freq.get(name, 0.0) + float(c)
+        if not freq:  # e.g. a store recorded without teacher top-n ids: nothing to draw
+            ax.set_title(f"{ph}: no teacher top-n tokens stored", color=PHASE_COLORS.get(ph))
+            continue
         wc = WordCloud(width=600, height=400, background_color="white", random_state=0, prefer_horizontal=1.0,
                        min_font_size=8, max_words=100, collocations=False).generate_from_frequencies(freq)
         ax.imshow(wc.to_array(), interpolation="bilinear")
