@@ -23,6 +23,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from kat_diag.detector import KATConfig
 from kat_diag.loss import LossInputs, make_loss
 from kat_diag.models import check_compatible, load_model, load_tokenizer, resolve_device, resolve_dtype
 from kat_diag.rollout import Rollout, RolloutEngine, SamplingConfig, encode_prompts
+from kat_diag.supervise import select_training_tokens, with_supervision
 from kat_diag.tasks import Problem, check_answer, load_math_dataset
 from kat_diag.termination import make_policy
 
@@ -72,11 +74,12 @@ class TrainConfig:
     prefix_len: int | None = None
     random_target: float | None = None  # mean kept length for `random` ...
     random_from: str | None = None  # ... or a KAT run directory to length-match
+    supervise: str | None = None  # train only on these phases of untruncated rollouts (kat_diag.supervise)
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=160, chunk_size=16))
     kat: KATConfig = field(default_factory=KATConfig)
     eval_every: int = 0  # 0: evaluate only after the last step
     eval_k: int = 4
-    eval_n: int = 50  # problems per benchmark split
+    eval_n: int = 50  # problems per benchmark split (0: no evaluation)
     ckpt_every: int = 25
     keep_checkpoints: int = 2
     trace_every: int = 1  # record traces every N steps (0: never)
@@ -345,8 +348,10 @@ class TrainResult:
     run_dir: Path
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
-    """Run OPD with the configured termination policy."""
+def train(cfg: TrainConfig, resume: bool = False,
+          on_step: Callable[[int, dict[str, Any]], None] | None = None) -> TrainResult:
+    """Run OPD with the configured termination policy; `on_step(step, metrics)` after each step's
+    metrics are written (rank 0; e.g. an outer progress display)."""
     device = D.local_device(resolve_device(cfg.device))
     rank, world = D.init(device)
     run = Path(cfg.out)
@@ -367,6 +372,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
     encoded = encode_prompts(tokenizer, [p.prompt for p in problems])
     policy = make_policy(cfg.termination, kat=cfg.kat, prefix_len=cfg.prefix_len,
                          random_target=_random_target(cfg), seed=cfg.seed * 131 + rank, device=device)
+    policy = with_supervision(policy, cfg.supervise, cfg.kat, device)
     loss_fn = make_loss(cfg.loss)
     decay = [p for p in student.parameters() if p.ndim >= 2]
     no_decay = [p for p in student.parameters() if p.ndim < 2]
@@ -412,7 +418,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
             policy_metrics = policy.end_step()
             t_roll = time.perf_counter() - t0
             updating = True
-            upd = opd_update(student, rollouts, loss_fn, opt, cfg, device)
+            upd = opd_update(student, select_training_tokens(policy, rollouts, policy_metrics), loss_fn, opt,
+                             cfg, device)
             sched.step()
             step_time = time.perf_counter() - t0
 
@@ -445,6 +452,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
             }
             metrics["tau"] = float(policy_metrics.get("tau", float("nan")))
             sink.write(metrics)
+            if on_step is not None and rank == 0:
+                on_step(step, metrics)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", kl=f"{metrics['kl_mean']:.3f}",
                             gen=f"{metrics['gen_len_mean']:.0f}", kept=f"{metrics['kept_len_mean']:.0f}")
 
@@ -458,7 +467,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
             last_done, updating = step, False
 
             last = step == cfg.steps - 1
-            if bench and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last):
+            if bench and cfg.eval_n and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last):
                 if rank == 0:
                     sink.write({"step": step, **evaluate_student(student, tokenizer, bench, cfg)})
                 D.barrier()
