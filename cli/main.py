@@ -15,7 +15,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from cli import trace_cmd, train_cmd, world_cmd  # noqa: E402
+from cli import study_cmd, trace_cmd, train_cmd, world_cmd  # noqa: E402
 
 app = typer.Typer(
     name="kat-diag",
@@ -25,7 +25,7 @@ app = typer.Typer(
     add_completion=False,
 )
 
-for module in (world_cmd, train_cmd, trace_cmd):
+for module in (world_cmd, train_cmd, trace_cmd, study_cmd):
     module.register(app)
 
 
