@@ -2,8 +2,14 @@
 
 The rollout engine calls the detector after every decoding step (chunk 1) or after scoring a
 chunk of tokens with the teacher (chunk W), so its per-call cost is overhead on every step. This
-prints one line per scenario and, last, one JSON object. Timings are the best of several
-repeats (the machine is shared; the median is reported too), on CPU with 2 threads.
+prints one line per scenario and, last, one JSON object with the best and the median of several
+repeats (the machine is shared: the median is the figure to quote), on CPU with 2 threads.
+
+`step_<statistic>` cases time what KAT costs per training step under each threshold statistic:
+the detector updates of 64 rollouts of 1024 tokens at chunk W (world preset W = 16, paper preset
+W = 64), then `end_step`, which computes the
+step's buffer values (`rollout_min`: one minimum per rollout; `windows`: stride-W window means)
+from the stored KL and updates the threshold.
 
 Run: .venv/bin/python benchmarks/detector.py [--quick]
 """
@@ -19,7 +25,7 @@ import time
 import numpy as np
 import torch
 
-from kat_diag.detector import KATConfig, StreamingDetector
+from kat_diag.detector import KATConfig, StreamingDetector, kat_preset
 from kat_diag.replay import replay
 from kat_diag.termination import KATPolicy
 
@@ -52,15 +58,7 @@ def detector_case(cfg: KATConfig, chunk: int, backend: str, valid: str, calls: i
         mask = torch.ones(BATCH, chunk, dtype=torch.bool)
         mask[: BATCH // 4, chunk // 2:] = False
 
-    calls_done = [0]
-
-    def update() -> None:
-        det.update(kl, mask)
-        calls_done[0] += 1
-        if calls_done[0] % 4096 == 0:  # what the KAT policy's end_step does once per step
-            det.pop_window_means()
-
-    return rate(update, BATCH * chunk, calls, repeats)
+    return rate(lambda: det.update(kl, mask), BATCH * chunk, calls, repeats)
 
 
 def policy_case(cfg: KATConfig, chunk: int, calls: int, repeats: int) -> tuple[float, float]:
@@ -68,10 +66,32 @@ def policy_case(cfg: KATConfig, chunk: int, calls: int, repeats: int) -> tuple[f
     kl = torch.tensor(rng.exponential(0.05, size=(BATCH, chunk)), dtype=torch.float32)
     valid = torch.ones(BATCH, chunk, dtype=torch.bool)
     policy = KATPolicy(cfg)
-    policy.threshold.observe([0.03])
+    policy.threshold.observe([0.03] * cfg.min_fill)
     policy.begin_step(cfg.warmup_steps)
     policy.add_rows(BATCH)
     return rate(lambda: policy.update(kl, valid), BATCH * chunk, calls, repeats)
+
+
+def step_case(cfg: KATConfig, statistic: str, length: int, steps: int, repeats: int) -> tuple[float, float]:
+    """Whole KAT steps (updates at chunk W + end_step with the buffer values) in token updates/s."""
+    import dataclasses
+
+    cfg = dataclasses.replace(cfg, statistic=statistic)
+    rng = np.random.default_rng(0)
+    kl = torch.tensor(rng.exponential(0.05, size=(BATCH, length)), dtype=torch.float32)
+    rows = list(kl)
+    policy = KATPolicy(cfg)
+    policy.threshold.observe([1e-9] * cfg.min_fill)  # active, but nothing fires: full-length rollouts
+    w = cfg.window
+
+    def one_step() -> None:
+        policy.begin_step(cfg.warmup_steps)
+        policy.add_rows(BATCH)
+        for c0 in range(0, length, w):
+            policy.update(kl[:, c0: c0 + w])
+        policy.end_step(rows)
+
+    return rate(one_step, BATCH * length, steps, repeats)
 
 
 def replay_case(cfg: KATConfig, n_tokens: int, repeats: int) -> float:
@@ -96,7 +116,8 @@ def main() -> None:
     scale = 0.2 if quick else 1.0
     out: dict[str, object] = {"batch": BATCH, "config": {
         "W": cfg.window, "T": cfg.persistence, "L0": cfg.min_length, "K": cfg.warmup_steps,
-        "B": cfg.buffer_size, "eta": cfg.quantile, "keep": cfg.keep}}
+        "B": cfg.buffer_size, "B_min": cfg.min_fill, "tau_quantile": cfg.tau_quantile,
+        "statistic": cfg.statistic, "keep": cfg.keep}}
     cases = [
         ("chunk1", 1, "auto", "none", 4000),
         ("chunkW", w, "auto", "none", 2000),
@@ -113,7 +134,15 @@ def main() -> None:
         print(f"{name:22s} best {best / 1e6:7.2f} M/s   median {median / 1e6:7.2f} M/s", flush=True)
     best, median = policy_case(cfg, w, int(1000 * scale), repeats)
     out["token_updates_per_s_policy_chunkW"] = round(best)
+    out["token_updates_per_s_policy_chunkW_median"] = round(median)
     print(f"{'policy_chunkW':22s} best {best / 1e6:7.2f} M/s   median {median / 1e6:7.2f} M/s")
+    for preset in ("world", "paper"):  # chunk W = 16 and 64
+        for statistic in ("rollout_min", "windows"):
+            name = f"step_{preset}_{statistic}"
+            best, median = step_case(kat_preset(preset), statistic, 1024, int(10 * scale) or 2, repeats)
+            out[f"token_updates_per_s_{name}"] = round(best)
+            out[f"token_updates_per_s_{name}_median"] = round(median)
+            print(f"{name:22s} best {best / 1e6:7.2f} M/s   median {median / 1e6:7.2f} M/s", flush=True)
     tokens = 1 << 20 if quick else 1 << 22
     out["replay_tokens_per_s"] = round(replay_case(cfg, tokens, 2 if quick else 3))
     out["replay_tokens"] = tokens

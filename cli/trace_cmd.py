@@ -163,20 +163,24 @@ def replay(
                                            "needed to fire (default: run config, else KATConfig)."),
     min_length: int | None = typer.Option(None, "--min-length", help="L0: never fire before this many "
                                           "tokens (default: run config, else KATConfig)."),
-    eta: float | None = typer.Option(None, "--eta", help="Quantile eta: tau = quantile_eta(buffer) "
-                                     "(default: run config, else KATConfig)."),
+    statistic: str | None = typer.Option(None, "--statistic", "--kat-statistic", help="What each rollout "
+                                         "pushes into the threshold buffer: 'rollout_min' (its minimum window "
+                                         "mean, the paper's rule) or 'windows' (its stride-W window means) "
+                                         "(default: run config, else rollout_min)."),
+    tau_quantile: float | None = typer.Option(None, "--tau-quantile", help="tau = this quantile of the "
+                                              "buffer, in (0, 1); the paper's eta = 0.3 is 0.7 "
+                                              "(default: run config, else KATConfig)."),
+    min_fill: int | None = typer.Option(None, "--min-fill", help="B_min: KAT stays inactive until the "
+                                        "buffer holds this many values (default: run config, else KATConfig)."),
     warmup_steps: int | None = typer.Option(None, "--warmup-steps", help="K: steps during which KAT "
                                             "only fills its buffer (default: run config, else KATConfig)."),
-    buffer_size: int | None = typer.Option(None, "--buffer-size", help="B: window means kept in the "
-                                           "FIFO buffer (default: run config, else KATConfig)."),
+    buffer_size: int | None = typer.Option(None, "--buffer-size", help="B: values kept in the FIFO "
+                                           "buffer (default: run config, else KATConfig)."),
     keep: str | None = typer.Option(None, "--keep", help="Kept tokens when fired: 'onset' ([0, onset)) "
                                     "or 'fire' ([0, fire]) (default: run config, else onset)."),
     tau: str | None = typer.Option(None, "--tau", help="Fixed threshold (nats) for every rollout, or "
                                    "'recorded' for each rollout's recorded tau (reproduces the online "
                                    "decisions). Default: adaptive, derived step by step like KAT online."),
-    chunk_size: int | None = typer.Option(None, "--chunk-size", help="Adaptive tau only: tokens per "
-                                          "detector update of the online engine, for the buffer's window "
-                                          "means (default: the run config's sampling.chunk_size, else 1)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
     out: Path | None = typer.Option(None, "--out", help="Write per-rollout results (rollout_id, step, "
                                     "tau, onset, fire, keep, length, phases, recorded onset/fire) "
@@ -196,16 +200,13 @@ def replay(
         reader = _open(run, skip_corrupt)
         try:
             cfg = trace_view.kat_config(reader.config, window=window, persistence=persistence,
-                                        min_length=min_length, quantile=eta, warmup_steps=warmup_steps,
+                                        min_length=min_length, tau_quantile=tau_quantile,
+                                        statistic=statistic, min_fill=min_fill, warmup_steps=warmup_steps,
                                         buffer_size=buffer_size, keep=keep)
         except ValueError as e:
             raise typer.BadParameter(str(e)) from e
         try:
-            chunk = chunk_size or int((reader.config.get("sampling") or {}).get("chunk_size") or 1)
-            if chunk < 1:
-                raise typer.BadParameter("--chunk-size must be >= 1")
-            result = trace_view.replay_store(reader, cfg, tau_value, chunk_size=chunk,
-                                             per_rollout=out is not None, **filters)
+            result = trace_view.replay_store(reader, cfg, tau_value, per_rollout=out is not None, **filters)
         except TraceStoreError as e:
             _fail(str(e))
     if out is not None:

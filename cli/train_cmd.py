@@ -13,12 +13,11 @@ _T = DEFAULT_WORLD_DIR / "teacher"
 _S = DEFAULT_WORLD_DIR / "student"
 
 
-def _kat(window: int, persistence: int, min_length: int, kat_warmup: int, buffer_size: int, eta: float,
-         keep: str):
-    from kat_diag.detector import KATConfig
+def _kat(preset: str, **overrides):
+    """The KAT preset with every option given on the command line applied on top of it."""
+    from kat_diag.detector import kat_preset
 
-    return KATConfig(window=window, persistence=persistence, min_length=min_length,
-                     warmup_steps=kat_warmup, buffer_size=buffer_size, quantile=eta, keep=keep)
+    return kat_preset(preset, **overrides)
 
 
 def register(app: typer.Typer) -> None:
@@ -43,19 +42,33 @@ def register(app: typer.Typer) -> None:
         warmup_steps: int = typer.Option(5, help="Linear LR warm-up steps."),
         schedule: str = typer.Option("cosine", help="LR schedule: cosine | constant."),
         grad_clip: float = typer.Option(1.0, help="Gradient-norm clipping."),
-        loss: str = typer.Option("full", help="OPD estimator: full (full-vocabulary reverse KL) | sampled."),
+        loss: str = typer.Option("topk", help="OPD estimator: topk (reverse KL over the student's top-k tokens "
+                                 "plus one tail bucket, the paper's) | full (full-vocabulary reverse KL) | "
+                                 "sampled (sampled-token policy gradient)."),
+        topk: int = typer.Option(64, help="k of --loss topk (capped at the vocabulary size, where it equals full)."),
         max_new_tokens: int = typer.Option(160, help="Rollout budget in tokens."),
         chunk_size: int = typer.Option(16, help="Tokens generated between teacher scoring calls (C)."),
         slots: int = typer.Option(0, help="Rollouts in flight at once (0: the whole batch)."),
         temperature: float = typer.Option(1.0, help="Student sampling temperature."),
         top_p: float = typer.Option(1.0, help="Student nucleus sampling."),
-        window: int = typer.Option(16, help="KAT window W."),
-        persistence: int = typer.Option(8, help="KAT persistence T."),
-        min_length: int = typer.Option(32, help="KAT minimum length L0."),
-        kat_warmup: int = typer.Option(5, help="KAT warm-up steps K (observe only)."),
-        buffer_size: int = typer.Option(4096, help="KAT buffer size B (window means)."),
-        eta: float = typer.Option(0.2, help="KAT quantile eta of the buffer for tau."),
-        keep: str = typer.Option("onset", help="Tokens kept after a KAT stop: onset | fire."),
+        kat_preset: str = typer.Option("world", help="KAT parameter preset: world (chosen for the embedded "
+                                       "world) | paper (W 64, T 4, K 50, B 4096, B_min 512, eta 0.3). "
+                                       "Every KAT option below overrides it."),
+        kat_statistic: str = typer.Option(None, help="What a finished rollout pushes into KAT's threshold "
+                                          "buffer: rollout_min (its minimum window mean; the paper's) | "
+                                          "windows (its stride-W window means). Default: the preset's."),
+        window: int = typer.Option(None, help="KAT window W (tokens per window mean). Default: the preset's."),
+        persistence: int = typer.Option(None, help="KAT persistence T (consecutive low windows to fire). "
+                                        "Default: the preset's."),
+        min_length: int = typer.Option(None, help="KAT exempt initial span L0 (no fire before L0 tokens). "
+                                       "Default: the preset's."),
+        kat_warmup: int = typer.Option(None, help="KAT warm-up steps K (observe only). Default: the preset's."),
+        buffer_size: int = typer.Option(None, help="KAT buffer capacity B (FIFO). Default: the preset's."),
+        min_fill: int = typer.Option(None, help="KAT B_min: inactive until the buffer holds this many values. "
+                                     "Default: the preset's."),
+        tau_quantile: float = typer.Option(None, help="tau = this quantile of KAT's buffer, in (0, 1); the "
+                                           "paper's eta 0.3 is 0.7. Default: the preset's."),
+        keep: str = typer.Option(None, help="Tokens kept after a KAT stop: onset | fire. Default: onset."),
         prefix_len: int = typer.Option(0, help="Prefix budget P for prefix / kat+prefix."),
         random_target: float = typer.Option(0.0, help="Mean kept length for random termination."),
         random_from: Path = typer.Option(None, help="KAT run directory whose kept length random matches."),
@@ -83,12 +96,14 @@ def register(app: typer.Typer) -> None:
             question_field=question_field, answer_field=answer_field, answer_format=answer_format,
             bench=tuple(str(b) for b in bench), steps=steps, batch_size=batch_size, micro_batch=micro_batch,
             lr=lr, warmup_steps=warmup_steps, schedule=schedule, grad_clip=grad_clip, dtype=dtype,
-            device=device, seed=seed, loss=loss, termination=termination,
+            device=device, seed=seed, loss=loss, topk=topk, termination=termination,
             prefix_len=prefix_len or None, random_target=random_target or None,
             random_from=str(random_from) if random_from else None, supervise=supervise or None,
             sampling=SamplingConfig(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                                     chunk_size=chunk_size, slots=slots),
-            kat=_kat(window, persistence, min_length, kat_warmup, buffer_size, eta, keep),
+            kat=_kat(kat_preset, window=window, persistence=persistence, min_length=min_length,
+                     warmup_steps=kat_warmup, buffer_size=buffer_size, min_fill=min_fill,
+                     tau_quantile=tau_quantile, statistic=kat_statistic, keep=keep),
             eval_every=eval_every, eval_k=eval_k, eval_n=eval_n, ckpt_every=ckpt_every,
             trace_every=trace_every, max_steps_this_run=stop_after or None,
         )

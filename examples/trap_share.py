@@ -70,7 +70,8 @@ def main() -> None:
     ap.add_argument("--eta", type=float, default=0.2)
     args = ap.parse_args()
     cfg = KATConfig(window=args.window, persistence=args.persistence, min_length=args.min_length,
-                    quantile=args.eta, warmup_steps=0)
+                    tau_quantile=args.eta, statistic="windows", min_fill=1,
+                    warmup_steps=0)
     b = TraceReader(args.run).read(columns=["kl", "text", "correct", "gen_len"])
     kl, off = b["kl"].values.astype(np.float64), b["kl"].offsets
     # tau: eta-quantile of the stride-W window means of every rollout (what KAT's buffer would hold).
@@ -80,7 +81,7 @@ def main() -> None:
         n = len(x) // cfg.window
         if n:
             means.append(x[: n * cfg.window].reshape(n, cfg.window).mean(1))
-    tau = float(np.quantile(np.concatenate(means), cfg.quantile))
+    tau = float(np.quantile(np.concatenate(means), cfg.tau_quantile))
     res = replay(kl, off, cfg, tau)
     correct = b["correct"] == 1
     spans = np.array([first_error(None, t) for t in b["text"]]).reshape(-1, 2)

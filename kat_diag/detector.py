@@ -6,10 +6,24 @@ decision needs and nothing model-specific, so the rollout engine (through
 `kat_diag.termination`), offline replay (`kat_diag.replay`) and phase segmentation
 (`kat_diag.phases`) all run the very same code:
 
-- `KATConfig`: the parameters (W, T, L0, K, B, eta, keep), validated when built.
-- `AdaptiveThreshold`: the FIFO buffer of recent window means and the per-step quantile tau.
+- `KATConfig`: the parameters (W, T, L0, K, B, B_min, tau quantile, statistic, keep), validated
+  when built; `KAT_PRESETS` / `kat_preset` hold the paper's values and the embedded world's.
+- `buffer_values` / `rollout_minima` / `threshold_of`: what finished rollouts contribute to the
+  threshold buffer and the quantile taken of it, as pure functions over ragged KL, so online
+  training and offline replay compute them from the very same stored tokens.
+- `AdaptiveThreshold`: the FIFO buffer and the threshold in force for a step.
 - `StreamingDetector`: per-rollout state for a batch; `update` consumes a chunk of C new tokens
   per row and takes exactly the decisions that feeding the tokens one by one would take.
+
+The threshold (DESIGN §2). With the paper's statistic (`rollout_min`, the default) each finished
+rollout pushes its minimum window mean min_i m_i into a FIFO buffer of capacity B; with our
+earlier variant (`windows`) it pushes the means of its non-overlapping windows (i = W-1, 2W-1,
+...). Only the tokens the rollout kept in its trace count (a rollout cut at fire contributes the
+windows up to fire), rollouts are pushed in a defined order (rank, then position in the step's
+prompt list), and a step's values count from the next step on. tau = the `tau_quantile` quantile
+of the buffer (the paper's eta = 0.3 is tau_quantile = 0.7), recomputed once per step. KAT is
+active only from step K on AND once the buffer holds at least B_min values; while inactive the
+threshold in force is NaN and nothing fires.
 
 Position convention (0-based, used everywhere in the project). Generated tokens are i = 0..n-1
 with reverse KL d_i. The window mean m_i = mean(d_{i-W+1..i}) exists for i >= W-1. Window i is
@@ -28,7 +42,7 @@ Exactness. Floating running sums depend on the order of additions, so chunked an
 evaluation would disagree near tau. KL values are therefore quantised to fixed point,
 q_i = trunc(d_i * 2**24) (resolution 6e-8 nats), and window sums are exact int64 integers.
 Window i is low iff sum(q_{i-W+1..i}) < tau * W * 2**24, compared exactly through the ceil() of
-that float64 product. A token whose KL is NaN, +-inf or beyond +-1024 nats (no real model gives
+the exact (rational) product. A token whose KL is NaN, +-inf or beyond +-1024 nats (no real model gives
 that per token) is *unusable*: it is stored as a "poison" value 2**P (P chosen from W) that
 makes every window containing it not low and keeps it out of the threshold buffer; such tokens
 are counted (`nonfinite_count`). P keeps every cumulative sum below 2**62.
@@ -42,7 +56,9 @@ bit (tested).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -56,21 +72,26 @@ _QMAX_BITS = KL_SCALE_BITS + 10  # log2(KL_LIMIT * KL_SCALE)
 _QMAX_F = KL_LIMIT * KL_SCALE
 MAX_WINDOW = 4096  # keeps window sums and poison values inside int64 with room for long chunks
 _NOT_FIRED = 2**62  # internal sentinel: min() keeps the first fire without a branch
-_FLUSH_EVERY = 256  # pending updates before stride-window means are extracted in one pass
 
 _KEEP_MODES = ("onset", "fire")
+STATISTICS = ("rollout_min", "windows")
 
 
 @dataclass(frozen=True)
 class KATConfig:
-    """KAT parameters (DESIGN.md §2). See README "KAT parameters" for what each trades off."""
+    """KAT parameters (DESIGN.md §2). See README "KAT parameters" for what each trades off.
+
+    The defaults are the embedded world's preset (`KAT_PRESETS["world"]`) under the paper's rule.
+    """
 
     window: int = 16  # W: tokens per window mean
     persistence: int = 8  # T: consecutive low windows needed to fire
     min_length: int = 32  # L0: never fire before this many tokens have been seen
     warmup_steps: int = 5  # K: training steps during which KAT only fills its buffer
-    buffer_size: int = 4096  # B: FIFO capacity, in window means
-    quantile: float = 0.2  # eta: tau = quantile_eta(buffer)
+    buffer_size: int = 4096  # B: FIFO capacity, in buffer values
+    min_fill: int = 64  # B_min: KAT stays inactive until the buffer holds this many values
+    tau_quantile: float = 0.7  # tau = this quantile of the buffer (paper: 1 - eta = 0.7)
+    statistic: str = "rollout_min"  # what a rollout pushes: its minimum window mean | its stride windows
     keep: str = "onset"  # train on [0, onset) ("onset") or [0, fire] ("fire")
 
     def __post_init__(self) -> None:
@@ -78,7 +99,7 @@ class KATConfig:
             if not ok:
                 raise ValueError(f"KATConfig.{name}={value!r}: must be {rule}")
 
-        for name in ("window", "persistence", "min_length", "warmup_steps", "buffer_size"):
+        for name in ("window", "persistence", "min_length", "warmup_steps", "buffer_size", "min_fill"):
             value = getattr(self, name)
             is_int = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
             check(name, value, is_int, "an integer")
@@ -87,16 +108,65 @@ class KATConfig:
         check("min_length", self.min_length, self.min_length >= 0, ">= 0")
         check("warmup_steps", self.warmup_steps, self.warmup_steps >= 0, ">= 0")
         check("buffer_size", self.buffer_size, self.buffer_size >= 1, ">= 1")
-        q = self.quantile
+        check("min_fill", self.min_fill, 1 <= self.min_fill <= self.buffer_size,
+              f"in [1, buffer_size={self.buffer_size}] (B_min <= B)")
+        q = self.tau_quantile
         is_real = isinstance(q, (int, float, np.floating)) and not isinstance(q, bool)
-        check("quantile", q, is_real and math.isfinite(q) and 0.0 < q < 1.0,
-              "a number in the open interval (0, 1)")
+        check("tau_quantile", q, is_real and math.isfinite(q) and 0.0 < q < 1.0,
+              "a number in the open interval (0, 1) (the paper's eta 0.3 is tau_quantile 0.7)")
+        check("statistic", self.statistic, self.statistic in STATISTICS, f"one of {STATISTICS}")
         check("keep", self.keep, self.keep in _KEEP_MODES, f"one of {_KEEP_MODES}")
 
     @property
     def fire_lag(self) -> int:
         """fire - onset for every fired rollout (= T + W - 2)."""
         return self.persistence + self.window - 2
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+# Paper values as quoted in DESIGN §2 (W 64, B 4096, B_min 512, K 50, T 4, eta 0.3). L0 is not
+# quoted; 128 (two windows) is our choice. The world preset was chosen by measurement on the
+# embedded world (README "KAT parameters").
+KAT_PRESETS: dict[str, KATConfig] = {
+    "paper": KATConfig(window=64, persistence=4, min_length=128, warmup_steps=50, buffer_size=4096,
+                       min_fill=512, tau_quantile=0.7, statistic="rollout_min"),
+    "world": KATConfig(),
+}
+
+
+def kat_preset(name: str, **overrides: Any) -> KATConfig:
+    """The preset `name` ("paper" | "world") with the given fields overridden (None = keep)."""
+    if name not in KAT_PRESETS:
+        raise ValueError(f"unknown KAT preset {name!r}; choose one of {', '.join(KAT_PRESETS)}")
+    base = KAT_PRESETS[name].to_dict()
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    unknown = sorted(set(base) - set(KATConfig.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"unknown KAT parameter(s) {unknown}")
+    return KATConfig(**base)
+
+
+# Old config files name the quantile `quantile` (tau = quantile_eta of stride-window means).
+_LEGACY_KEYS = {"quantile": "tau_quantile"}
+
+
+def kat_config_from_dict(d: dict[str, Any]) -> KATConfig:
+    """KATConfig from a run's config.json "kat" entry; configs written before the paper's rule
+    (key `quantile`, no `statistic`) map to the `windows` statistic with the same quantile."""
+    d = dict(d)
+    legacy = "quantile" in d and "tau_quantile" not in d
+    for old, new in _LEGACY_KEYS.items():
+        if old in d:
+            d[new] = d.pop(old)
+    if legacy:
+        d.setdefault("statistic", "windows")
+        d.setdefault("min_fill", 1)
+    unknown = sorted(set(d) - set(KATConfig.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"unknown KAT parameter(s) {unknown} in config")
+    return KATConfig(**d)
 
 
 def onset_from_fire(fire: Any, cfg: KATConfig) -> Any:
@@ -123,30 +193,122 @@ def kept_tokens(fire: Any, length: Any, cfg: KATConfig) -> Any:
 def _threshold_units(tau: float, window: int, half: int) -> int:
     """Integer t with: (integer window sum s) < tau*W*2**24  <=>  s < t, for every usable window.
 
-    Clamped to [-half, half] (usable sums lie well inside, poisoned ones above); NaN gives
-    -half - 1 so that nothing is low.
+    The product is taken exactly (as a fraction), so "window mean < tau" is decided exactly for
+    any float tau. Clamped to [-half, half] (usable sums lie well inside, poisoned ones above);
+    NaN gives -half - 1 so that nothing is low.
     """
     if math.isnan(tau):
         return -half - 1
-    x = tau * float(window * KL_SCALE)
-    return half if x >= half else -half if x <= -half else math.ceil(x)
+    if math.isinf(tau):
+        return half if tau > 0 else -half
+    t = math.ceil(Fraction(tau) * (window * 2**KL_SCALE_BITS))
+    return max(-half, min(half, t))
 
 
 def _threshold_units_array(tau_B: np.ndarray, window: int, half: int) -> np.ndarray:
-    """Vector version of `_threshold_units` (same float64 product, same ceil, same clamps)."""
-    x = np.asarray(tau_B, dtype=np.float64) * float(window * KL_SCALE)
-    t = np.ceil(np.clip(np.nan_to_num(x, nan=0.0), -float(half), float(half))).astype(np.int64)
-    return np.where(np.isnan(x), -half - 1, t)
+    """Vector version of `_threshold_units` (exact per distinct tau; replay has few of them)."""
+    tau = np.asarray(tau_B, dtype=np.float64).reshape(-1)
+    uniq, inv = np.unique(tau, return_inverse=True)  # NaNs collapse into one entry in numpy >= 1.21
+    units = np.array([_threshold_units(float(u), window, half) for u in uniq], dtype=np.int64)
+    return units[inv.reshape(-1)].reshape(np.shape(tau_B))
+
+
+# ------------------------------------------------------------------------------ buffer values
+
+
+def _fixed_point_cumsums(kl_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Prefix sums of the detector's fixed-point values (int64) and of the unusable-token count.
+
+    q = trunc(d * 2**24) as in `StreamingDetector.update`; scaling by a power of two is exact in the
+    input's own float type, so float32 and float64 copies of a value give the same q.
+    """
+    v = np.asarray(kl_values).reshape(-1)
+    if v.dtype.kind != "f" or v.itemsize < 4:
+        v = v.astype(np.float64)
+    y = v * v.dtype.type(KL_SCALE)
+    ok = np.abs(y) <= _QMAX_F  # False for NaN and inf too
+    cs = np.zeros(v.shape[0] + 1, dtype=np.int64)
+    np.cumsum(np.where(ok, y, 0).astype(np.int64), out=cs[1:])
+    bad = np.zeros(v.shape[0] + 1, dtype=np.int64)
+    np.cumsum(~ok, out=bad[1:])
+    return cs, bad
+
+
+def rollout_minima(kl_values: np.ndarray, offsets: np.ndarray, window: int) -> np.ndarray:
+    """Per rollout, min over its usable windows of the window mean (float64; NaN if it has none:
+    shorter than W, or every window holds an unusable KL). Exact: the same fixed point as the
+    detector, so a window is below a threshold here iff the detector calls it low."""
+    offs = np.asarray(offsets, dtype=np.int64)
+    n_roll = max(0, offs.shape[0] - 1)
+    w = int(window)
+    out = np.full(n_roll, np.nan)
+    cs, bad = _fixed_point_cumsums(kl_values)
+    n = cs.shape[0] - 1
+    if n < w or n_roll == 0:
+        return out
+    never = np.iinfo(np.int64).max
+    # Sum of the window ending at flat position g + W - 1, for every g; windows crossing a
+    # rollout border are never selected below.
+    sums = np.where(bad[w:] == bad[:-w], cs[w:] - cs[:-w], never)
+    starts, ends = offs[:-1], offs[1:] - w + 1  # rollout r's windows: sums[starts[r]:ends[r]]
+    has = ends > starts
+    if not has.any():
+        return out
+    idx = np.stack([starts[has], ends[has]], 1).reshape(-1)
+    mins = np.minimum.reduceat(np.append(sums, never), idx)[::2]  # segments are disjoint and ordered
+    out[has] = np.where(mins < never, mins.astype(np.float64) / float(w * KL_SCALE), np.nan)
+    return out
+
+
+def buffer_values(kl_values: np.ndarray, offsets: np.ndarray, cfg: KATConfig) -> np.ndarray:
+    """What these rollouts push into the threshold buffer, in order (rollout order, then position).
+
+    `rollout_min`: one value per rollout that has a usable window (its minimum window mean).
+    `windows`: the means of its usable non-overlapping windows i = W-1, 2W-1, ...
+    Pass exactly the tokens each rollout kept in its trace (a rollout cut at fire: up to fire).
+    """
+    if cfg.statistic == "rollout_min":
+        m = rollout_minima(kl_values, offsets, cfg.window)
+        return m[np.isfinite(m)]
+    w = cfg.window
+    offs = np.asarray(offsets, dtype=np.int64)
+    cs, bad = _fixed_point_cumsums(kl_values)
+    n_win = np.diff(offs) // w
+    rollout = np.repeat(np.arange(n_win.shape[0], dtype=np.int64), n_win)
+    k = np.arange(rollout.shape[0], dtype=np.int64) - np.repeat(np.cumsum(n_win) - n_win, n_win)
+    end = offs[:-1][rollout] + (k + 1) * w  # exclusive end of each stride window
+    ok = bad[end] == bad[end - w]
+    return (cs[end] - cs[end - w])[ok].astype(np.float64) / float(w * KL_SCALE)
+
+
+def buffer_values_of(kl_by_rollout: Sequence[Any], cfg: KATConfig) -> np.ndarray:
+    """`buffer_values` for a list of per-rollout KL arrays or CPU tensors (one step's rollouts)."""
+    arrays = [np.asarray(x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x, dtype=np.float64)
+              .reshape(-1) for x in kl_by_rollout]
+    if not arrays:
+        return np.zeros(0, dtype=np.float64)
+    offsets = np.concatenate([[0], np.cumsum([a.shape[0] for a in arrays])]).astype(np.int64)
+    return buffer_values(np.concatenate(arrays), offsets, cfg)
+
+
+def threshold_of(values: np.ndarray | Sequence[float], cfg: KATConfig) -> float:
+    """tau = the cfg.tau_quantile quantile of the finite values (numpy's linear interpolation);
+    NaN when fewer than cfg.min_fill finite values are given."""
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    v = v[np.isfinite(v)]
+    if v.shape[0] < cfg.min_fill or v.shape[0] == 0:
+        return math.nan
+    return float(np.quantile(v, cfg.tau_quantile))
 
 
 class AdaptiveThreshold:
-    """FIFO buffer of recent window means; tau = quantile_eta(buffer), fixed within a step.
+    """FIFO buffer of what finished rollouts contribute; the threshold in force, fixed per step.
 
-    The buffer receives the means of non-overlapping windows (i = W-1, 2W-1, ... of every rollout,
-    usable windows only) and keeps the last `buffer_size`. `begin_step` recomputes tau once, so
-    every rollout of a training step sees the same threshold; values observed during a step count
-    from the next step on. Inactive during the first K steps (it only observes) and while the
-    buffer is empty (tau undefined), so an empty buffer never fires.
+    `observe` appends values (in the defined order of `buffer_values`) and keeps the last
+    `buffer_size`; `begin_step` recomputes the buffer's quantile once, so every rollout of a step
+    sees the same threshold and values observed during a step count from the next step on.
+    Inactive (threshold in force NaN, nothing fires) before step K and while the buffer holds
+    fewer than B_min values.
     """
 
     def __init__(self, cfg: KATConfig) -> None:
@@ -157,12 +319,13 @@ class AdaptiveThreshold:
 
     @property
     def buffer(self) -> torch.Tensor:
-        """The window means currently held, oldest first (float64, CPU)."""
+        """The values currently held, oldest first (float64, CPU)."""
         return self._buffer
 
     @property
     def tau(self) -> float:
-        """tau of the current step; NaN before the first `begin_step` or with an empty buffer."""
+        """The buffer's quantile at the current step (NaN while the buffer is below B_min),
+        whether or not KAT is active; `effective_tau` is the threshold in force."""
         return self._tau
 
     @property
@@ -172,17 +335,18 @@ class AdaptiveThreshold:
 
     @property
     def active(self) -> bool:
-        """True when the detector may fire in the current step (warm-up over, tau defined)."""
+        """True when the detector may fire in the current step (step >= K and buffer >= B_min)."""
         return self._step >= self.cfg.warmup_steps and not math.isnan(self._tau)
 
     @property
     def effective_tau(self) -> float:
-        """tau when active, else NaN: the value to hand to `StreamingDetector.set_tau`."""
+        """The threshold in force: tau when active, else NaN (hand it to `StreamingDetector.set_tau`
+        and record it in metrics and traces)."""
         return self._tau if self.active else math.nan
 
-    def observe(self, values: torch.Tensor | np.ndarray | list[float]) -> int:
-        """Append window means, oldest first (non-finite ones are ignored); returns the count added."""
-        v = torch.as_tensor(values, dtype=torch.float64).detach().reshape(-1).cpu()
+    def observe(self, values: torch.Tensor | np.ndarray | Sequence[float]) -> int:
+        """Append values, oldest first (non-finite ones are ignored); returns the count added."""
+        v = torch.as_tensor(np.asarray(values, dtype=np.float64)).reshape(-1)
         v = v[torch.isfinite(v)]
         cap = self.cfg.buffer_size
         if v.numel() >= cap:
@@ -192,14 +356,10 @@ class AdaptiveThreshold:
         return int(v.numel())
 
     def begin_step(self, step: int) -> float:
-        """Start training step `step`: recompute tau from the buffer and return it."""
+        """Start training step `step`: recompute the buffer's quantile; return the threshold in force."""
         self._step = int(step)
-        if self._buffer.numel() == 0:
-            self._tau = math.nan
-        else:
-            # numpy's linear interpolation: no size limit, deterministic.
-            self._tau = float(np.quantile(self._buffer.numpy(), self.cfg.quantile))
-        return self._tau
+        self._tau = threshold_of(self._buffer.numpy(), self.cfg)
+        return self.effective_tau
 
     def state_dict(self) -> dict[str, Any]:
         """Plain values and one CPU tensor: safe to put in a torch checkpoint."""
@@ -323,16 +483,15 @@ class StreamingDetector:
     or per row for one call with `update(..., tau_B=...)` (offline replay).
     Rows can be compacted (`keep_rows`) and appended (`add_rows`) between updates, matching a
     rollout engine that drops finished sequences and refills freed slots.
-    Stride-W window means (for `AdaptiveThreshold.observe`) are extracted lazily, in one batched
-    pass, by `pop_window_means`; `collect_means=False` turns that bookkeeping off (replay).
+    The threshold buffer is fed from the finished rollouts' stored KL (`buffer_values`), not from
+    here: tokens a chunk generated past a fire are dropped from the rollout, so they must not count.
     Inputs may be torch tensors or numpy arrays; results are torch tensors on `device`.
     `backend` = "auto" (numpy on CPU, torch elsewhere), "numpy" (CPU only) or "torch".
     """
 
     def __init__(self, cfg: KATConfig, batch_size: int = 0, *, device: str | torch.device = "cpu",
-                 collect_means: bool = True, backend: str = "auto") -> None:
+                 backend: str = "auto") -> None:
         self.cfg = cfg
-        self.collect_means = collect_means
         if backend not in ("auto", "numpy", "torch"):
             raise ValueError(f"backend={backend!r}: must be 'auto', 'numpy' or 'torch'")
         self._backend = backend
@@ -352,8 +511,6 @@ class StreamingDetector:
         self._thr = _threshold_units(math.nan, w, self._half)
         self._finite_seen: Any = 0
         self._tokens_seen: Any = 0
-        self._pending: list[tuple[Any, Any, Any]] = []  # (win_BC, n_B, nvalid_B) per update
-        self._means_done: list[Any] = []  # extracted stride-window sums, not yet popped
         self._last_low: Any = None
         self._set_device(torch.device(device))
         self._reset_rows()
@@ -405,7 +562,7 @@ class StreamingDetector:
         self._fire_B = self._fire_B[idx]
 
     def clear_rows(self) -> None:
-        """Drop every row (end of a step); counters and pending window means are kept."""
+        """Drop every row (end of a step); the non-finite counters are kept."""
         self._reset_rows()
 
     def to(self, device: str | torch.device) -> StreamingDetector:
@@ -421,8 +578,6 @@ class StreamingDetector:
 
         for name in ("_hist_BW", "_lbrel_B1", "_n_B", "_fire_B", "_finite_seen", "_tokens_seen"):
             setattr(self, name, move(getattr(self, name)))
-        self._pending = [(move(a), move(b), move(c)) for a, b, c in self._pending]
-        self._means_done = [move(m) for m in self._means_done]
         self._last_low = None
         return self
 
@@ -472,39 +627,6 @@ class StreamingDetector:
         """Low flags of the windows ending at the tokens of the last update (False where invalid;
         values at i < W-1, where no window exists, are meaningless). Used by replay/phases."""
         return None if self._last_low is None else self._ops.torch(self._last_low)
-
-    def pop_window_means(self) -> torch.Tensor:
-        """Means of the stride-W windows (i = W-1, 2W-1, ...) seen since the last pop.
-
-        float64 on `device`, usable windows only, in update order (row-major within an update).
-        """
-        self._flush_pending()
-        done, self._means_done = self._means_done, []
-        if not done:
-            return torch.empty(0, dtype=torch.float64, device=self.device)
-        ops = self._ops
-        return ops.torch(ops.cat(done, 0)).to(torch.float64) / float(self.cfg.window * KL_SCALE)
-
-    def _flush_pending(self) -> None:
-        """Extract the stride-W window sums of the pending updates, one batched pass per run of
-        same-shape updates (a few ops per run instead of a gather per update)."""
-        pending, self._pending = self._pending, []
-        ops, w = self._ops, self.cfg.window
-        start = 0
-        while start < len(pending):
-            key = (tuple(pending[start][0].shape), pending[start][2] is None)
-            end = start + 1
-            while end < len(pending) and (tuple(pending[end][0].shape), pending[end][2] is None) == key:
-                end += 1
-            run = pending[start:end]
-            win_EBC = ops.cat([r[0][None] for r in run], 0)
-            n_EB1 = ops.cat([r[1][None] for r in run], 0)[..., None]
-            idx_C = ops.arange(key[0][1])
-            mask = ((n_EB1 + idx_C + 1) % w == 0) & (win_EBC < self._half)
-            if not key[1]:
-                mask &= idx_C < ops.cat([r[2][None] for r in run], 0)[..., None]
-            self._means_done.append(win_EBC[mask])
-            start = end
 
     # ------------------------------------------------------------------ update
     def _consts(self, c: int) -> tuple[Any, ...]:
@@ -568,7 +690,6 @@ class StreamingDetector:
         cand_B = ops.where(cond_BC.any(1), ops.first_true(cond_BC) + n_B, _NOT_FIRED)
         self._fire_B = ops.minimum(self._fire_B, cand_B)  # a fired row keeps its first fire
 
-        nvalid_B = None
         if valid_BC is None:
             self._hist_BW = x_BL[:, c:]
             self._lbrel_B1 = lb_BC[:, -1:] - c
@@ -584,8 +705,4 @@ class StreamingDetector:
             self._n_B = n_B + nvalid_B
             self._finite_seen += ops.count(ok_BC & valid_BC)
             self._tokens_seen += nvalid_B.sum()
-        if self.collect_means:
-            self._pending.append((win_BC, n_B, nvalid_B))
-            if len(self._pending) >= _FLUSH_EVERY:  # bounds memory to ~_FLUSH_EVERY chunks
-                self._flush_pending()
         return ops.torch(self._fire_B < _NOT_FIRED)

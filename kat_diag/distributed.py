@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -57,19 +58,51 @@ def sum_scalars(values: dict[str, float], device: torch.device) -> dict[str, flo
     return dict(zip(keys, t.tolist(), strict=True))
 
 
+def all_gather_values(values: np.ndarray, device: torch.device) -> np.ndarray:
+    """Every rank's 1-D float64 array, concatenated in rank order (the same result on every rank).
+
+    KAT's threshold buffer uses it so all ranks push the same values in the same order and keep
+    one threshold per step. Ranks may hold different counts: sizes go first, then padded data.
+    """
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    if not is_active():
+        return v
+    world = dist.get_world_size()
+    n = torch.tensor([v.shape[0]], dtype=torch.int64, device=device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    counts = [int(s.item()) for s in sizes]
+    longest = max(counts) if counts else 0
+    if longest == 0:
+        return v[:0]
+    mine = torch.zeros(longest, dtype=torch.float64, device=device)
+    mine[: v.shape[0]] = torch.from_numpy(v).to(device)
+    parts = [torch.zeros_like(mine) for _ in range(world)]
+    dist.all_gather(parts, mine)
+    return np.concatenate([p[:c].cpu().numpy() for p, c in zip(parts, counts, strict=True)])
+
+
 def all_reduce_grads(model: torch.nn.Module) -> None:
-    """Sum gradients over ranks, flattened into one buffer per dtype (few collectives)."""
+    """Sum gradients over ranks, flattened into one buffer (one collective).
+
+    Every rank takes part with every trainable parameter, even one that kept no token this step
+    (no backward, so no .grad): it contributes zeros. Skipping the collective on one rank would
+    pair it with the other ranks' next collective.
+    """
     if not is_active():
         return
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not grads:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
         return
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     offset = 0
-    for g in grads:
-        n = g.numel()
-        g.copy_(flat[offset : offset + n].view_as(g))
+    for p in params:
+        n = p.grad.numel()
+        p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
         offset += n
 
 

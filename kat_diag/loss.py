@@ -1,9 +1,15 @@
-"""OPD losses on the kept tokens of student rollouts, two estimators behind one interface.
+"""OPD losses on the kept tokens of student rollouts, three estimators behind one interface.
 
 * `FullReverseKL` — the full-vocabulary reverse KL sum_v pi_s(v) (log pi_s(v) - log pi_T(v)),
   differentiated through pi_s (GKD with beta = 1 on on-policy samples). Needs the teacher's full
   log-probs at each kept position, which the rollout engine keeps from online scoring (memory:
   kept tokens x vocabulary).
+* `TopKReverseKL` — the paper's loss: reverse KL over the student's top-k tokens (chosen when the
+  token was sampled) plus one tail bucket per model holding the remaining probability mass,
+  sum_{v in top-k} p_s(v) log(p_s(v)/p_T(v)) + p_s(tail) log(p_s(tail)/p_T(tail)). The teacher's
+  kept state is tokens x (k + 1) (its log-probs at the k ids and its tail log-mass), not tokens x
+  vocabulary, so it scales to a 150k vocabulary. With k >= V there is no tail and it equals
+  `FullReverseKL` (value and gradient).
 * `SampledTokenKL` — the sampled-token form used by tinker-cookbook: advantage
   A_t = log pi_T(y_t) - log pi_old(y_t) (minus the per-token reverse-KL estimate), importance
   sampled policy gradient -ratio_t * A_t with ratio_t = pi_theta(y_t) / pi_old(y_t). Needs only the
@@ -30,18 +36,23 @@ class LossInputs:
     old_logprob_N: torch.Tensor  # student logprob at sampling time
     teacher_logprob_N: torch.Tensor  # teacher logprob of the sampled token
     teacher_logprobs_NV: torch.Tensor | None = None  # full teacher log-probs (FullReverseKL)
+    topk_ids_NK: torch.Tensor | None = None  # the student's top-k ids at sampling time (TopKReverseKL)
+    teacher_topk_logprobs_NK: torch.Tensor | None = None  # teacher log-probs at those ids
+    teacher_tail_logprob_N: torch.Tensor | None = None  # teacher log-mass outside them (-inf: none)
 
 
 class OPDLoss(Protocol):
     name: str
-    needs_full_teacher: bool
+    teacher_state: str  # what the rollout engine keeps of the teacher: "none" | "full" | "topk"
+    k: int  # top-k size for teacher_state "topk"
 
     def __call__(self, x: LossInputs) -> torch.Tensor: ...
 
 
 class FullReverseKL:
     name = "full"
-    needs_full_teacher = True
+    teacher_state = "full"
+    k = 0
 
     def __call__(self, x: LossInputs) -> torch.Tensor:
         if x.teacher_logprobs_NV is None:
@@ -51,9 +62,33 @@ class FullReverseKL:
         return kl_N.sum()
 
 
+class TopKReverseKL:
+    name = "topk"
+    teacher_state = "topk"
+
+    def __init__(self, k: int = 64) -> None:
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"topk={k!r}: must be an integer >= 1")
+        self.k = k
+
+    def __call__(self, x: LossInputs) -> torch.Tensor:
+        if x.topk_ids_NK is None or x.teacher_topk_logprobs_NK is None or x.teacher_tail_logprob_N is None:
+            raise ValueError("top-k reverse KL needs the top-k ids and the teacher's top-k and tail log-probs")
+        s_logp_NV = torch.log_softmax(x.student_logits_NV.float(), dim=-1)
+        ids_NK = x.topk_ids_NK.long()
+        s_top_NK = s_logp_NV.gather(-1, ids_NK)
+        t_top_NK = x.teacher_topk_logprobs_NK.float()
+        kl_N = (s_top_NK.exp() * (s_top_NK - t_top_NK)).sum(-1)
+        if ids_NK.shape[-1] < s_logp_NV.shape[-1]:  # k < V: one tail bucket per model
+            s_tail_N = torch.logsumexp(s_logp_NV.scatter(-1, ids_NK, float("-inf")), dim=-1)
+            kl_N = kl_N + s_tail_N.exp() * (s_tail_N - x.teacher_tail_logprob_N.float())
+        return kl_N.sum()
+
+
 class SampledTokenKL:
     name = "sampled"
-    needs_full_teacher = False
+    teacher_state = "none"
+    k = 0
 
     def __call__(self, x: LossInputs) -> torch.Tensor:
         s_logp_NV = torch.log_softmax(x.student_logits_NV.float(), dim=-1)
@@ -63,10 +98,25 @@ class SampledTokenKL:
         return -(ratio_N * adv_N).sum()
 
 
-LOSSES: dict[str, type] = {"full": FullReverseKL, "sampled": SampledTokenKL}
+LOSSES: dict[str, type] = {"topk": TopKReverseKL, "full": FullReverseKL, "sampled": SampledTokenKL}
 
 
-def make_loss(name: str) -> OPDLoss:
+def make_loss(name: str, topk: int = 64) -> OPDLoss:
+    """The estimator `name` ("topk" | "full" | "sampled"); `topk` is k of "topk"."""
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}")
-    return LOSSES[name]()
+    return TopKReverseKL(topk) if name == "topk" else LOSSES[name]()
+
+
+def topk_teacher_state(s_logp_BCV: torch.Tensor, t_logp_BCV: torch.Tensor, k: int
+                       ) -> dict[str, torch.Tensor]:
+    """What the rollout engine keeps for `TopKReverseKL`: the student's top-k ids (k capped at V),
+    the teacher's log-probs there and its log-mass outside them (-inf when k >= V)."""
+    k = min(k, s_logp_BCV.shape[-1])
+    ids = s_logp_BCV.topk(k, dim=-1).indices
+    t_top = t_logp_BCV.gather(-1, ids)
+    if k < t_logp_BCV.shape[-1]:
+        t_tail = torch.logsumexp(t_logp_BCV.scatter(-1, ids, float("-inf")), dim=-1)
+    else:
+        t_tail = torch.full(t_logp_BCV.shape[:-1], float("-inf"), device=t_logp_BCV.device)
+    return {"topk_ids": ids.to(torch.int32), "teacher_topk_logprobs": t_top, "teacher_tail_logprob": t_tail}

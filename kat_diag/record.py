@@ -69,7 +69,7 @@ def record(cfg: RecordConfig) -> dict[str, float]:
             policy.begin_step(cfg.step_label)
             rollouts, _ = engine.run(encoded[s : s + cfg.batch_size], policy,
                                      step_generator(cfg.seed, cfg.step_label * 10_000 + j, 0, device))
-            pm = policy.end_step()
+            pm = policy.end_step([r.kl for r in rollouts])
             texts = tok.batch_decode([r.token_ids.tolist() for r in rollouts], skip_special_tokens=True)
             correct = [check_answer(p, t) for p, t in zip(probs, texts, strict=True)]
             for r in rollouts:

@@ -73,7 +73,7 @@ def replay(kl_values: np.ndarray, offsets: np.ndarray, cfg: KATConfig, tau: floa
 
     order = np.argsort(length, kind="stable")
     start = int(np.searchsorted(length[order], 1))  # zero-length rollouts cannot fire
-    probe = StreamingDetector(cfg, collect_means=False, backend="numpy")
+    probe = StreamingDetector(cfg, backend="numpy")
     col_chunk = max(1, min(probe.max_chunk, max_block_tokens))
     while start < n_roll:
         # Block of rollouts of similar length: rows x longest <= max_block_tokens (at least 1 row).
@@ -93,7 +93,7 @@ def replay(kl_values: np.ndarray, offsets: np.ndarray, cfg: KATConfig, tau: floa
 def _replay_block(values: np.ndarray, starts_R: np.ndarray, len_R: np.ndarray, tau_R: np.ndarray,
                   cfg: KATConfig, col_chunk: int, fire_out: np.ndarray, idx_R: np.ndarray,
                   low_out: np.ndarray | None) -> None:
-    det = StreamingDetector(cfg, len(idx_R), collect_means=False, backend="numpy")
+    det = StreamingDetector(cfg, len(idx_R), backend="numpy")
     longest = int(len_R.max())
     for c0 in range(0, longest, col_chunk):
         pos_C = np.arange(c0, min(longest, c0 + col_chunk), dtype=np.int64)

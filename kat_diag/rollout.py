@@ -8,6 +8,9 @@ and the tokens it saves must turn into time saved. So:
   ever scored twice;
 * per token we compute the full-vocabulary reverse KL KL(pi_s || pi_T), the sampled-token
   estimate log pi_s(y) - log pi_T(y), both logprobs, the student entropy and the teacher's top-n;
+  for the loss we keep only what its estimator needs of the teacher (`teacher_state`): nothing,
+  the student's top-k ids with the teacher's k log-probs and tail mass (tokens x (k + 1)), or the
+  full log-probs (tokens x vocabulary);
 * the termination policy (`kat_diag.termination`) sees the chunk's KL and may stop rows;
 * rows that stop (EOS, budget, policy) leave the batch (compaction) and further prompts from the
   queue are prefilled into the freed slots (refill), so a step's compute follows the number of
@@ -27,6 +30,10 @@ from dataclasses import dataclass
 import torch
 
 from kat_diag import kvcache
+from kat_diag.loss import topk_teacher_state
+
+_TEACHER_STATES = ("none", "full", "topk")
+_LOSS_KEYS = ("teacher_logprobs_full", "topk_ids", "teacher_topk_logprobs", "teacher_tail_logprob")
 
 
 @dataclass(frozen=True)
@@ -66,7 +73,10 @@ class Rollout:
     teacher_top_probs: torch.Tensor  # [gen_len, top_n]
     keep: int  # tokens to train on (prefix)
     stop_reason: str  # "eos" | "max_len" | "policy"
-    teacher_logprobs_full: torch.Tensor | None = None  # [keep, V] when the loss needs it
+    teacher_logprobs_full: torch.Tensor | None = None  # [keep, V] for teacher_state "full"
+    topk_ids: torch.Tensor | None = None  # [keep, k] for teacher_state "topk" (student's top-k ids)
+    teacher_topk_logprobs: torch.Tensor | None = None  # [keep, k]
+    teacher_tail_logprob: torch.Tensor | None = None  # [keep]
     onset: int = -1  # trap onset / fire position reported by the policy (-1: none)
     fire: int = -1
 
@@ -219,9 +229,17 @@ class RolloutEngine:
         prompts: Sequence[Sequence[int]],
         policy,
         gen: torch.Generator,
-        keep_teacher_logprobs: bool = False,
+        teacher_state: str = "none",
+        topk: int = 64,
     ) -> tuple[list[Rollout], RolloutStats]:
-        """Roll out every prompt once; returns rollouts in prompt order and engine statistics."""
+        """Roll out every prompt once; returns rollouts in prompt order and engine statistics.
+
+        teacher_state: what to keep of the teacher for the loss on the kept tokens: "none",
+        "topk" (the student's top-`topk` ids, the teacher's log-probs there and its tail log-mass)
+        or "full" (the teacher's log-probs over the vocabulary).
+        """
+        if teacher_state not in _TEACHER_STATES:
+            raise ValueError(f"teacher_state={teacher_state!r}: must be one of {_TEACHER_STATES}")
         cfg = self.cfg
         budget = policy.max_new_tokens(cfg.max_new_tokens)
         slots = cfg.slots or len(prompts)
@@ -294,8 +312,10 @@ class RolloutEngine:
             stop_B = decision.stop_B.to(self.device)
             finished = ended_B | (n_gen >= budget) | stop_B
             st["token_ids"] = toks_BC
-            if keep_teacher_logprobs:
+            if teacher_state == "full":
                 st["teacher_logprobs_full"] = t_logp_BCV
+            elif teacher_state == "topk":
+                st.update(topk_teacher_state(s_logp_BCV, t_logp_BCV, topk))
             info = policy.row_info() if bool(finished.any()) else None
             # Per-row values come to the host once per chunk (one transfer, not one per row).
             nv_l, total_l, fin_l, stop_l, eos_l = (x.tolist() for x in (n_valid_B, n_gen, finished, stop_B, ended_B))
@@ -328,12 +348,13 @@ class RolloutEngine:
                 reason: str) -> Rollout:
         cat = {k: torch.cat(v, 0)[:length] for k, v in parts.items()}
         keep = max(0, min(keep, length))
-        full = cat.pop("teacher_logprobs_full", None)
+        for k in _LOSS_KEYS:  # the loss only ever reads the kept tokens
+            if k in cat:
+                cat[k] = cat[k][:keep]
         return Rollout(
             index=pi,
             prompt_ids=torch.tensor(list(prompt), dtype=torch.long),
             keep=keep,
             stop_reason=reason,
-            teacher_logprobs_full=None if full is None else full[:keep],
             **cat,
         )

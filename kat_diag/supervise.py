@@ -8,10 +8,11 @@ train only on what KAT would have kept, `pre` = [0, onset): same supervision as 
 savings.
 
 How: `PhaseSupervision` wraps the `none` policy (same interface, so the engine and checkpoints
-see one policy object) and keeps its own KAT threshold, fed with the step's full rollouts exactly
-like KAT's buffer. After a step's rollouts, `select_training_tokens` segments each one
-(`kat_diag.phases.segment` at the threshold in force for this step, tau NaN during KAT's
-warm-up: then nothing fires and every token is `pre`) and turns the chosen span [lo, hi) into a
+see one policy object) and keeps its own KAT threshold, fed at the end of each step with the
+step's full rollouts exactly as KAT feeds its buffer (`detector.buffer_values_of`). After a
+step's rollouts, `select_training_tokens` segments each one (`kat_diag.phases.segment` at the
+threshold in force for this step; tau is NaN during KAT's warm-up and until B_min values are in:
+then nothing fires and every token is `pre`) and turns the chosen span [lo, hi) into a
 rollout whose prompt is prompt + tokens[:lo] and whose kept tokens are tokens[lo:hi]: the
 trainer's loss then sees exactly those tokens, with the same context as in the full rollout.
 Chosen phases must be adjacent (a contiguous span): pre, agreement, post, pre+agreement,
@@ -22,12 +23,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from kat_diag.detector import AdaptiveThreshold, KATConfig
+from kat_diag.detector import AdaptiveThreshold, KATConfig, buffer_values_of
 from kat_diag.phases import Phases, segment
 from kat_diag.rollout import Rollout
 from kat_diag.termination import NonePolicy, StopDecision, TerminationPolicy
@@ -53,39 +55,11 @@ def phase_spans(phases: Phases, first: int, last: int) -> tuple[np.ndarray, np.n
     return bounds[first].astype(np.int64), bounds[last + 1].astype(np.int64)
 
 
-def stride_window_means(values: np.ndarray, offsets: np.ndarray, window: int) -> np.ndarray:
-    """Means of the non-overlapping windows (i = W-1, 2W-1, ...) of every rollout, usable ones only
-    (no NaN/inf, |d| <= 1024 nats), rollout by rollout: what KAT pushes into its buffer."""
-    v = np.asarray(values, dtype=np.float64)
-    offs = np.asarray(offsets, dtype=np.int64)
-    lengths = np.diff(offs)
-    n_win = lengths // window
-    if n_win.sum() == 0:
-        return np.zeros(0)
-    bad = ~np.isfinite(v) | (np.abs(np.nan_to_num(v, nan=np.inf)) > 1024.0)
-    csum = np.concatenate([[0.0], np.cumsum(np.where(bad, 0.0, v))])
-    cbad = np.concatenate([[0], np.cumsum(bad)])
-    rollout = np.repeat(np.arange(lengths.size), n_win)
-    k = np.arange(n_win.sum()) - np.repeat(np.cumsum(n_win) - n_win, n_win)
-    end = offs[:-1][rollout] + (k + 1) * window  # exclusive end of each window
-    ok = cbad[end] - cbad[end - window] == 0
-    return ((csum[end] - csum[end - window]) / window)[ok]
-
-
-def _buffer_values(values: np.ndarray, offsets: np.ndarray, cfg: KATConfig) -> np.ndarray:
-    """What KAT's threshold buffer receives from these rollouts (the detector's own rule when the
-    installed detector exports it, else the stride-window means of the windows statistic)."""
-    try:
-        from kat_diag.detector import buffer_values  # the paper's rule (rollout minima), when present
-    except ImportError:
-        return stride_window_means(values, offsets, cfg.window)
-    return np.asarray(buffer_values(values, offsets, cfg), dtype=np.float64)
-
-
 class PhaseSupervision:
     """The `none` policy plus a KAT threshold that picks which phases of each rollout to train on."""
 
-    def __init__(self, phases: str, kat: KATConfig, device: str | torch.device = "cpu") -> None:
+    def __init__(self, phases: str, kat: KATConfig, device: str | torch.device = "cpu",
+                 gather: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
         self.spec = phases
         self.first, self.last = parse_phases(phases)
         self.kat = kat
@@ -93,6 +67,7 @@ class PhaseSupervision:
         self.name = self.inner.name
         self.threshold = AdaptiveThreshold(kat)
         self.tau = math.nan
+        self.gather = gather
 
     # -- TerminationPolicy, by delegation to `none`
     def begin_step(self, step: int) -> None:
@@ -115,8 +90,17 @@ class PhaseSupervision:
     def row_info(self) -> dict[str, torch.Tensor]:
         return self.inner.row_info()
 
-    def end_step(self) -> dict[str, float]:
-        return {**self.inner.end_step(), "tau": self.tau, "supervise_tau": self.tau}
+    def end_step(self, kl_by_rollout: Sequence[Any] | None = None) -> dict[str, float]:
+        """Close the step; the step's full rollouts enter the threshold buffer exactly as KAT's
+        would (`buffer_values_of`, gathered over ranks): they count from the next step on."""
+        if kl_by_rollout is None:
+            raise ValueError("PhaseSupervision.end_step needs the step's rollouts' KL (kl_by_rollout)")
+        metrics = {**self.inner.end_step(), "tau": self.tau}
+        values = buffer_values_of(kl_by_rollout, self.kat)
+        if self.gather is not None:
+            values = self.gather(values)
+        self.threshold.observe(values)
+        return metrics
 
     def state_dict(self) -> dict[str, Any]:
         return {"inner": self.inner.state_dict(), "threshold": self.threshold.state_dict(), "spec": self.spec}
@@ -129,8 +113,8 @@ class PhaseSupervision:
 
     # -- the mask
     def select(self, rollouts: list[Rollout]) -> tuple[list[Rollout], dict[str, float]]:
-        """Rollouts cut down to the chosen phases, and per-phase token counts; then the step's full
-        rollouts enter the threshold buffer (they count from the next step on, like KAT)."""
+        """Rollouts cut down to the chosen phases (at the threshold in force for this step), and the
+        share of the step's tokens in each phase."""
         if not rollouts:
             return [], {}
         kl = [r.kl.detach().cpu().double().numpy() for r in rollouts]
@@ -139,7 +123,6 @@ class PhaseSupervision:
         ph = segment(values, offsets, self.kat, self.tau)
         lo, hi = phase_spans(ph, self.first, self.last)
         out = [_span(r, int(a), int(b)) for r, a, b in zip(rollouts, lo, hi, strict=True)]
-        self.threshold.observe(_buffer_values(values, offsets, self.kat))
         n = float(offsets[-1])
         pre = float(ph.pre_end.sum())
         agree = float((ph.agree_end - ph.pre_end).sum())
@@ -151,27 +134,30 @@ class PhaseSupervision:
 
 
 def _span(r: Rollout, lo: int, hi: int) -> Rollout:
-    """The rollout seen as prompt + tokens[:lo] followed by tokens[lo:hi], all of them kept."""
-    sl = slice(lo, hi)
-    full = r.teacher_logprobs_full
-    return dataclasses.replace(
-        r, prompt_ids=torch.cat([r.prompt_ids, r.token_ids[:lo].to(r.prompt_ids.dtype)]),
-        token_ids=r.token_ids[sl], student_logprob=r.student_logprob[sl], teacher_logprob=r.teacher_logprob[sl],
-        kl=r.kl[sl], kl_sampled=r.kl_sampled[sl], student_entropy=r.student_entropy[sl],
-        teacher_top_ids=r.teacher_top_ids[sl], teacher_top_probs=r.teacher_top_probs[sl], keep=hi - lo,
-        teacher_logprobs_full=None if full is None else full[sl],
-    )
+    """The rollout seen as prompt + tokens[:lo] followed by tokens[lo:hi], all of them kept.
+
+    Every per-token tensor (generated tokens, and the teacher state stored for the kept tokens,
+    which under `none` are all of them) is cut to [lo, hi)."""
+    n = r.gen_len
+    if r.keep != n:
+        raise ValueError(f"supervision needs untruncated rollouts (keep {r.keep} != length {n})")
+    sliced = {f.name: getattr(r, f.name)[lo:hi] for f in dataclasses.fields(r)
+              if f.name != "prompt_ids" and isinstance(getattr(r, f.name), torch.Tensor)
+              and getattr(r, f.name).dim() >= 1 and getattr(r, f.name).shape[0] == n}
+    prompt = torch.cat([r.prompt_ids, r.token_ids[:lo].to(r.prompt_ids.dtype)])
+    return dataclasses.replace(r, prompt_ids=prompt, keep=hi - lo, **sliced)
 
 
 def with_supervision(policy: TerminationPolicy, phases: str | None, kat: KATConfig,
-                     device: str | torch.device = "cpu") -> TerminationPolicy:
+                     device: str | torch.device = "cpu",
+                     gather: Callable[[np.ndarray], np.ndarray] | None = None) -> TerminationPolicy:
     """The trainer's policy, wrapped for `--supervise PHASES` (which needs termination `none`)."""
     if not phases:
         return policy
     if policy.name != "none":
         raise ValueError(f"--supervise {phases!r} trains on phases of untruncated rollouts: it needs "
                          f"--termination none, got {policy.name!r}")
-    return PhaseSupervision(phases, kat, device)
+    return PhaseSupervision(phases, kat, device, gather)
 
 
 def select_training_tokens(policy: TerminationPolicy, rollouts: list[Rollout],

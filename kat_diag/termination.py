@@ -19,8 +19,10 @@ Interface (`TerminationPolicy`), all per-row state vectorised over the engine's 
         policy.keep_rows(idx_B)        # compaction: keep these rows, in this order (finished
                                        # rows not in idx_B are booked for the step's metrics)
         policy.add_rows(k)             # refill freed slots
-    metrics = policy.end_step()        # dict[str, float]; drops remaining rows; KAT pushes the
-                                       # step's window means into its buffer here
+    metrics = policy.end_step(kl_by_rollout)   # dict[str, float]; drops remaining rows; KAT
+                                       # pushes what the step's finished rollouts contribute
+                                       # (their stored KL, in prompt order; gathered over ranks)
+                                       # into its threshold buffer here
     policy.row_info()                  # per live row: tokens, stopped, keep, end, fire, onset
     policy.state_dict() / load_state_dict(state)   # what persists across steps (KAT buffer and
                                        # tau, random generator); take it between steps
@@ -28,8 +30,9 @@ Interface (`TerminationPolicy`), all per-row state vectorised over the engine's 
 A rollout that ends on its own (EOS, budget) trains on all its tokens; `keep_B`/`end_B` only
 describe rollouts the policy stopped. Metrics of every policy share the keys `rollouts`,
 `stopped_share`, `gen_len_mean`, `kept_len_mean`, `tokens_generated`, `tokens_kept`; KAT adds
-`tau`, `kat_active`, `fired_share`, `onset_mean`, `fire_mean`, `nonfinite_count`,
-`window_means`, `buffer_size`.
+`tau` (the threshold in force: NaN while inactive), `buffer_quantile` (the buffer's quantile,
+defined once B_min values are in, active or not), `kat_active`, `fired_share`, `onset_mean`,
+`fire_mean`, `nonfinite_count`, `buffer_added`, `buffer_size`.
 
 Policies: `none` (plain OPD), `kat`, `random`, `prefix`, `kat+prefix`.
 
@@ -55,6 +58,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -62,7 +66,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from kat_diag.detector import AdaptiveThreshold, KATConfig, StreamingDetector
+from kat_diag.detector import AdaptiveThreshold, KATConfig, StreamingDetector, buffer_values_of
 
 POLICY_NAMES = ("none", "kat", "random", "prefix", "kat+prefix")
 
@@ -94,7 +98,7 @@ class TerminationPolicy(Protocol):
 
     def row_info(self) -> dict[str, torch.Tensor]: ...
 
-    def end_step(self) -> dict[str, float]: ...
+    def end_step(self, kl_by_rollout: Sequence[Any] | None = None) -> dict[str, float]: ...
 
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -228,7 +232,9 @@ class _RowPolicy:
             setattr(self, name, getattr(self, name).to(device))
         self.device = device
 
-    def end_step(self) -> dict[str, float]:
+    def end_step(self, kl_by_rollout: Sequence[Any] | None = None) -> dict[str, float]:
+        """Close the step; `kl_by_rollout` (the step's finished rollouts' stored KL, in prompt order)
+        is only used by policies that learn from it (KAT)."""
         self._book(torch.ones(self.num_rows, dtype=torch.bool, device=self.device))
         self._new_rows()
         self._keep_rows_hook(torch.zeros(0, dtype=torch.int64, device=self.device))
@@ -438,12 +444,18 @@ def stop_prob_for_mean_kept(lengths: Any, ended: Any, goal: float, budget: int |
 
 
 class KATPolicy(_RowPolicy):
-    """KAT, optionally inside a prefix budget P (`kat+prefix`): the detector only sees tokens < P."""
+    """KAT, optionally inside a prefix budget P (`kat+prefix`): the detector only sees tokens < P.
+
+    `gather` (several processes): maps this rank's buffer values to every rank's, concatenated in
+    rank order (`kat_diag.distributed.all_gather_values`), so all ranks hold the same buffer and
+    use the same threshold each step.
+    """
 
     name = "kat"
 
     def __init__(self, cfg: KATConfig, prefix_len: int | None = None,
-                 device: str | torch.device = "cpu") -> None:
+                 device: str | torch.device = "cpu",
+                 gather: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
         if prefix_len is not None:
             _check_prefix(prefix_len)
             self.name = "kat+prefix"
@@ -452,6 +464,7 @@ class KATPolicy(_RowPolicy):
         self.prefix_len = None if prefix_len is None else int(prefix_len)
         self.threshold = AdaptiveThreshold(cfg)
         self.detector = StreamingDetector(cfg, device=self.device)
+        self.gather = gather
         self._nonfinite_at_begin = 0
         self._idx_cache: dict[int, torch.Tensor] = {}
         self._fired_B = torch.zeros(0, dtype=torch.bool, device=self.device)
@@ -500,16 +513,29 @@ class KATPolicy(_RowPolicy):
         full_B = torch.full_like(fire_B, self.prefix_len)
         return torch.where(self._fired_B, keep_B, full_B), torch.where(self._fired_B, fire_B + 1, full_B)
 
-    def end_step(self) -> dict[str, float]:
+    def end_step(self, kl_by_rollout: Sequence[Any] | None = None) -> dict[str, float]:
+        """Close the step and push what its rollouts contribute into the threshold buffer.
+
+        kl_by_rollout: the KL of every rollout of the step, exactly the tokens it kept (a rollout
+        stopped at fire ends there), in prompt order. Required: KAT without it would never learn
+        its threshold.
+        """
+        if kl_by_rollout is None:
+            raise ValueError("KATPolicy.end_step needs the step's rollouts' KL (kl_by_rollout) to update "
+                             "its threshold buffer")
         metrics = super().end_step()
-        added = self.threshold.observe(self.detector.pop_window_means())
-        metrics.update(window_means=float(added), buffer_size=float(self.threshold.buffer.numel()))
+        values = buffer_values_of(kl_by_rollout, self.cfg)
+        if self.gather is not None:
+            values = self.gather(values)
+        added = self.threshold.observe(values)
+        metrics.update(buffer_added=float(added), buffer_size=float(self.threshold.buffer.numel()))
         return metrics
 
     def _step_metrics(self, done: dict[str, torch.Tensor]) -> dict[str, float]:
         fired = done["fire"] >= 0
         return {
-            "tau": self.threshold.tau,
+            "tau": self.threshold.effective_tau,
+            "buffer_quantile": self.threshold.tau,
             "kat_active": float(self.threshold.active),
             "fired_share": _mean(fired),
             "onset_mean": _mean(done["onset"][fired]),
@@ -590,13 +616,14 @@ def prior_from_run(run_dir: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndar
 
 def make_policy(name: str, kat: KATConfig | None = None, prefix_len: int | None = None,
                 random_target: float | str | os.PathLike[str] | None = None, seed: int = 0, *,
-                device: str | torch.device = "cpu") -> TerminationPolicy:
+                device: str | torch.device = "cpu",
+                gather: Callable[[np.ndarray], np.ndarray] | None = None) -> TerminationPolicy:
     """Build a termination policy by name: none | kat | random | prefix | kat+prefix.
 
     kat: KAT parameters (default KATConfig()) for kat and kat+prefix. prefix_len: P for prefix
     and kat+prefix. random_target: mean kept length for random, or the path of a KAT run's
     metrics.jsonl to match. seed: random's generator seed. Arguments a policy does not use are
-    ignored, so one config can sweep policy names.
+    ignored, so one config can sweep policy names. gather: KAT's cross-rank buffer gather.
     """
     key = name.strip().lower().replace(" ", "")
     if key not in POLICY_NAMES:
@@ -618,4 +645,4 @@ def make_policy(name: str, kat: KATConfig | None = None, prefix_len: int | None 
             target = target_from_metrics(target)
         return RandomPolicy(float(target), seed, device, prior=prior)  # type: ignore[arg-type]
     cfg = kat if kat is not None else KATConfig()
-    return KATPolicy(cfg, prefix_len if key == "kat+prefix" else None, device)
+    return KATPolicy(cfg, prefix_len if key == "kat+prefix" else None, device, gather=gather)

@@ -239,12 +239,14 @@ def rollout_marks(row: dict[str, Any], phases: tuple[int, int] | None = None) ->
 
 
 def kat_config(config: dict[str, Any] | None, **overrides: Any) -> KATConfig:
-    """KATConfig of a run: its recorded config's ``kat`` section, with non-None overrides applied."""
-    names = set(KATConfig.__dataclass_fields__)
+    """KATConfig of a run: its recorded config's ``kat`` section (old key names mapped, see
+    `kat_diag.detector.kat_config_from_dict`), with non-None overrides applied."""
+    from kat_diag.detector import kat_config_from_dict
+
     section = (config or {}).get("kat") or {}
-    values = {k: v for k, v in section.items() if k in names} if isinstance(section, dict) else {}
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return KATConfig(**values)
+    base = kat_config_from_dict(section).to_dict() if isinstance(section, dict) and section else {}
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    return kat_config_from_dict(base)
 
 
 def rollout_phases(row: dict[str, Any], cfg: KATConfig) -> tuple[int, int] | None:
@@ -449,37 +451,21 @@ REPLAY_COLUMNS = ["step", "rollout_id", "policy", "tau", "onset", "fire", "kl"]
 PHASE_NAMES = ("pre", "agreement", "post")
 
 
-def window_means(kl: Ragged, cfg: KATConfig, chunk_size: int = 1) -> np.ndarray:
-    """Stride-W window means of ragged KL, as the online detector hands them to its buffer.
-
-    Runs :class:`~kat_diag.detector.StreamingDetector` (inactive, collecting means) over all rollouts
-    at once, ``chunk_size`` tokens per update, so the quantisation, the "usable windows only" rule
-    and the order (chunk by chunk, rollout by rollout within a chunk) are those of an online engine
-    that generates these rollouts in lockstep with that chunk size.
-    """
-    from kat_diag.detector import StreamingDetector
-
-    n = len(kl)
-    longest = int(kl.lengths.max()) if n else 0
-    if longest < cfg.window:
-        return np.zeros(0)
-    det = StreamingDetector(cfg, n, collect_means=True, backend="numpy")
-    lengths = kl.lengths[:, None]
-    starts = kl.offsets[:-1, None]
-    values = np.asarray(kl.values, dtype=np.float64)
-    for c0 in range(0, longest, chunk_size):
-        pos = np.arange(c0, min(longest, c0 + chunk_size))
-        valid = pos < lengths
-        det.update(np.where(valid, values[np.where(valid, starts + pos, 0)], 0.0), valid)
-    return det.pop_window_means().numpy()
-
-
 def _truncate(r: Ragged, lengths: np.ndarray) -> Ragged:
     """The first ``lengths[i]`` values of each rollout (lengths never exceed the rollouts')."""
     lengths = np.asarray(lengths, dtype=np.int64)
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     pos = np.repeat(r.offsets[:-1] - offsets[:-1], lengths) + np.arange(offsets[-1])
+    return Ragged(offsets, r.values[pos])
+
+
+def _take(r: Ragged, order: np.ndarray) -> Ragged:
+    """Rollouts ``order[0], order[1], ...`` of ``r`` as a new ragged array."""
+    lengths = r.lengths[order]
+    offsets = np.zeros(len(order) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    pos = np.repeat(r.offsets[:-1][order] - offsets[:-1], lengths) + np.arange(offsets[-1])
     return Ragged(offsets, r.values[pos])
 
 
@@ -578,7 +564,6 @@ def replay_store(
     cfg: KATConfig,
     tau: float | str | None = None,
     *,
-    chunk_size: int = 1,
     per_rollout: bool = False,
     **filters: Any,
 ) -> dict[str, Any]:
@@ -586,17 +571,16 @@ def replay_store(
 
     ``tau``:
 
-    * ``None`` (adaptive, like KAT online): steps are replayed in increasing order; before each
-      step tau = quantile_eta of an :class:`~kat_diag.detector.AdaptiveThreshold` buffer of earlier
-      steps' stride-W window means (inactive during the first K steps and while it is empty), and
-      after it the buffer observes the window means of the tokens KAT would have generated: up to
-      the end of the ``chunk_size`` chunk holding the fire token (the engine finishes the chunk),
-      capped at the recorded length; the whole rollout if not fired. The means are fed chunk by
-      chunk over the step's rollouts in lockstep (see :func:`window_means`). This equals the online
-      tau when every step was recorded, only rollouts passing the filters existed, the store holds
-      every token the online detector saw, and the engine ran a step's rollouts in lockstep with
-      that chunk size; otherwise it is an approximation (use ``"recorded"`` to reproduce a run);
-    * ``"recorded"``: each rollout's recorded tau (NaN = inactive): reproduces the online decisions;
+    * ``None`` (adaptive, like KAT online): steps are replayed in increasing order; each step uses
+      the threshold in force of an :class:`~kat_diag.detector.AdaptiveThreshold` (inactive before
+      step K and while the buffer holds fewer than B_min values); after the step the buffer gets
+      what the step's rollouts contribute (`kat_diag.detector.buffer_values` under
+      ``cfg.statistic``) from the tokens KAT would have kept in the trace: up to and including
+      the fire token, the whole rollout if not fired; in rollout-id order (rank, then position in
+      the step), as online. This equals the online threshold whenever every rollout of every step
+      was recorded (``trace_every`` 1) and passes the filters; with the run's own configuration it
+      reproduces the online decisions exactly, whatever the engine's chunk size;
+    * ``"recorded"``: each rollout's recorded threshold in force (NaN = inactive);
     * a float: that fixed threshold for every rollout.
 
     Returns a JSON-ready summary: fired share, mean onset (fired rollouts), kept ratio (kept /
@@ -606,21 +590,21 @@ def replay_store(
     recorded onset/fire of rollouts whose recorded policy is a KAT one. With ``per_rollout`` the
     per-rollout arrays are added under ``"rows"`` (not JSON-ready; numpy arrays).
     """
-    from kat_diag.detector import AdaptiveThreshold
+    from kat_diag.detector import AdaptiveThreshold, buffer_values
 
     acc = _ReplayAcc(per_rollout)
     if tau is None:
         mode = "adaptive"
         threshold = AdaptiveThreshold(cfg)
         for step, b in reader.iter_steps(REPLAY_COLUMNS, **filters):
-            threshold.begin_step(step)
-            t = threshold.effective_tau
+            t = threshold.begin_step(step)
             acc.taus[step] = t
             fire = acc.add(b, np.full(b.num_rows, t), cfg)
             kl: Ragged = b["kl"]
-            chunk_end = (fire // chunk_size + 1) * chunk_size
-            seen = np.where(fire >= 0, np.minimum(chunk_end, kl.lengths), kl.lengths)
-            threshold.observe(window_means(_truncate(kl, seen), cfg, chunk_size))
+            kept = _truncate(kl, np.where(fire >= 0, fire + 1, kl.lengths))
+            order = np.argsort(np.asarray(b["rollout_id"]), kind="stable")
+            kept = _take(kept, order)
+            threshold.observe(buffer_values(kept.values, kept.offsets, cfg))
     else:
         mode = "recorded" if tau == "recorded" else "fixed"
         fixed = None if mode == "recorded" else float(tau)
@@ -629,9 +613,9 @@ def replay_store(
             acc.add(b, t, cfg)
             for s, v in zip(b["step"].tolist(), t.tolist(), strict=True):
                 acc.taus.setdefault(s, v)
-    out = {"store": str(reader.dir), "tau_mode": mode, "chunk_size": chunk_size if mode == "adaptive" else None,
+    out = {"store": str(reader.dir), "tau_mode": mode,
            "tau_value": float(tau) if mode == "fixed" else None,
-           "kat": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, **acc.summary()}
+           "kat": cfg.to_dict(), **acc.summary()}
     if per_rollout:
         out["rows"] = acc.per_rollout()
     return out
@@ -643,7 +627,8 @@ def format_replay(result: dict[str, Any]) -> str:
     head = (f"KAT replay of {result['store']}  tau: {result['tau_mode']}"
             + (f" = {result['tau_value']:g}" if result["tau_value"] is not None else "")
             + f"  W={k['window']} T={k['persistence']} L0={k['min_length']} K={k['warmup_steps']}"
-            f" B={k['buffer_size']} eta={k['quantile']} keep={k['keep']}")
+            f" B={k['buffer_size']} B_min={k['min_fill']} statistic={k['statistic']}"
+            f" tau_quantile={k['tau_quantile']} keep={k['keep']}")
     rows = [
         ["rollouts", _fmt(result["rollouts"])], ["tokens", _fmt(result["tokens"])],
         ["fired", _fmt(result["fired_share"], "pct")], ["mean onset", _fmt(result["mean_onset"], "len")],

@@ -377,6 +377,9 @@ class TraceWriter:
             "top_n": self.top_n,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "config": config or {},
+            # The training loss's estimator (the `kl` column is always the full-vocabulary KL the
+            # detector saw); None for stores written without training (record).
+            "loss": {"estimator": (config or {}).get("loss"), "topk": (config or {}).get("topk")},
             "columns": {f.name: str(f.type) for f in self.schema},
         }
         _atomic_write_bytes(path, json.dumps(manifest, indent=2, default=str).encode())

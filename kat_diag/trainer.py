@@ -69,7 +69,8 @@ class TrainConfig:
     dtype: str = "fp32"  # fp32 | bf16 (teacher in bf16, student under autocast)
     device: str = "auto"
     seed: int = 0
-    loss: str = "full"  # full | sampled
+    loss: str = "topk"  # topk (the paper's: top-k + tail bucket) | full | sampled
+    topk: int = 64  # k of the topk loss (capped at the vocabulary size)
     termination: str = "kat"  # none | kat | random | prefix | kat+prefix
     prefix_len: int | None = None
     random_target: float | None = None  # mean kept length for `random` ...
@@ -200,8 +201,7 @@ def opd_update(student, rollouts: list[Rollout], loss_fn, opt, cfg: TrainConfig,
             token_ids_N=torch.cat([r.token_ids[: r.keep] for r in micro]).to(device),
             old_logprob_N=torch.cat([r.student_logprob[: r.keep] for r in micro]).to(device),
             teacher_logprob_N=torch.cat([r.teacher_logprob[: r.keep] for r in micro]).to(device),
-            teacher_logprobs_NV=(torch.cat([r.teacher_logprobs_full for r in micro]).to(device)
-                                 if loss_fn.needs_full_teacher else None),
+            **_teacher_inputs(micro, loss_fn.teacher_state, device),
         )
         loss = loss_fn(x)
         if not torch.isfinite(loss):
@@ -218,6 +218,14 @@ def opd_update(student, rollouts: list[Rollout], loss_fn, opt, cfg: TrainConfig,
     opt.zero_grad(set_to_none=True)
     student.eval()
     return {"loss_sum": loss_sum, "kept_tokens": float(n_local), "grad_norm": grad_norm}
+
+
+def _teacher_inputs(micro: list[Rollout], state: str, device) -> dict[str, torch.Tensor]:
+    """The teacher state the loss needs (`OPDLoss.teacher_state`), concatenated over the micro-batch."""
+    fields = {"full": {"teacher_logprobs_NV": "teacher_logprobs_full"},
+              "topk": {"topk_ids_NK": "topk_ids", "teacher_topk_logprobs_NK": "teacher_topk_logprobs",
+                       "teacher_tail_logprob_N": "teacher_tail_logprob"}}.get(state, {})
+    return {arg: torch.cat([getattr(r, attr) for r in micro]).to(device) for arg, attr in fields.items()}
 
 
 def trace_batch(rollouts: list[Rollout], problems: list[Problem], texts: list[str], tokenizer, step: int,
@@ -371,9 +379,10 @@ def train(cfg: TrainConfig, resume: bool = False,
     problems, bench = load_prompts(cfg)
     encoded = encode_prompts(tokenizer, [p.prompt for p in problems])
     policy = make_policy(cfg.termination, kat=cfg.kat, prefix_len=cfg.prefix_len,
-                         random_target=_random_target(cfg), seed=cfg.seed * 131 + rank, device=device)
-    policy = with_supervision(policy, cfg.supervise, cfg.kat, device)
-    loss_fn = make_loss(cfg.loss)
+                         random_target=_random_target(cfg), seed=cfg.seed * 131 + rank, device=device,
+                         gather=lambda v: D.all_gather_values(v, device))
+    policy = with_supervision(policy, cfg.supervise, cfg.kat, device, gather=lambda v: D.all_gather_values(v, device))
+    loss_fn = make_loss(cfg.loss, cfg.topk)
     decay = [p for p in student.parameters() if p.ndim >= 2]
     no_decay = [p for p in student.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -414,8 +423,8 @@ def train(cfg: TrainConfig, resume: bool = False,
             idx = prompt_indices(step, cfg.batch_size, rank, world, len(problems), cfg.seed)
             rollouts, rstats = engine.run([encoded[i] for i in idx], policy,
                                           step_generator(cfg.seed, step, rank, device),
-                                          keep_teacher_logprobs=loss_fn.needs_full_teacher)
-            policy_metrics = policy.end_step()
+                                          teacher_state=loss_fn.teacher_state, topk=loss_fn.k)
+            policy_metrics = policy.end_step([r.kl for r in rollouts])  # in prompt order, as traced
             t_roll = time.perf_counter() - t0
             updating = True
             upd = opd_update(student, select_training_tokens(policy, rollouts, policy_metrics), loss_fn, opt,

@@ -15,6 +15,7 @@ from kat_diag.detector import (
     AdaptiveThreshold,
     KATConfig,
     StreamingDetector,
+    buffer_values_of,
     kept_tokens,
     onset_from_fire,
 )
@@ -92,7 +93,6 @@ def test_chunked_equals_per_token(cfg, traces, tau, chunk):
     assert torch.equal(one.fire_B, many.fire_B)
     assert torch.equal(one.tokens_B, many.tokens_B)
     assert one.nonfinite_count == many.nonfinite_count
-    assert sorted(one.pop_window_means().tolist()) == sorted(many.pop_window_means().tolist())
 
 
 @settings(max_examples=40, deadline=None)
@@ -105,7 +105,6 @@ def test_numpy_and_torch_backends_agree(cfg, traces, tau, chunk):
         feed(det, kl.float(), lengths, chunk)
     assert torch.equal(dets[0].fire_B, dets[1].fire_B)
     assert dets[0].nonfinite_count == dets[1].nonfinite_count
-    assert torch.equal(dets[0].pop_window_means(), dets[1].pop_window_means())
 
 
 @settings(max_examples=60, deadline=None)
@@ -208,34 +207,23 @@ def test_dtypes_give_identical_decisions():
 
 
 def test_window_means_are_the_stride_windows():
-    cfg = KATConfig(window=4, persistence=1)
+    cfg = KATConfig(window=4, persistence=1, min_fill=1, statistic="windows")
     rng = np.random.default_rng(1)
     kl = rng.uniform(0, 1, size=(3, 23))
     lengths = [23, 9, 3]
-    det = StreamingDetector(cfg, 3)
-    feed(det, torch.tensor(kl), lengths, chunk=5)
-    got = np.sort(det.pop_window_means().numpy())
+    got = buffer_values_of([kl[b, : lengths[b]] for b in range(3)], cfg)
     q = np.trunc(kl * KL_SCALE)
     expected = [q[b, k: k + 4].sum() / (4 * KL_SCALE) for b in range(3) for k in range(0, lengths[b] - 3, 4)]
-    np.testing.assert_array_equal(got, np.sort(expected))
-    assert det.pop_window_means().numel() == 0  # popped
+    np.testing.assert_array_equal(got, expected)  # rollout order, then position
 
 
-def test_window_means_keep_update_order_across_many_updates():
-    cfg = KATConfig(window=3, persistence=1)
-    kl = np.random.default_rng(2).uniform(0, 1, size=(2, 1000))
-    det = StreamingDetector(cfg, 2)
-    for i in range(1000):  # well past the internal batching of pending updates
-        if i == 600:
-            det.keep_rows(torch.tensor([1]))  # shape change mid-way
-            kl = kl[1:]
-        det.update(torch.tensor(kl[:, i: i + 1]))
-    got = det.pop_window_means().numpy()
-    q = np.trunc(np.random.default_rng(2).uniform(0, 1, size=(2, 1000)) * KL_SCALE)
-    ends = np.arange(2, 1000, 3)
-    expected = [(end, b, q[b, end - 2: end + 1].sum() / (3 * KL_SCALE))
-                for end in ends for b in ((0, 1) if end < 600 else (1,))]
-    np.testing.assert_array_equal(got, [m for _, _, m in expected])
+def test_rollout_minima_are_exact_window_minima():
+    rng = np.random.default_rng(2)
+    kl = [rng.uniform(0, 1, size=n) for n in (40, 3, 17)]
+    got = buffer_values_of(kl, KATConfig(window=3, min_fill=1))
+    q = [np.trunc(k * KL_SCALE) for k in kl]
+    expected = [min(x[i: i + 3].sum() for i in range(len(x) - 2)) / (3 * KL_SCALE) for x in q if len(x) >= 3]
+    np.testing.assert_array_equal(got, expected)
 
 
 @settings(max_examples=50, deadline=None)
@@ -293,8 +281,10 @@ def test_onset_and_keep_helpers():
 @pytest.mark.parametrize(("kwargs", "name"), [
     ({"window": 0}, "window"), ({"window": 5000}, "window"), ({"persistence": 0}, "persistence"),
     ({"min_length": -1}, "min_length"), ({"warmup_steps": -1}, "warmup_steps"),
-    ({"buffer_size": 0}, "buffer_size"), ({"quantile": 0.0}, "quantile"), ({"quantile": 1.0}, "quantile"),
-    ({"quantile": math.nan}, "quantile"), ({"keep": "all"}, "keep"), ({"window": 2.5}, "window"),
+    ({"buffer_size": 0}, "buffer_size"), ({"tau_quantile": 0.0}, "tau_quantile"),
+    ({"tau_quantile": 1.0}, "tau_quantile"), ({"tau_quantile": math.nan}, "tau_quantile"),
+    ({"keep": "all"}, "keep"), ({"window": 2.5}, "window"), ({"min_fill": 0}, "min_fill"),
+    ({"buffer_size": 8, "min_fill": 9}, "B_min <= B"), ({"statistic": "mean"}, "statistic"),
 ])
 def test_config_rejects_bad_values_naming_them(kwargs, name):
     with pytest.raises(ValueError, match=name):
@@ -308,7 +298,7 @@ def test_config_is_frozen():
 
 # ---------------------------------------------------------------- threshold
 def test_threshold_empty_buffer_is_inactive_and_warmup_blocks_firing():
-    thr = AdaptiveThreshold(KATConfig(warmup_steps=2, buffer_size=4, quantile=0.5))
+    thr = AdaptiveThreshold(KATConfig(warmup_steps=2, buffer_size=4, min_fill=1, tau_quantile=0.5))
     assert math.isnan(thr.begin_step(0)) and not thr.active and math.isnan(thr.effective_tau)
     assert thr.observe([1.0, 2.0, math.nan, 3.0]) == 3
     thr.begin_step(1)
@@ -322,7 +312,7 @@ def test_threshold_empty_buffer_is_inactive_and_warmup_blocks_firing():
 
 
 def test_threshold_state_dict_resumes_exactly():
-    cfg = KATConfig(buffer_size=8, quantile=0.3)
+    cfg = KATConfig(buffer_size=8, min_fill=1, tau_quantile=0.3)
     a = AdaptiveThreshold(cfg)
     a.observe(np.arange(20.0))
     a.begin_step(7)
@@ -349,7 +339,8 @@ def _roundtrip(state):
 def test_tau_follows_a_shift_of_the_kl_scale(seed, scale, eta):
     """Steps with KL scale 1.0, then the same traces times `scale`: once the buffer has turned over,
     tau is the old tau times `scale` (up to the 2**-24 quantisation)."""
-    cfg = KATConfig(window=4, persistence=2, min_length=0, warmup_steps=0, buffer_size=64, quantile=eta)
+    cfg = KATConfig(window=4, persistence=2, min_length=0, warmup_steps=0, buffer_size=64, min_fill=1,
+                    tau_quantile=eta, statistic="windows")
     thr = AdaptiveThreshold(cfg)
     rng = np.random.default_rng(seed)
     traces = torch.tensor(rng.exponential(1.0, size=(8, 32)))
@@ -359,8 +350,9 @@ def test_tau_follows_a_shift_of_the_kl_scale(seed, scale, eta):
         taus.append(thr.tau)
         det = StreamingDetector(cfg, 8)
         det.set_tau(thr.effective_tau)
-        det.update(traces * (1.0 if step < 3 else scale))
-        thr.observe(det.pop_window_means())  # 64 means per step: the buffer turns over each step
+        kl = traces * (1.0 if step < 3 else scale)
+        det.update(kl)
+        thr.observe(buffer_values_of(list(kl), cfg))  # 64 means per step: the buffer turns over each step
     assert math.isnan(taus[0])
     assert taus[1] == taus[2] == taus[3]
     assert taus[4] == taus[5] == pytest.approx(scale * taus[1], rel=1e-4)

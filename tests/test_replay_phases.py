@@ -20,7 +20,7 @@ TRACE = st.lists(st.tuples(VALUES, st.integers(1, 12)), max_size=8).map(
     lambda runs: [v for v, k in runs for _ in range(k)])
 CONFIGS = st.builds(KATConfig, window=st.integers(1, 5), persistence=st.integers(1, 4),
                     min_length=st.integers(0, 20), keep=st.sampled_from(["onset", "fire"]),
-                    warmup_steps=st.just(0))
+                    warmup_steps=st.just(0), min_fill=st.just(1))
 
 
 def ragged(traces: list[list[float]]) -> tuple[np.ndarray, np.ndarray]:
@@ -79,7 +79,7 @@ def run_online(traces: list[list[float]], cfg: KATConfig, tau: float, chunk: int
             pos[r] = p
         policy.keep_rows(torch.tensor(keep_rows, dtype=torch.int64))
         live, pos = [live[r] for r in keep_rows], [pos[r] for r in keep_rows]
-    policy.end_step()
+    policy.end_step([torch.tensor(r) for r in recorded])
     return results, recorded
 
 

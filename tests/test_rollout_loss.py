@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from kat_diag.detector import KATConfig
-from kat_diag.loss import FullReverseKL, LossInputs, SampledTokenKL, make_loss
+from kat_diag.loss import FullReverseKL, LossInputs, SampledTokenKL, TopKReverseKL, make_loss, topk_teacher_state
 from kat_diag.models import tiny_qwen3_config
 from kat_diag.rollout import RolloutEngine, SamplingConfig, encode_prompts, sample_next
 from kat_diag.termination import make_policy
@@ -41,7 +41,7 @@ def test_online_chunked_scoring_equals_posthoc_forward(models, chunk, slots):
     policy = make_policy("none", kat=KATConfig(), prefix_len=None, random_target=None, seed=0)
     policy.begin_step(0)
     rollouts, stats = eng.run(encode_prompts(tok, PROMPTS), policy, torch.Generator().manual_seed(0),
-                              keep_teacher_logprobs=True)
+                              teacher_state="full")
     assert [r.index for r in rollouts] == list(range(len(PROMPTS)))
     for r in rollouts:
         assert r.gen_len == 37 or r.stop_reason == "eos"
@@ -136,8 +136,69 @@ def test_sampled_token_loss_is_advantage_weighted_policy_gradient():
     torch.testing.assert_close(x.student_logits_NV.grad, -adv[:, None] * (onehot - p), atol=1e-5, rtol=1e-4)
 
 
+def _topk_inputs(x: LossInputs, k: int) -> LossInputs:
+    """x with the teacher state the engine keeps for TopKReverseKL (top-k of the student)."""
+    s_logp = torch.log_softmax(x.student_logits_NV.detach(), -1)
+    st = topk_teacher_state(s_logp[None], x.teacher_logprobs_NV[None], k)
+    return LossInputs(x.student_logits_NV, x.token_ids_N, x.old_logprob_N, x.teacher_logprob_N,
+                      topk_ids_NK=st["topk_ids"][0], teacher_topk_logprobs_NK=st["teacher_topk_logprobs"][0],
+                      teacher_tail_logprob_N=st["teacher_tail_logprob"][0])
+
+
+@pytest.mark.parametrize("k", [11, 64])
+def test_topk_equals_full_when_k_covers_the_vocabulary(k):
+    a, b = _inputs(seed=3), _inputs(seed=3)
+    full = FullReverseKL()(a)
+    topk = TopKReverseKL(k)(_topk_inputs(b, k))
+    assert float(topk.detach()) == pytest.approx(float(full.detach()), rel=1e-6)
+    full.backward()
+    topk.backward()
+    torch.testing.assert_close(b.student_logits_NV.grad, a.student_logits_NV.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_topk_with_a_tail_bucket_matches_the_direct_formula():
+    x = _inputs(seed=4, v=11)
+    k = 3
+    loss = TopKReverseKL(k)(_topk_inputs(x, k))
+    ref = 0.0
+    for i in range(x.student_logits_NV.shape[0]):
+        p = torch.softmax(x.student_logits_NV[i].detach().double(), -1)
+        q = x.teacher_logprobs_NV[i].double().exp()
+        top = p.topk(k).indices
+        rest = torch.ones_like(p, dtype=torch.bool)
+        rest[top] = False
+        ref += float((p[top] * (p[top] / q[top]).log()).sum())
+        ref += float(p[rest].sum() * (p[rest].sum() / q[rest].sum()).log())
+    assert float(loss.detach()) == pytest.approx(ref, rel=1e-5)
+    full = FullReverseKL()(_inputs(seed=4, v=11))
+    assert 0 < float(loss.detach()) < float(full.detach())  # a coarser partition: log-sum inequality
+
+
+def test_engine_keeps_the_topk_teacher_state(models):
+    tok, student, teacher = models
+    eng = RolloutEngine(student, teacher, tok.eos_token_id, tok.pad_token_id,
+                        SamplingConfig(max_new_tokens=12, chunk_size=4))
+    policy = make_policy("none")
+    policy.begin_step(0)
+    rollouts, _ = eng.run(encode_prompts(tok, PROMPTS), policy, torch.Generator().manual_seed(0),
+                          teacher_state="topk", topk=3)
+    for r in rollouts:
+        lt = _posthoc(teacher, r.prompt_ids, r.token_ids)[: r.keep]
+        ls = _posthoc(student, r.prompt_ids, r.token_ids)[: r.keep]
+        assert r.topk_ids.shape == (r.keep, 3) and r.teacher_logprobs_full is None
+        torch.testing.assert_close(r.topk_ids.long(), ls.topk(3, -1).indices)
+        torch.testing.assert_close(r.teacher_topk_logprobs, lt.gather(-1, r.topk_ids.long()), atol=1e-5, rtol=0)
+        tail = torch.log1p(-lt.gather(-1, r.topk_ids.long()).exp().sum(-1))
+        torch.testing.assert_close(r.teacher_tail_logprob, tail, atol=1e-4, rtol=0)
+
+
 def test_make_loss_and_missing_teacher():
-    assert make_loss("full").needs_full_teacher and not make_loss("sampled").needs_full_teacher
+    assert make_loss("full").teacher_state == "full" and make_loss("sampled").teacher_state == "none"
+    assert make_loss("topk", 8).teacher_state == "topk" and make_loss("topk", 8).k == 8
+    with pytest.raises(ValueError, match="topk=0"):
+        make_loss("topk", 0)
+    with pytest.raises(ValueError, match="top-k"):
+        TopKReverseKL(4)(_inputs())
     with pytest.raises(ValueError, match="unknown loss"):
         make_loss("forward")
     with pytest.raises(ValueError, match="full log-probs"):

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from kat_diag.detector import KATConfig
+from kat_diag.detector import KATConfig, buffer_values_of
 from kat_diag.rollout import Rollout, SamplingConfig
-from kat_diag.supervise import PhaseSupervision, parse_phases, stride_window_means, with_supervision
+from kat_diag.supervise import PhaseSupervision, parse_phases, with_supervision
 from kat_diag.termination import make_policy
 from kat_diag.trainer import TrainConfig, train
 
@@ -63,17 +63,19 @@ def test_mask_equals_the_planted_phases(spec, span):
 
 
 def test_warmup_trains_everything_as_pre_and_threshold_fills_from_full_rollouts():
-    sup = PhaseSupervision("agreement", small_kat(warmup_steps=1))
+    cfg = small_kat(warmup_steps=1)
+    sup = PhaseSupervision("agreement", cfg)
     sup.begin_step(0)
     assert np.isnan(sup.tau)
-    out, metrics = sup.select([planted(10, 12, 9, 0)])
+    rollouts = [planted(10, 12, 9, 0), planted(4, 30, 2, 1)]
+    out, metrics = sup.select(rollouts)
     assert out[0].keep == 0 and metrics["supervise_pre_share"] == 1.0
-    assert sup.threshold.buffer.numel() > 0  # the step's full rollout entered the buffer
-
-
-def test_stride_window_means_skip_unusable_windows():
-    v = np.array([1, 1, 3, 3, np.nan, 0, 0, 0, 2, 2, 2, 2, 9], dtype=float)
-    assert stride_window_means(v, np.array([0, 9, 13]), 2).tolist() == [1.0, 3.0, 0.0, 2.0, 5.5]
+    sup.end_step([r.kl for r in rollouts])
+    # The step's full rollouts entered the buffer exactly as KAT's buffer takes them.
+    expected = buffer_values_of([r.kl for r in rollouts], cfg)
+    assert expected.size > 0 and np.array_equal(sup.threshold.buffer.numpy(), expected)
+    with pytest.raises(ValueError, match="kl_by_rollout"):
+        sup.end_step()
 
 
 def test_phase_spec_errors_and_policy_check():

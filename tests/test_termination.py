@@ -21,13 +21,20 @@ from kat_diag.termination import (
     target_from_metrics,
 )
 
-SMALL = KATConfig(window=4, persistence=3, min_length=0, warmup_steps=1, buffer_size=256, quantile=0.5)
+SMALL = KATConfig(window=4, persistence=3, min_length=0, warmup_steps=1, buffer_size=256, min_fill=1,
+                  tau_quantile=0.5, statistic="windows")
 COMMON_KEYS = {"rollouts", "stopped_share", "gen_len_mean", "kept_len_mean", "tokens_generated", "tokens_kept"}
 
 
 def trap_trace(n_rows: int, high: int = 20, low: int = 40) -> torch.Tensor:
     """High KL, then a long low stretch (the trap)."""
     return torch.cat([torch.full((n_rows, high), 1.0), torch.full((n_rows, low), 0.001)], 1)
+
+
+def stored_kl(kl: torch.Tensor, dec: StopDecision) -> list[torch.Tensor]:
+    """What the engine would store of each row: up to its end if the policy stopped it, else all."""
+    ends = torch.where(dec.stop_B, dec.end_B, torch.full_like(dec.end_B, kl.shape[1]))
+    return [kl[b, : int(e)] for b, e in enumerate(ends.tolist())]
 
 
 def run_step(policy: TerminationPolicy, step: int, kl: torch.Tensor, chunk: int) -> tuple[StopDecision, dict]:
@@ -37,7 +44,7 @@ def run_step(policy: TerminationPolicy, step: int, kl: torch.Tensor, chunk: int)
     for s in range(0, kl.shape[1], chunk):
         dec = policy.update(kl[:, s: s + chunk])
     assert dec is not None
-    return dec, policy.end_step()
+    return dec, policy.end_step(stored_kl(kl, dec))
 
 
 @pytest.mark.parametrize("name", POLICY_NAMES)
@@ -93,12 +100,13 @@ def test_kat_observes_during_warmup_then_fires_and_keeps_the_prefix_before_onset
     policy = make_policy("kat", SMALL)
     dec, m0 = run_step(policy, 0, trap_trace(4), chunk=8)
     assert not bool(dec.stop_B.any()) and m0["kat_active"] == 0.0 and math.isnan(m0["tau"])
-    assert m0["window_means"] == 4 * 15 and m0["buffer_size"] == 60
+    assert m0["buffer_added"] == 4 * 15 and m0["buffer_size"] == 60
     # Buffer: 5 high and 10 low stride windows per row -> the median is the low value (0.001);
     # in step 1 the trap is a lower stretch.
     kl = torch.cat([torch.full((4, 20), 1.0), torch.full((4, 40), 0.0001)], 1)
     dec, m1 = run_step(policy, 1, kl, chunk=8)
     assert m1["kat_active"] == 1.0 and m1["tau"] == pytest.approx(0.001, rel=1e-3)
+    assert m1["buffer_added"] == 4 * 6  # stored rollouts end at fire = 25: windows 3, 7, ..., 23
     # First low window ends at 20 + W - 1 = 23, T = 3 low windows -> fire at 25, onset 20.
     assert dec.stop_B.all()
     assert dec.end_B.tolist() == [26] * 4 and dec.keep_B.tolist() == [20] * 4
@@ -108,7 +116,7 @@ def test_kat_observes_during_warmup_then_fires_and_keeps_the_prefix_before_onset
 
 
 def test_kat_keep_fire_mode_trains_through_the_fire_token():
-    cfg = KATConfig(window=4, persistence=3, min_length=0, warmup_steps=0, keep="fire")
+    cfg = KATConfig(window=4, persistence=3, min_length=0, warmup_steps=0, min_fill=1, keep="fire")
     policy = KATPolicy(cfg)
     policy.threshold.observe([0.5])
     dec, _ = run_step(policy, 0, trap_trace(2), chunk=60)
@@ -117,7 +125,7 @@ def test_kat_keep_fire_mode_trains_through_the_fire_token():
 
 
 def test_kat_plus_prefix_stops_at_the_budget_or_earlier_on_a_trap():
-    cfg = KATConfig(window=4, persistence=3, min_length=0, warmup_steps=0)
+    cfg = KATConfig(window=4, persistence=3, min_length=0, warmup_steps=0, min_fill=1)
     policy = make_policy("kat+prefix", cfg, prefix_len=30)
     policy.threshold.observe([0.5])  # type: ignore[attr-defined]
     assert policy.max_new_tokens(100) == 30
@@ -175,7 +183,7 @@ def test_random_target_from_a_kat_run_metrics_file(tmp_path):
 
 
 def test_compaction_books_finished_rows_and_refills():
-    cfg = KATConfig(window=4, persistence=3, min_length=0, warmup_steps=0)
+    cfg = KATConfig(window=4, persistence=3, min_length=0, warmup_steps=0, min_fill=1)
     policy = KATPolicy(cfg)
     policy.threshold.observe([0.5])
     policy.begin_step(0)
@@ -190,10 +198,40 @@ def test_compaction_books_finished_rows_and_refills():
     policy.add_rows(1)  # refill: a fresh rollout, independent of the dropped ones
     dec = policy.update(torch.ones(1, 8))
     assert dec.stop_B.tolist() == [False]
-    metrics = policy.end_step()
+    with pytest.raises(ValueError, match="kl_by_rollout"):
+        policy.end_step()
+    metrics = policy.end_step([torch.ones(9), torch.ones(9), torch.ones(8)])
     assert metrics["rollouts"] == 3.0 and metrics["fired_share"] == pytest.approx(2 / 3)
     assert metrics["gen_len_mean"] == pytest.approx((9 + 9 + 8) / 3)
     assert metrics["kept_len_mean"] == pytest.approx((3 + 3 + 8) / 3)
+
+
+def test_kat_rollout_min_statistic_is_the_paper_rule():
+    """Each stored rollout pushes its minimum window mean; tau = the 0.7 quantile; active only from
+    step K on with at least B_min values; the threshold in force is NaN while inactive."""
+    cfg = KATConfig(window=4, persistence=3, min_length=0, warmup_steps=1, buffer_size=8, min_fill=3,
+                    tau_quantile=0.7)
+    policy = make_policy("kat", cfg)
+    rows = torch.stack([torch.full((12,), v) for v in (0.5, 0.25, 0.125, 0.0625)])
+    _, m0 = run_step(policy, 0, rows, chunk=5)
+    assert m0["buffer_added"] == 4 and math.isnan(m0["tau"]) and m0["kat_active"] == 0.0
+    assert policy.threshold.buffer.tolist() == [0.5, 0.25, 0.125, 0.0625]
+    _, m1 = run_step(policy, 1, trap_trace(2, high=20, low=40), chunk=7)
+    # 0.7 quantile of [0.0625, 0.125, 0.25, 0.5] (linear): 0.125 + 0.1 * 0.125 * ... = 0.2125
+    assert m1["tau"] == pytest.approx(float(torch.quantile(torch.tensor([0.5, 0.25, 0.125, 0.0625],
+                                                                        dtype=torch.float64), 0.7)))
+    assert m1["fired_share"] == 1.0
+
+
+def test_kat_stays_inactive_below_min_fill():
+    cfg = KATConfig(window=4, persistence=3, min_length=0, warmup_steps=0, buffer_size=8, min_fill=5)
+    policy = make_policy("kat", cfg)
+    for step in range(3):  # two rollouts per step: 2, 4, 6 values -> active from step 3
+        _, m = run_step(policy, step, trap_trace(2), chunk=8)
+        assert m["kat_active"] == 0.0 and math.isnan(m["tau"]) and m["fired_share"] == 0.0
+    kl = torch.cat([torch.full((2, 20), 1.0), torch.full((2, 40), 0.0001)], 1)  # below tau = 0.001
+    _, m = run_step(policy, 3, kl, chunk=8)
+    assert m["kat_active"] == 1.0 and m["tau"] == pytest.approx(0.001, rel=1e-4) and m["fired_share"] == 1.0
 
 
 def test_kat_state_dict_resumes_the_threshold():

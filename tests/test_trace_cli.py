@@ -177,45 +177,43 @@ def _synthetic_kl(rng: np.random.Generator) -> np.ndarray:
 
 
 def simulate_online_kat(run: Path, cfg, chunk: int, n_steps: int = 9, per_step: int = 10, seed: int = 0):
-    """A KAT run as the online engine does it: per step, tau from the buffer of earlier steps,
-    rollouts generated in lockstep chunk by chunk, a rollout stops after the chunk in which it fired,
-    the buffer observes the step's window means. Records every token the detector saw."""
-    import dataclasses
+    """A KAT run as the online engine does it: per step the KAT policy's threshold in force,
+    rollouts generated in lockstep chunk by chunk, a rollout stored up to its fire token (tokens the
+    chunk generated after it are discarded), the buffer fed with the stored rollouts' KL."""
+    import torch
 
-    from kat_diag.detector import AdaptiveThreshold, StreamingDetector
+    from kat_diag.termination import KATPolicy
 
     rng = np.random.default_rng(seed)
-    thr = AdaptiveThreshold(cfg)
+    policy = KATPolicy(cfg)
     taus = {}
-    config = {"kat": dataclasses.asdict(cfg), "sampling": {"chunk_size": chunk}}
+    config = {"kat": cfg.to_dict(), "sampling": {"chunk_size": chunk}}
     with TraceWriter(run, top_n=TOP_N, config=config) as w:
         for step in range(n_steps):
-            thr.begin_step(step)
-            tau = thr.effective_tau
-            taus[step] = tau
+            policy.begin_step(step)
             kls = [_synthetic_kl(rng) for _ in range(per_step)]
             lengths = np.array([len(k) for k in kls])
             padded = np.zeros((per_step, lengths.max()), np.float32)
             for i, k in enumerate(kls):
                 padded[i, : len(k)] = k
-            det = StreamingDetector(cfg, per_step, collect_means=True, backend="numpy")
-            det.set_tau(tau)
-            fed = np.zeros(per_step, np.int64)
+            policy.add_rows(per_step)
             alive = np.ones(per_step, bool)
             for c0 in range(0, int(lengths.max()), chunk):
                 pos = np.arange(c0, min(c0 + chunk, int(lengths.max())))
                 valid = (pos < lengths[:, None]) & alive[:, None]
-                det.update(np.where(valid, padded[:, pos], 0.0), valid)
-                fed += valid.sum(1)
-                alive &= ~det.fired_B.numpy()
-            thr.observe(det.pop_window_means())
-            fire, onset = det.fire_B.numpy(), det.onset_B.numpy()
-            keep = det.keep_B.numpy()
+                dec = policy.update(torch.from_numpy(np.where(valid, padded[:, pos], 0.0)), torch.from_numpy(valid))
+                alive &= ~dec.stop_B.numpy()
+            info = policy.row_info()
+            end = np.where(info["stopped"].numpy(), info["end"].numpy(), lengths)
+            stored = [k[:n] for k, n in zip(kls, end, strict=True)]
+            fire, onset, keep = info["fire"].numpy(), info["onset"].numpy(), info["kept"].numpy()
+            metrics = policy.end_step(stored)
+            taus[step] = metrics["tau"]
             w.append({
-                "step": step, "prompt_id": [f"q{i}" for i in range(per_step)], "policy": "kat", "tau": tau,
-                "onset": onset, "fire": fire, "kept_len": keep,
+                "step": step, "prompt_id": [f"q{i}" for i in range(per_step)], "policy": "kat",
+                "tau": metrics["tau"], "onset": onset, "fire": fire, "kept_len": keep,
                 "stop_reason": ["policy" if f >= 0 else "eos" for f in fire],
-                "token_ids": [np.arange(n) for n in fed], "kl": [k[:n] for k, n in zip(kls, fed, strict=True)],
+                "token_ids": [np.arange(len(k)) for k in stored], "kl": stored,
             })
             w.flush()
     return taus
@@ -223,14 +221,20 @@ def simulate_online_kat(run: Path, cfg, chunk: int, n_steps: int = 9, per_step: 
 
 def _kat_args(cfg) -> list[str]:
     return ["--window", cfg.window, "--persistence", cfg.persistence, "--min-length", cfg.min_length,
-            "--eta", cfg.quantile, "--warmup-steps", cfg.warmup_steps, "--buffer-size", cfg.buffer_size]
+            "--tau-quantile", cfg.tau_quantile, "--warmup-steps", cfg.warmup_steps,
+            "--buffer-size", cfg.buffer_size, "--min-fill", cfg.min_fill, "--statistic", cfg.statistic]
 
 
-@pytest.fixture(scope="module")
-def kat_run(tmp_path_factory: pytest.TempPathFactory):
+@pytest.fixture(scope="module", params=["rollout_min", "windows"])
+def kat_run(tmp_path_factory: pytest.TempPathFactory, request):
     from kat_diag.detector import KATConfig
 
-    cfg = KATConfig(window=4, persistence=3, min_length=8, warmup_steps=2, buffer_size=60, quantile=0.3)
+    if request.param == "windows":
+        cfg = KATConfig(window=4, persistence=3, min_length=8, warmup_steps=2, buffer_size=60, min_fill=1,
+                        tau_quantile=0.3, statistic="windows")
+    else:
+        cfg = KATConfig(window=4, persistence=3, min_length=8, warmup_steps=1, buffer_size=25, min_fill=12,
+                        tau_quantile=0.7, statistic="rollout_min")
     run = tmp_path_factory.mktemp("katrun")
     taus = simulate_online_kat(run, cfg, chunk=4)
     return run, cfg, taus
@@ -245,7 +249,7 @@ def test_replay_reproduces_online_decisions(kat_run, tau_mode: str, tmp_path: Pa
     run, cfg, taus = kat_run
     out = tmp_path / "rows.parquet"
     extra = [] if tau_mode == "adaptive" else ["--tau", "recorded"]
-    res = invoke("replay", run, *_kat_args(cfg), "--chunk-size", 4, "--json", "--out", out, *extra)
+    res = invoke("replay", run, *_kat_args(cfg), "--json", "--out", out, *extra)
     assert res.exit_code == 0, res.output
     r = json.loads(res.stdout)
     rec = TraceReader(run).read(["fire", "onset", "kept_len", "step", "rollout_id", "gen_len"])
@@ -261,17 +265,27 @@ def test_replay_reproduces_online_decisions(kat_run, tau_mode: str, tmp_path: Pa
     np.testing.assert_array_equal(rows["fire"], rec["fire"])
     np.testing.assert_array_equal(rows["keep"], rec["kept_len"])
     expected_tau = np.array([taus[s] for s in rec["step"]])
-    np.testing.assert_array_equal(rows["tau"], expected_tau)  # NaN during warm-up, bit-exact after
-    assert r["tau"]["steps"] == 9 and r["tau"]["active_steps"] == 9 - cfg.warmup_steps
+    np.testing.assert_array_equal(rows["tau"], expected_tau)  # NaN while inactive, bit-exact after
+    first_active = min(s for s, t in taus.items() if not math.isnan(t))
+    assert first_active >= cfg.warmup_steps
+    assert r["tau"]["steps"] == 9 and r["tau"]["active_steps"] == 9 - first_active
 
 
 def test_replay_defaults_come_from_the_run_config(kat_run) -> None:
     run, cfg, _ = kat_run
-    r = json.loads(invoke("replay", run, "--json").stdout)  # W, T, ..., chunk size from the manifest
-    assert r["kat"]["window"] == cfg.window and r["chunk_size"] == 4
+    r = json.loads(invoke("replay", run, "--json").stdout)  # W, T, ... from the manifest
+    assert r["kat"] == cfg.to_dict()
     assert r["recorded"]["fire_match"] == 1.0
     # a different detector disagrees with the recording: the match is a real check
     r = json.loads(invoke("replay", run, "--json", "--window", 6, "--tau", "recorded").stdout)
+    assert r["recorded"]["fire_match"] < 1.0
+
+
+def test_replay_under_the_other_statistic_differs(kat_run) -> None:
+    run, cfg, _ = kat_run
+    other = "windows" if cfg.statistic == "rollout_min" else "rollout_min"
+    r = json.loads(invoke("replay", run, "--json", "--statistic", other, "--min-fill", 1).stdout)
+    assert r["kat"]["statistic"] == other and r["tau_mode"] == "adaptive"
     assert r["recorded"]["fire_match"] < 1.0
 
 

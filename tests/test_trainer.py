@@ -1,6 +1,7 @@
 """Trainer on tiny Qwen3 models: real steps on CPU, run directory contents, exact resume, DDP."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -20,7 +21,8 @@ def _cfg(world, out, **kw) -> TrainConfig:
     base = dict(
         teacher=str(world / "teacher"), student=str(world / "student"), out=str(out), steps=4, batch_size=4,
         micro_batch=3, lr=3e-3, warmup_steps=1, sampling=SamplingConfig(max_new_tokens=20, chunk_size=4),
-        kat=KATConfig(window=4, persistence=2, min_length=4, warmup_steps=1, buffer_size=64, quantile=0.5),
+        kat=KATConfig(window=4, persistence=2, min_length=4, warmup_steps=1, buffer_size=64, min_fill=2,
+                      tau_quantile=0.5),
         eval_n=3, eval_k=2, ckpt_every=2, progress=False, termination="kat", device="cpu",
     )
     base.update(kw)
@@ -45,9 +47,21 @@ def test_training_changes_parameters_and_writes_the_run(quick_world, tmp_path):
     assert latest_checkpoint(run).name == "step-000002"
     assert (run / "final" / "config.json").exists()
     reader = TraceReader(run)
-    cols = reader.read(columns=["step", "kl", "gen_len", "kept_len", "stop_reason"])
+    cols = reader.read(columns=["step", "kl", "gen_len", "kept_len", "stop_reason", "fire"])
     assert sorted(set(cols["step"].tolist())) == [0, 1, 2]
     assert len(cols["step"]) == 12
+    # Offline replay reproduces every online decision, from the recorded thresholds in force and
+    # from the thresholds it derives itself step by step.
+    from kat_diag.trace_view import kat_config, replay_store
+
+    assert (cols["fire"] >= 0).any()  # not vacuous
+    kat = kat_config(reader.config)
+    assert kat == _cfg(quick_world, run).kat
+    for tau in ("recorded", None):
+        rec = replay_store(reader, kat, tau)["recorded"]
+        assert rec["compared"] == 12 and rec["fire_match"] == 1.0 and rec["onset_match"] == 1.0, tau
+    manifest = json.loads((run / "traces" / "_manifest.json").read_text())
+    assert manifest["loss"] == {"estimator": "topk", "topk": 64}
 
 
 def test_resume_reproduces_the_uninterrupted_run(quick_world, tmp_path):
@@ -90,7 +104,8 @@ WORKER = textwrap.dedent("""
     cfg = TrainConfig(teacher=str(world / "teacher"), student=str(world / "student"), out=str(out), steps=3,
                       batch_size=3, micro_batch=2, lr=3e-3, warmup_steps=1, device="cpu", progress=False,
                       sampling=SamplingConfig(max_new_tokens=16, chunk_size=4), eval_n=2, eval_k=1,
-                      kat=KATConfig(window=4, persistence=2, min_length=4, warmup_steps=1, buffer_size=64))
+                      kat=KATConfig(window=4, persistence=2, min_length=4, warmup_steps=1, buffer_size=64,
+                                    min_fill=2))
     res = train(cfg)
     rank = dist.get_rank()
     torch.save(res.student.state_dict(), out / f"rank{rank}.pt")
@@ -112,9 +127,15 @@ def test_two_process_gloo_ddp_keeps_replicas_identical(quick_world, tmp_path):
         assert torch.equal(a[k], b[k]), k
     before = load_model(quick_world / "student", device="cpu").state_dict()
     assert any(not torch.equal(before[k], a[k]) for k in a)
-    cols = TraceReader(out).read(columns=["rank", "step", "prompt_id"])
+    cols = TraceReader(out).read(columns=["rank", "step", "prompt_id", "tau"])
     for rank in (0, 1):
         assert sorted(set(cols["step"][cols["rank"] == rank].tolist())) == [0, 1, 2]
+    # One threshold per step on every rank: the buffer is gathered over ranks (each rank rolls out
+    # other prompts, so per-rank buffers would differ).
+    for step in (1, 2):
+        taus = {rank: set(cols["tau"][(cols["step"] == step) & (cols["rank"] == rank)].tolist()) for rank in (0, 1)}
+        assert len(taus[0]) == 1 and taus[0] == taus[1] and all(math.isfinite(t) for t in taus[0]), taus
+    assert all(math.isnan(t) for t in cols["tau"][cols["step"] == 0])  # warm-up: no threshold in force
     assert len(set(zip(cols["step"].tolist(), cols["prompt_id"].tolist(), strict=True))) == 18
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "loss" in m] == [0, 1, 2]
