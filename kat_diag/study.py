@@ -122,19 +122,27 @@ def _quantile_field() -> str:
 
 
 def kat_config(cfg: StudyConfig, **extra: Any) -> KATConfig:
-    """The study's KAT preset: KATConfig defaults, the config's overrides, then `extra`.
+    """The study's KAT parameters: the preset named by `kat["preset"]` (`detector.KAT_PRESETS`:
+    world | paper; default: KATConfig's defaults, the world preset), the config's other `kat`
+    fields, then `extra`.
 
     A few steps of a few dozen prompts give a few hundred rollouts: where the detector has a
     minimum buffer fill (B_min), it is capped at the rollouts of the warm-up steps so KAT can act.
     """
     names = {f.name for f in dataclasses.fields(KATConfig)}
     over = {**cfg.kat, **extra}
+    preset = over.pop("preset", None)
     if "quantile" in over and "quantile" not in names:
         over["tau_quantile"] = over.pop("quantile")
     unknown = sorted(set(over) - names)
     if unknown:
         raise ValueError(f"study: unknown KAT parameter(s) {unknown}; known: {sorted(names)}")
-    base = KATConfig()
+    if preset is not None:
+        from kat_diag.detector import kat_preset
+
+        base = kat_preset(str(preset))
+    else:
+        base = KATConfig()
     if "min_fill" in names and "min_fill" not in over:
         warm = int(over.get("warmup_steps", base.warmup_steps))
         over["min_fill"] = max(1, min(int(base.min_fill), warm * cfg.batch_size))  # type: ignore[attr-defined]

@@ -78,6 +78,8 @@ def test_kat_preset_and_errors():
     cfg = StudyConfig.quick("t", "s", kat={"window": 8, "warmup_steps": 2})
     kat = kat_config(cfg)
     assert kat.window == 8 and kat.warmup_steps == 2 and kat.persistence == KATConfig().persistence
+    paper = kat_config(StudyConfig.quick("t", "s", kat={"preset": "paper", "warmup_steps": 7}))
+    assert paper.window == 64 and paper.warmup_steps == 7
     with pytest.raises(ValueError, match="unknown KAT parameter"):
         StudyConfig.quick("t", "s", kat={"windw": 8})
     with pytest.raises(ValueError, match="steps"):
