@@ -497,7 +497,8 @@ def summarise(cfg: StudyConfig, results: dict[str, Any], baseline: dict[str, Any
                 "method": m, "prefix_len": None, "kat": {},
                 **{f"{c}/{met}@{k}": r["eval"][c][f"{met}@{k}"] for c in cols for met in ("avg", "pass")},
                 **{t: r["train"][t] for t in ("gen_len_mean", "kept_len_mean", "tokens_trained", "train_seconds")}}
-    return {"config": cfg.to_dict(), "k": k, "splits": splits, "seeds": list(cfg.seeds), "table": table,
+    return {"config": {**cfg.to_dict(), "kat_min_length": kat_config(cfg).min_length}, "k": k, "splits": splits,
+            "seeds": list(cfg.seeds), "table": table,
             "baseline": {w: {f"{c}/{met}@{k}": ev[c][f"{met}@{k}"] for c in cols for met in ("avg", "pass")}
                          for w, ev in baseline.items()},
             "length_match": match, "prefix": {str(s): v for s, v in prefix_info.items()},
@@ -545,7 +546,12 @@ def results_markdown(summary: dict[str, Any]) -> str:
         f"({m['rel_error'] * 100:+.1f} %)" for m in summary["length_match"]) + "."]
     lines += ["Prefix budget P (from the KAT run): " + "; ".join(
         f"seed {s}: P = {v['P']} (KAT kept {v['kat_kept_len_mean']:.1f}, E[min(P, N)] = {v['expected_kept_len']:.1f})"
-        for s, v in summary["prefix"].items()) + ".", ""]
+        for s, v in summary["prefix"].items()) + "."]
+    l0 = summary["config"].get("kat_min_length")
+    if l0 is not None and any(v["P"] < l0 for v in summary["prefix"].values()):
+        lines.append(f"Note: P < KAT's minimum length L0 = {l0}, so KAT cannot fire inside the budget and "
+                     "`kat+prefix` trains exactly like `prefix` here (the ablations' larger budgets give it room).")
+    lines.append("")
     lines += [f"Paired bootstrap, KAT minus OPD (points, 95 % CI, resampling problems; {summary['config']['n_boot']} "
               "resamples):", "", "| split | avg diff [CI] | pass diff [CI] |", "|---|---|---|"]
     for c in splits:
