@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kat-diag-installed
 
-.PHONY: install demo test lint bench world
+.PHONY: install demo test lint bench world figures
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -27,9 +27,19 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check kat_diag cli tests benchmarks examples
 
 world: $(STAMP)
-	$(VENV)/bin/kat-diag world build
+	$(VENV)/bin/kat-diag world build --force
 
 bench: $(STAMP)
 	$(PY) benchmarks/detector.py
 	$(PY) benchmarks/traces.py
 	$(PY) benchmarks/rollout.py
+
+# figures/: two runs on the committed world (plain OPD, and KAT with the default preset), same seed and
+# steps, then every figure of both (README "Diagnostics"). FIG_STEPS=50 for a quick look.
+FIG_STEPS ?= 200
+figures: $(STAMP)
+	rm -rf runs/fig_opd runs/fig_kat
+	$(VENV)/bin/kat-diag train --termination none --steps $(FIG_STEPS) --eval-every 50 --out runs/fig_opd
+	$(VENV)/bin/kat-diag train --termination kat --steps $(FIG_STEPS) --eval-every 50 --out runs/fig_kat
+	rm -rf figures
+	$(VENV)/bin/kat-diag figures runs/fig_opd runs/fig_kat --out figures

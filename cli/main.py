@@ -1,7 +1,9 @@
 """Entry point of the `kat-diag` console script.
 
 Each command group lives in its own module and registers itself here, so that the CLI stays a
-thin layer: parse the options, call the library, print.
+thin layer: parse the options, call the library, print. Command modules import nothing heavy at
+the top (torch, transformers, pyarrow load inside the commands), so `--help` answers at once.
+User errors end in one `error: ...` line on stderr with exit status 2 (`cli.common.KatGroup`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from cli import study_cmd, trace_cmd, train_cmd, world_cmd  # noqa: E402
+from cli import analysis_cmd, geometry_cmd, plan_cmd, study_cmd, trace_cmd, train_cmd, world_cmd  # noqa: E402
+from cli.common import KatGroup, version_callback  # noqa: E402
 
 app = typer.Typer(
     name="kat-diag",
@@ -23,24 +26,26 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    cls=KatGroup,
+    rich_markup_mode=None,  # plain click help: rich rendering doubled the time of --help
 )
 
-for module in (world_cmd, train_cmd, trace_cmd, study_cmd):
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True,
+                                 help="Print the kat-diag version and exit."),
+) -> None:
+    """On-policy distillation with KAT, and diagnostics of the KL agreement trap."""
+
+
+for module in (world_cmd, train_cmd, trace_cmd, analysis_cmd, geometry_cmd, plan_cmd, study_cmd):
     module.register(app)
 
 
 def main() -> None:
-    """Console-script entry: user errors (bad path, mismatched models, corrupt store, bad option
-    value) print one line naming the problem instead of a traceback."""
-    from kat_diag.traces import TraceStoreError
-
-    try:
-        app()
-    except (FileNotFoundError, NotADirectoryError, ValueError, KeyError, TraceStoreError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise SystemExit(2) from None
-    except KeyboardInterrupt:
-        raise SystemExit(130) from None  # the trainer already said what it saved
+    """Console-script entry (errors and exit codes: see cli.common.KatGroup)."""
+    app()
 
 
 if __name__ == "__main__":

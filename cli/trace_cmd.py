@@ -5,7 +5,6 @@ Thin layer: parse the options, call kat_diag.traces / kat_diag.trace_view, print
 
 from __future__ import annotations
 
-import json
 import sys
 import warnings
 from collections.abc import Iterator
@@ -15,7 +14,7 @@ from typing import Any
 
 import typer
 
-from kat_diag.traces import TraceReader, TraceStoreError
+from cli.common import fail, strict_json
 
 
 def _parse_steps(steps: str | None) -> tuple[int | None, int | None] | None:
@@ -49,23 +48,44 @@ def _warnings_to_stderr() -> Iterator[None]:
                 typer.echo(f"warning: {w.message}", err=True)
 
 
-def _open(run: Path, skip_corrupt: bool) -> TraceReader:
-    try:
-        return TraceReader(run, on_error="skip" if skip_corrupt else "raise")
-    except TraceStoreError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1) from e
+def _open(run: Path, skip_corrupt: bool) -> Any:
+    from kat_diag.traces import TraceReader
+
+    return TraceReader(run, on_error="skip" if skip_corrupt else "raise")  # errors: `error: ...`, exit 2
 
 
 def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(1)
+    fail(message)
 
 
 def _json(obj: Any) -> str:
-    return json.dumps(obj, allow_nan=False, default=str)
+    return strict_json(obj)
 
 
+def _settings(reader: Any) -> tuple[dict[str, Any] | None, str]:
+    """The run settings of the store: manifest, else the run's config.json, else (None, why)."""
+    from kat_diag.trace_view import store_config
+
+    return store_config(reader)
+
+
+def _auto_tokenizer(tokenizer: Path | None, config: dict[str, Any] | None) -> Any:
+    """--tokenizer, else the run's student tokenizer when it is on this machine (for the teacher's
+    alternatives as text), else None. Never runs remote code."""
+    from kat_diag.models import load_tokenizer
+
+    path = tokenizer
+    if path is None and config and config.get("student"):
+        cand = Path(str(config["student"]))
+        if (cand / "tokenizer.json").is_file() or (cand / "tokenizer_config.json").is_file():
+            path = cand
+    if path is None:
+        return None
+    return load_tokenizer(path, what="--tokenizer")
+
+
+# KAT fields that phase marks and a fixed-tau replay read (an adaptive replay reads them all).
+PHASE_FIELDS = ("window", "persistence", "min_length")
 STEPS_HELP = "Only rollouts of these training steps: A:B (inclusive), A:, :B or A."
 POLICY_HELP = "Only rollouts of this termination policy (repeatable)."
 RANK_HELP = "Only rollouts written by this rank (repeatable)."
@@ -79,7 +99,9 @@ def inspect(
     html: Path | None = typer.Option(None, "--html", help="With --rollout: write the rendering as a "
                                      "standalone HTML page to this file."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary (or the rollout's fields with "
-                                 "--rollout) as one JSON object."),
+                                 "--rollout, or the list with --list) as JSON."),
+    list_rollouts: bool = typer.Option(False, "--list", help="List the rollouts: id, step, policy, prompt, "
+                                       "correctness, length, kept length, fire, stop reason."),
     steps: str | None = typer.Option(None, "--steps", help=STEPS_HELP),
     policy: list[str] | None = typer.Option(None, "--policy", help=POLICY_HELP),
     rank: list[int] | None = typer.Option(None, "--rank", help=RANK_HELP),
@@ -91,59 +113,88 @@ def inspect(
     kl_min: float = typer.Option(1e-3, "--kl-min", help="KL (nats) at the bottom of the log colour scale."),
     kl_max: float = typer.Option(10.0, "--kl-max", help="KL (nats) at the top of the log colour scale."),
     window: int | None = typer.Option(None, "--window", help="KAT window W for the phase marks "
-                                      "(default: the run config's, else KATConfig's)."),
+                                      "(default: the run config's)."),
     persistence: int | None = typer.Option(None, "--persistence", help="KAT persistence T for the phase "
-                                           "marks (default: the run config's, else KATConfig's)."),
+                                           "marks (default: the run config's)."),
+    min_length: int | None = typer.Option(None, "--min-length", help="KAT minimum length L0 for the phase "
+                                          "marks (default: the run config's)."),
     skip_corrupt: bool = typer.Option(False, "--skip-corrupt", help=SKIP_HELP),
 ) -> None:
     """Summarise a trace store, or render one rollout with each token coloured by its KL."""
     with _warnings_to_stderr():
-        _inspect(run, rollout, html, as_json, _filters(steps, policy, rank, stop_reason), color, tokenizer,
-                 kl_min, kl_max, window, persistence, skip_corrupt)
+        _inspect(run, rollout, html, as_json, list_rollouts, _filters(steps, policy, rank, stop_reason), color,
+                 tokenizer, kl_min, kl_max, window, persistence, min_length, skip_corrupt)
 
 
-def _inspect(run: Path, rollout: int | None, html: Path | None, as_json: bool, filters: dict[str, Any],
-             color: bool | None, tokenizer: Path | None, kl_min: float, kl_max: float, window: int | None,
-             persistence: int | None, skip_corrupt: bool) -> None:
+def _inspect(run: Path, rollout: int | None, html: Path | None, as_json: bool, list_rollouts: bool,
+             filters: dict[str, Any], color: bool | None, tokenizer: Path | None, kl_min: float, kl_max: float,
+             window: int | None, persistence: int | None, min_length: int | None, skip_corrupt: bool) -> None:
+    if not 0 < kl_min < kl_max:
+        raise typer.BadParameter(f"need 0 < --kl-min < --kl-max, got --kl-min {kl_min:g} --kl-max {kl_max:g}")
+    if html is not None and rollout is None:
+        raise typer.BadParameter("--html needs --rollout ID")
+    if list_rollouts and rollout is not None:
+        raise typer.BadParameter("--list and --rollout exclude each other")
+    if html is not None:
+        _check_output_file("--html", html)
     from kat_diag import trace_view
 
-    if not 0 < kl_min < kl_max:
-        raise typer.BadParameter("need 0 < --kl-min < --kl-max")
     reader = _open(run, skip_corrupt)
+    if list_rollouts:
+        rows = trace_view.rollout_list(reader, **filters)
+        if as_json:
+            typer.echo(_json(rows))
+        else:
+            typer.echo(trace_view.format_list(rows, trace_view.problem_index(_settings(reader)[0])))
+        return
     if rollout is None:
-        if html is not None:
-            raise typer.BadParameter("--html needs --rollout ID")
-        try:
-            summary = trace_view.summarize(reader, **filters)
-        except TraceStoreError as e:
-            _fail(str(e))
+        summary = trace_view.summarize(reader, **filters)
         typer.echo(_json(summary) if as_json else trace_view.format_summary(summary))
         return
 
     try:
         row = reader.rollout(rollout)
     except KeyError:
-        _fail(f"rollout {rollout} is not in {reader.dir}")
-    except TraceStoreError as e:
-        _fail(str(e))
-    phases = trace_view.rollout_phases(row, trace_view.kat_config(reader.config, window=window,
-                                                                   persistence=persistence))
-    tok = None
-    if tokenizer is not None:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(str(tokenizer))
+        _fail(f"--rollout {rollout} is not in {reader.dir} (list the ids with --list)")
+    config, source = _settings(reader)
+    try:
+        kat = trace_view.kat_config(config, source=source, needed=PHASE_FIELDS, window=window,
+                                    persistence=persistence, min_length=min_length)
+        phases = trace_view.rollout_phases(row, kat)
+    except trace_view.MissingSettings as e:
+        typer.echo(f"warning: {e}; phase marks omitted", err=True)
+        phases = None
+    problem = trace_view.problem_index(config).get(str(row.get("prompt_id")))
+    row["prompt_text"] = None if problem is None else problem.prompt
+    row["expected"] = None if problem is None else problem.answer
+    tok = _auto_tokenizer(tokenizer, config)
     if html is not None:
         html.write_text(trace_view.render_html(row, phases=phases, kl_range=(kl_min, kl_max), tokenizer=tok),
                         encoding="utf-8")
-        typer.echo(f"wrote {html}")
+        typer.echo(f"wrote {html}", err=True)
         return
     if as_json:
-        typer.echo(_json(trace_view.rollout_json(row, phases)))
+        out = trace_view.rollout_json(row, phases)
+        alts = trace_view.teacher_alternatives(row, tok)
+        out["teacher_top_text"] = None if alts is None else [[t for t, _ in a] for a in alts]
+        typer.echo(_json(out))
         return
     use_color = sys.stdout.isatty() if color is None else color
     typer.echo(trace_view.render_terminal(row, phases=phases, kl_range=(kl_min, kl_max), color=use_color,
                                           tokenizer=tok), nl=False, color=use_color)
+
+
+def _check_output_file(option: str, path: Path) -> None:
+    """An output file can be written: its directory exists and is writable, it is not a directory."""
+    import os
+
+    if path.is_dir():
+        fail(f"{option} {path} is a directory, not a file")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        fail(f"{option} {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        fail(f"{option} {path}: not writable")
 
 
 def _parse_tau(tau: str | None) -> float | str | None:
@@ -158,26 +209,26 @@ def _parse_tau(tau: str | None) -> float | str | None:
 def replay(
     run: Path = typer.Argument(..., help="Run directory (or its traces/ directory) to replay KAT over."),
     window: int | None = typer.Option(None, "--window", help="W: tokens per window mean "
-                                      "(default: the run config's kat.window, else KATConfig's)."),
+                                      "(default: the run config's kat.window)."),
     persistence: int | None = typer.Option(None, "--persistence", help="T: consecutive low windows "
-                                           "needed to fire (default: run config, else KATConfig)."),
+                                           "needed to fire (default: the run config's)."),
     min_length: int | None = typer.Option(None, "--min-length", help="L0: never fire before this many "
-                                          "tokens (default: run config, else KATConfig)."),
+                                          "tokens (default: the run config's)."),
     statistic: str | None = typer.Option(None, "--statistic", "--kat-statistic", help="What each rollout "
                                          "pushes into the threshold buffer: 'rollout_min' (its minimum window "
                                          "mean, the paper's rule) or 'windows' (its stride-W window means) "
-                                         "(default: run config, else rollout_min)."),
+                                         "(default: the run config's)."),
     tau_quantile: float | None = typer.Option(None, "--tau-quantile", help="tau = this quantile of the "
                                               "buffer, in (0, 1); the paper's eta = 0.3 is 0.7 "
-                                              "(default: run config, else KATConfig)."),
+                                              "(default: the run config's)."),
     min_fill: int | None = typer.Option(None, "--min-fill", help="B_min: KAT stays inactive until the "
-                                        "buffer holds this many values (default: run config, else KATConfig)."),
+                                        "buffer holds this many values (default: the run config's)."),
     warmup_steps: int | None = typer.Option(None, "--warmup-steps", help="K: steps during which KAT "
-                                            "only fills its buffer (default: run config, else KATConfig)."),
+                                            "only fills its buffer (default: the run config's)."),
     buffer_size: int | None = typer.Option(None, "--buffer-size", help="B: values kept in the FIFO "
-                                           "buffer (default: run config, else KATConfig)."),
+                                           "buffer (default: the run config's)."),
     keep: str | None = typer.Option(None, "--keep", help="Kept tokens when fired: 'onset' ([0, onset)) "
-                                    "or 'fire' ([0, fire]) (default: run config, else onset)."),
+                                    "or 'fire' ([0, fire]) (default: the run config's)."),
     tau: str | None = typer.Option(None, "--tau", help="Fixed threshold (nats) for every rollout, or "
                                    "'recorded' for each rollout's recorded tau (reproduces the online "
                                    "decisions). Default: adaptive, derived step by step like KAT online."),
@@ -192,23 +243,22 @@ def replay(
     skip_corrupt: bool = typer.Option(False, "--skip-corrupt", help=SKIP_HELP),
 ) -> None:
     """Run the KAT detector offline over recorded traces and report what KAT would have done."""
-    from kat_diag import trace_view
-
     tau_value = _parse_tau(tau)
     filters = _filters(steps, policy, rank, stop_reason)
+    if out is not None:
+        _check_output_file("--out", out)  # before the replay is computed, not after
+    from kat_diag import trace_view
+
     with _warnings_to_stderr():
         reader = _open(run, skip_corrupt)
-        try:
-            cfg = trace_view.kat_config(reader.config, window=window, persistence=persistence,
-                                        min_length=min_length, tau_quantile=tau_quantile,
-                                        statistic=statistic, min_fill=min_fill, warmup_steps=warmup_steps,
-                                        buffer_size=buffer_size, keep=keep)
-        except ValueError as e:
-            raise typer.BadParameter(str(e)) from e
-        try:
-            result = trace_view.replay_store(reader, cfg, tau_value, per_rollout=out is not None, **filters)
-        except TraceStoreError as e:
-            _fail(str(e))
+        config, source = _settings(reader)
+        needed = None if tau_value is None else PHASE_FIELDS + ("keep",)  # fixed tau needs no buffer settings
+        cfg = trace_view.kat_config(config, source=source, needed=needed, window=window, persistence=persistence,
+                                    min_length=min_length, tau_quantile=tau_quantile, statistic=statistic,
+                                    min_fill=min_fill, warmup_steps=warmup_steps, buffer_size=buffer_size,
+                                    keep=keep)
+        result = trace_view.replay_store(reader, cfg, tau_value, per_rollout=out is not None, progress=True,
+                                         **filters)
     if out is not None:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -217,7 +267,7 @@ def replay(
         pq.write_table(pa.table({k: pa.array(v) for k, v in rows.items()}), out)
     typer.echo(_json(result) if as_json else trace_view.format_replay(result))
     if out is not None and not as_json:
-        typer.echo(f"per-rollout results: {out}")
+        typer.echo(f"per-rollout results: {out}", err=True)
 
 
 def register(app: typer.Typer) -> None:

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
 
-from kat_diag.world import DEFAULT_WORLD_DIR
+from cli.common import WORLD_DIR, strict_json
 
-_T = DEFAULT_WORLD_DIR / "teacher"
-_S = DEFAULT_WORLD_DIR / "student"
+_T = WORLD_DIR / "teacher"
+_S = WORLD_DIR / "student"
+
+# Options whose config field has another name (see kat_diag.config_io.option_paths), and options
+# that are not settings of the run.
+# --kat-preset sets the whole kat section (the preset with the KAT options given applied on top).
+TRAIN_ALIASES = {"kat_preset": "kat", "kat_statistic": "kat.statistic", "kat_warmup": "kat.warmup_steps",
+                 "stop_after": "max_steps_this_run"}
+TRAIN_NOT_CONFIG = {"resume", "overwrite", "config", "print_config"}
+RECORD_ALIASES = {"samples": "samples_per_prompt"}
+RECORD_NOT_CONFIG = {"overwrite", "config", "print_config"}
+CONFIG_HELP = ("YAML or JSON file with the keys of a run's config.json (partial is fine; a run's own "
+               "config.json works). Options given on the command line override it.")
+PRINT_CONFIG_HELP = "Print the resolved config as JSON and exit (nothing runs)."
 
 
 def _kat(preset: str, **overrides):
@@ -25,10 +36,12 @@ def register(app: typer.Typer) -> None:
 
     @app.command("train")
     def train(
+        ctx: typer.Context,
         teacher: Path = typer.Option(_T, help="Teacher checkpoint directory (AutoModelForCausalLM)."),
         student: Path = typer.Option(_S, help="Student checkpoint directory (AutoModelForCausalLM)."),
-        data: str = typer.Option("world", help="'world' (train split of the student's world, else data/world) "
-                                          "or a local JSONL/Parquet file."),
+        data: str = typer.Option("world", help="'world' (train split of the student's world, else data/world), "
+                                          "a JSONL/Parquet file, a datasets save_to_disk directory "
+                                          "or hf:NAME[:CONFIG]:SPLIT."),
         question_field: str = typer.Option("question", help="Prompt field of a real data set."),
         answer_field: str = typer.Option("answer", help="Answer field of a real data set."),
         answer_format: str = typer.Option("auto", help="auto | gsm8k | boxed | plain."),
@@ -85,10 +98,27 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, help="Seed: prompts and sampling are functions of it."),
         resume: bool = typer.Option(False, help="Resume from the run directory's last checkpoint."),
         stop_after: int = typer.Option(0, help="Stop after N steps of this invocation (0: run to the end)."),
+        report_to: list[str] = typer.Option(["none"], help="Trackers: tensorboard | trackio | wandb | all | none "
+                                                           "(repeatable or comma-separated)."),
+        tracker_project: str = typer.Option("kat-diag", help="Project name in trackio / wandb."),
+        parallel: str = typer.Option("ddp", help="Multi-process mode under torchrun / accelerate launch: ddp "
+                                                 "(replicas) | fsdp (FSDP2: student sharded)."),
+        shard_teacher: bool = typer.Option(False, help="With --parallel fsdp: shard the teacher too."),
+        overwrite: bool = typer.Option(False, help="Replace the run already in --out (its run files are deleted)."),
+        trust_remote_code: bool = typer.Option(False, help="Let from_pretrained run Python code shipped "
+                                               "with the checkpoints (off: such checkpoints are refused)."),
+        config: Path = typer.Option(None, help=CONFIG_HELP),
+        print_config: bool = typer.Option(False, help=PRINT_CONFIG_HELP),
     ) -> None:
-        """On-policy distillation with a termination policy (KAT by default)."""
+        """On-policy distillation with a termination policy (KAT by default).
+
+        --resume continues the run in --out with its config.json; only --steps, --stop-after,
+        --eval-every, --eval-k, --eval-n, --ckpt-every, --trace-every, --report-to, --tracker-project,
+        --parallel and --shard-teacher may differ from it."""
+        from kat_diag import config_io, preflight
         from kat_diag.rollout import SamplingConfig
-        from kat_diag.trainer import TrainConfig
+        from kat_diag.tracking import parse_report_to
+        from kat_diag.trainer import CONFIG_NAME, RESUME_MUTABLE, TrainConfig
         from kat_diag.trainer import train as run_train
 
         cfg = TrainConfig(
@@ -105,29 +135,46 @@ def register(app: typer.Typer) -> None:
                      warmup_steps=kat_warmup, buffer_size=buffer_size, min_fill=min_fill,
                      tau_quantile=tau_quantile, statistic=kat_statistic, keep=keep),
             eval_every=eval_every, eval_k=eval_k, eval_n=eval_n, ckpt_every=ckpt_every,
-            trace_every=trace_every, max_steps_this_run=stop_after or None,
+            trace_every=trace_every, max_steps_this_run=stop_after or None, trust_remote_code=trust_remote_code,
+            report_to=parse_report_to(report_to), tracker_project=tracker_project, parallel=parallel,
+            shard_teacher=shard_teacher,
         )
-        last = run_train(cfg, resume=resume).metrics
-        typer.echo(json.dumps({k: v for k, v in last.items() if not k.startswith("policy/")}))
+        cfg = config_io.resolve_options(ctx, TrainConfig, cfg, config_file=config, aliases=TRAIN_ALIASES,
+                                        not_config=TRAIN_NOT_CONFIG, resume_from=out / CONFIG_NAME if resume else None,
+                                        resume_mutable=RESUME_MUTABLE, per_invocation=("out", "max_steps_this_run"))
+        if print_config:
+            typer.echo(config_io.dump(cfg))
+            return
+        preflight.check_train(cfg, resume=resume, overwrite=overwrite)
+        last = run_train(cfg, resume=resume, overwrite=overwrite).metrics
+        typer.echo(strict_json({k: v for k, v in last.items() if not k.startswith("policy/")}))
 
     @app.command("record")
     def record(
+        ctx: typer.Context,
         teacher: Path = typer.Option(_T, help="Teacher checkpoint directory."),
         student: Path = typer.Option(_S, help="Student checkpoint directory (e.g. RUN/checkpoints/step-N)."),
         out: Path = typer.Option(Path("runs/record"), help="Output directory (its traces/ store)."),
-        data: str = typer.Option("world", help="'world' or a local JSONL/Parquet file."),
+        data: str = typer.Option("world", help="'world', a JSONL/Parquet file, a datasets directory or "
+                                                 "hf:NAME[:CONFIG]:SPLIT."),
         split: str = typer.Option("train", help="Split to draw prompts from (train, ops2, ...)."),
-        n_prompts: int = typer.Option(64, help="Number of prompts."),
-        samples: int = typer.Option(1, help="Samples per prompt."),
-        batch_size: int = typer.Option(32, help="Rollouts per engine call."),
+        n_prompts: int = typer.Option(64, min=1, help="Number of prompts."),
+        samples: int = typer.Option(1, min=1, help="Samples per prompt."),
+        batch_size: int = typer.Option(32, min=1, help="Rollouts per engine call."),
         termination: str = typer.Option("none", help="Policy while recording (none: full traces)."),
         max_new_tokens: int = typer.Option(160, help="Rollout budget in tokens."),
         chunk_size: int = typer.Option(16, help="Teacher scoring chunk size."),
         temperature: float = typer.Option(1.0, help="Sampling temperature."),
         step_label: int = typer.Option(0, help="Value written as the traces' step."),
         seed: int = typer.Option(0, help="Sampling seed."),
+        overwrite: bool = typer.Option(False, help="Replace the traces already in --out."),
+        config: Path = typer.Option(None, help="YAML or JSON file with the keys of a recording's "
+                                     "record_config.json (partial is fine). Options given on the command line "
+                                     "override it."),
+        print_config: bool = typer.Option(False, help=PRINT_CONFIG_HELP),
     ) -> None:
         """Sample and score rollouts from a checkpoint into a trace store, without training."""
+        from kat_diag import config_io, preflight, rundir
         from kat_diag.record import RecordConfig
         from kat_diag.record import record as run_record
         from kat_diag.rollout import SamplingConfig
@@ -139,4 +186,12 @@ def register(app: typer.Typer) -> None:
             sampling=SamplingConfig(max_new_tokens=max_new_tokens, chunk_size=chunk_size,
                                     temperature=temperature),
         )
-        typer.echo(json.dumps(run_record(cfg)))
+        cfg = config_io.resolve_options(ctx, RecordConfig, cfg, config_file=config, aliases=RECORD_ALIASES,
+                                        not_config=RECORD_NOT_CONFIG)
+        if print_config:
+            typer.echo(config_io.dump(cfg))
+            return
+        preflight.check_record(cfg, overwrite=overwrite)
+        with rundir.owned(cfg.out, overwrite=overwrite, owns_runs=False):
+            result = run_record(cfg)
+        typer.echo(strict_json(result))

@@ -89,7 +89,9 @@ def all_reduce_grads(model: torch.nn.Module) -> None:
     (no backward, so no .grad): it contributes zeros. Skipping the collective on one rank would
     pair it with the other ranks' next collective.
     """
-    if not is_active():
+    from kat_diag.fsdp import is_sharded
+
+    if not is_active() or is_sharded(model):  # FSDP reduce-scatters gradients itself
         return
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:

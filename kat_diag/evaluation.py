@@ -8,12 +8,12 @@ arithmetic world, math-verify on real data).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from kat_diag.progress import bar as tqdm  # few lines in a log, live on a terminal
 from kat_diag.tasks import Problem, check_answer
 
 
@@ -61,7 +61,8 @@ def generate(
         # generate() draws from the global RNG; seed it per batch so results don't depend on history.
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
         kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                      eos_token_id=tokenizer.eos_token_id, do_sample=do_sample)
+                      eos_token_id=tokenizer.eos_token_id, do_sample=do_sample,
+                      synced_gpus=False)  # one process evaluates; transformers would sync FSDP ranks per token
         if do_sample:
             kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
         seqs = model.generate(**enc, **kwargs)
@@ -105,10 +106,17 @@ def evaluate_split(
 
 
 def evaluate_benchmarks(
-    model, tokenizer, splits: dict[str, Sequence[Problem]], **kwargs
+    model, tokenizer, splits: dict[str, Sequence[Problem]], on_split: Callable[[str], None] | None = None,
+    **kwargs
 ) -> dict[str, dict[str, float]]:
-    """`evaluate_split` on every split, plus their unweighted mean under "mean"."""
-    res = {name: evaluate_split(model, tokenizer, probs, **kwargs) for name, probs in splits.items()}
+    """`evaluate_split` on every split, plus their unweighted mean under "mean".
+
+    `on_split(name)` is called after each split (progress reporting)."""
+    res = {}
+    for name, probs in splits.items():
+        res[name] = evaluate_split(model, tokenizer, probs, **kwargs)
+        if on_split is not None:
+            on_split(name)
     keys = [k for k in next(iter(res.values())) if k != "n"] if res else []
     res["mean"] = {k: float(np.mean([r[k] for r in res.values()])) for k in keys}
     return res

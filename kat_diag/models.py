@@ -68,23 +68,29 @@ def _check_dir(path: str | Path, what: str) -> Path:
     return p
 
 
-def load_model(path: str | Path, what: str = "model", dtype: str = "fp32", device: str = "auto"):
-    """`AutoModelForCausalLM.from_pretrained(path)` with a clear error for a bad path."""
+def load_model(path: str | Path, what: str = "model", dtype: str = "fp32", device: str = "auto",
+               trust_remote_code: bool = False):
+    """`AutoModelForCausalLM.from_pretrained(path)` with a clear error for a bad path.
+
+    `trust_remote_code` is passed through: off by default, so a checkpoint's own Python code
+    (auto_map) never runs unless the user asked for it (`--trust-remote-code`).
+    """
     from transformers import AutoModelForCausalLM
 
     p = _check_dir(path, what)
-    model = AutoModelForCausalLM.from_pretrained(str(p), dtype=resolve_dtype(dtype))
+    model = AutoModelForCausalLM.from_pretrained(str(p), dtype=resolve_dtype(dtype),
+                                                 trust_remote_code=trust_remote_code)
     return model.to(resolve_device(device))
 
 
-def load_tokenizer(path: str | Path, what: str = "tokenizer"):
-    """`AutoTokenizer.from_pretrained(path)`, left padding for generation."""
+def load_tokenizer(path: str | Path, what: str = "tokenizer", trust_remote_code: bool = False):
+    """`AutoTokenizer.from_pretrained(path)`, left padding for generation (remote code: see load_model)."""
     from transformers import AutoTokenizer
 
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{what} path does not exist: {p}")
-    tok = AutoTokenizer.from_pretrained(str(p))
+    tok = AutoTokenizer.from_pretrained(str(p), trust_remote_code=trust_remote_code)
     tok.padding_side = "left"
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token

@@ -11,10 +11,9 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from kat_diag.detector import KATConfig
 from kat_diag.models import check_compatible, load_model, load_tokenizer
+from kat_diag.progress import bar as tqdm  # few lines in a log, live on a terminal
 from kat_diag.rollout import RolloutEngine, SamplingConfig, encode_prompts
 from kat_diag.tasks import check_answer
 from kat_diag.termination import make_policy

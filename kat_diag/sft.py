@@ -12,8 +12,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
+from kat_diag.progress import bar as tqdm  # few lines in a log, live on a terminal
 from kat_diag.tasks import Problem
 
 

@@ -203,9 +203,65 @@ def extract_boxed(text: str) -> str | None:
     return None
 
 
+HF_PREFIX = "hf:"
+
+
+def parse_hf_spec(spec: str) -> tuple[str, str | None, str]:
+    """`hf:NAME[:CONFIG]:SPLIT` -> (name, config or None, split)."""
+    parts = spec[len(HF_PREFIX):].split(":")
+    if not spec.startswith(HF_PREFIX) or len(parts) not in (2, 3) or not all(parts):
+        raise ValueError(f"--data {spec!r}: expected hf:NAME:SPLIT or hf:NAME:CONFIG:SPLIT "
+                         "(e.g. hf:openai/gsm8k:main:train)")
+    return (parts[0], None, parts[1]) if len(parts) == 2 else (parts[0], parts[1], parts[2])
+
+
+def is_datasets_dir(path: str | Path) -> bool:
+    """A directory written by `Dataset.save_to_disk` (state.json) or `DatasetDict.save_to_disk`."""
+    p = Path(path)
+    return p.is_dir() and ((p / "state.json").exists() or (p / "dataset_dict.json").exists())
+
+
+def _read_hf_dataset(spec: str) -> list[dict]:
+    """`hf:NAME[:CONFIG]:SPLIT` through `datasets.load_dataset` (the local cache when offline)."""
+    name, config, split = parse_hf_spec(spec)
+    datasets = _import_datasets(spec)
+    try:
+        ds = datasets.load_dataset(name, config, split=split)
+    except Exception as e:  # offline, unknown name or split: the hub client raises many types
+        import os
+
+        offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+                      for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+        why = "offline (HF_HUB_OFFLINE=1) and not in the local cache" if offline else str(e).splitlines()[0]
+        raise ValueError(f"--data {spec!r}: cannot load {name!r} ({why}); pass a local path instead "
+                         "(a save_to_disk directory, JSONL or Parquet)") from e
+    return ds.to_list()
+
+
+def _import_datasets(source: str):
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(f"--data {source!r} needs the `datasets` package: pip install 'kat-diag[data]'") from None
+    return datasets
+
+
+def _read_disk_dataset(path: Path) -> list[dict]:
+    """A directory written by `datasets.Dataset.save_to_disk`."""
+    if (path / "dataset_dict.json").exists():
+        splits = sorted(p.name for p in path.iterdir() if (p / "state.json").exists())
+        raise ValueError(f"{path}: a DatasetDict; pass one split's directory, e.g. {path / (splits or ['train'])[0]}")
+    ds = _import_datasets(str(path)).load_from_disk(str(path))
+    return ds.to_list()
+
+
 def _read_records(path: Path) -> list[dict]:
     if not path.exists():
         raise FileNotFoundError(f"data file not found: {path}")
+    if path.is_dir():
+        if not is_datasets_dir(path):
+            raise ValueError(f"{path}: a directory but not a datasets save_to_disk directory (no state.json)")
+        return _read_disk_dataset(path)
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
         records = []
@@ -221,7 +277,8 @@ def _read_records(path: Path) -> list[dict]:
         import pyarrow.parquet as pq
 
         return pq.read_table(path).to_pylist()
-    raise ValueError(f"{path}: unsupported data format {suffix!r} (use .jsonl or .parquet)")
+    raise ValueError(f"{path}: unsupported data format {suffix!r} (use .jsonl, .parquet, a datasets directory "
+                     "or hf:NAME:CONFIG:SPLIT)")
 
 
 def load_math_dataset(
@@ -232,15 +289,20 @@ def load_math_dataset(
     id_field: str | None = None,
     limit: int | None = None,
 ) -> list[Problem]:
-    """Load a real math set from local JSONL/Parquet with a field mapping.
+    """Load a real math set with a field mapping, from local JSONL/Parquet, a directory written by
+    `datasets.Dataset.save_to_disk`, or `hf:NAME[:CONFIG]:SPLIT` (loaded by `datasets`).
 
     answer_format: "gsm8k" (`#### 42` inside the answer field), "boxed" (MATH-style `\\boxed{}`
     inside a solution field), "plain" (the field is the answer), or "auto" (try gsm8k, boxed, plain).
     """
-    path = Path(path)
     if answer_format not in ("auto", "gsm8k", "boxed", "plain"):
         raise ValueError(f"answer_format must be auto|gsm8k|boxed|plain, got {answer_format!r}")
-    records = _read_records(path)
+    if str(path).startswith(HF_PREFIX):
+        records = _read_hf_dataset(str(path))
+        path = Path(str(path)[len(HF_PREFIX):].split(":")[0].replace("/", "_"))  # ids and messages name it
+    else:
+        path = Path(path)
+        records = _read_records(path)
     if not records:
         raise ValueError(f"{path}: the data set is empty")
     problems = []

@@ -47,7 +47,7 @@ class _Acc:
 
     def __init__(self) -> None:
         self.rollouts = self.tokens = self.fired = self.kept = self.graded = self.correct = 0
-        self.onset_sum = 0
+        self.onset_sum = self.stopped = 0
         self.steps: set[int] = set()
 
     def add(self, b: Any, sel: np.ndarray) -> None:
@@ -58,6 +58,7 @@ class _Acc:
         self.tokens += int(b["gen_len"][sel].sum())
         self.kept += int(b["kept_len"][sel].sum())
         self.fired += int(fired.sum())
+        self.stopped += int((b["stop_reason"][sel] == "policy").sum())  # KAT, prefix, random: every policy stop
         self.onset_sum += int(b["onset"][sel][fired].sum())
         self.graded += int((correct >= 0).sum())
         self.correct += int((correct == 1).sum())
@@ -74,6 +75,7 @@ class _Acc:
             "first_step": min(self.steps) if self.steps else None,
             "last_step": max(self.steps) if self.steps else None,
             "fired_share": ratio(self.fired, self.rollouts),
+            "stopped_share": ratio(self.stopped, self.rollouts),
             "mean_onset": ratio(self.onset_sum, self.fired),
             "mean_gen_len": ratio(self.tokens, self.rollouts),
             "mean_kept_len": ratio(self.kept, self.rollouts),
@@ -86,7 +88,9 @@ class _Acc:
 def summarize(reader: TraceReader, **filters: Any) -> dict[str, Any]:
     """Summary of the (filtered) store, reading only per-rollout scalar columns.
 
-    ``mean_onset`` is over fired rollouts; ``kept_ratio`` is kept tokens / generated tokens;
+    ``stopped_share`` counts every stop by the termination policy (KAT fires, prefix budgets,
+    random cuts); ``fired_share`` only KAT fires; ``mean_onset`` is over fired rollouts;
+    ``kept_ratio`` is kept tokens / generated tokens;
     ``accuracy`` is over graded rollouts. Values that are undefined (no rollouts, none fired, none
     graded) are None, so the dict serialises to strict JSON.
     """
@@ -135,22 +139,23 @@ def format_table(headers: list[str], rows: list[list[str]]) -> str:
 
 def format_summary(summary: dict[str, Any]) -> str:
     """The summary as text: a header line, one table row per policy and one for all rollouts."""
-    headers = ["policy", "rollouts", "tokens", "steps", "fired", "mean onset", "mean gen", "mean kept",
+    headers = ["policy", "rollouts", "tokens", "steps", "stopped", "mean onset", "mean gen", "mean kept",
                "kept/gen", "accuracy"]
 
     def row(name: str, s: dict[str, Any]) -> list[str]:
         steps = "-" if s["first_step"] is None else f"{s['first_step']}..{s['last_step']} ({s['steps']})"
-        return [name, _fmt(s["rollouts"]), _fmt(s["tokens"]), steps, _fmt(s["fired_share"], "pct"),
+        return [_printable(name), _fmt(s["rollouts"]), _fmt(s["tokens"]), steps, _fmt(s["stopped_share"], "pct"),
                 _fmt(s["mean_onset"], "len"), _fmt(s["mean_gen_len"], "len"), _fmt(s["mean_kept_len"], "len"),
                 _fmt(s["kept_ratio"], "pct"), _fmt(s["accuracy"], "pct")]
 
     rows = [row(name, s) for name, s in summary["policies"].items()]
     if len(rows) != 1:
         rows.append(row("all", summary))
-    head = (f"trace store {summary['store']}  run={summary['run']}  schema v{summary['schema_version']}  "
-            f"files={summary['files']}")
-    stops = ", ".join(f"{k}: {v}" for k, v in summary["stop_reasons"].items()) or "-"
-    parts = [head, "", format_table(headers, rows), "", f"stop reasons: {stops}"]
+    head = _printable(f"trace store {summary['store']}  run={summary['run']}  schema v{summary['schema_version']}  "
+                      f"files={summary['files']}")
+    stops = _printable(", ".join(f"{k}: {v}" for k, v in summary["stop_reasons"].items())) or "-"
+    parts = [head, "", format_table(headers, rows), "", f"stop reasons: {stops}",
+             "(stopped: share of rollouts ended by the termination policy; mean onset: KAT fires only)"]
     if summary["skipped_files"]:
         parts.append(f"skipped (unreadable): {', '.join(summary['skipped_files'])}")
     return "\n".join(parts)
@@ -238,15 +243,54 @@ def rollout_marks(row: dict[str, Any], phases: tuple[int, int] | None = None) ->
     return marks
 
 
-def kat_config(config: dict[str, Any] | None, **overrides: Any) -> KATConfig:
-    """KATConfig of a run: its recorded config's ``kat`` section (old key names mapped, see
-    `kat_diag.detector.kat_config_from_dict`), with non-None overrides applied."""
-    from kat_diag.detector import kat_config_from_dict
+class MissingSettings(ValueError):
+    """The store's run settings are not known and the options do not supply them."""
 
-    section = (config or {}).get("kat") or {}
-    base = kat_config_from_dict(section).to_dict() if isinstance(section, dict) and section else {}
-    base.update({k: v for k, v in overrides.items() if v is not None})
-    return kat_config_from_dict(base)
+
+def kat_config(config: dict[str, Any] | None, *, source: str = "the run config",
+               needed: tuple[str, ...] | None = None, **overrides: Any) -> KATConfig:
+    """KATConfig of a run: its recorded config's ``kat`` section, with non-None overrides applied.
+
+    Never silent defaults: without a ``kat`` section every field in ``needed`` (default: all) must
+    come from ``overrides``, else MissingSettings names what is missing (fields not needed by the
+    caller keep KATConfig's defaults, which it does not read). Unknown keys in the section are an
+    error naming them.
+    """
+    from kat_diag.config_io import build
+
+    names = [f for f in KATConfig.__dataclass_fields__ if needed is None or f in needed]
+    section = (config or {}).get("kat")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if not isinstance(section, dict):
+        missing = [n for n in names if n not in given]
+        if missing:
+            where = source if config is None else f"{source} has no 'kat' section"
+            raise MissingSettings(f"no KAT settings for this store: {where}; pass "
+                                  + ", ".join("--" + n.replace("_", "-") for n in missing))
+        section = {}
+    base = build(KATConfig, section, where="kat")
+    return build(KATConfig, given, where="kat", base=base)
+
+
+def store_config(reader: TraceReader) -> tuple[dict[str, Any] | None, str]:
+    """The run settings of a store and where they came from: the manifest's config, else the run's
+    config.json (or record_config.json) next to traces/, else (None, what was looked for)."""
+    import json
+
+    cfg = reader.config
+    if isinstance(cfg, dict) and cfg:
+        return cfg, f"{reader.dir / '_manifest.json'}"
+    run = reader.dir.parent if reader.dir.name == "traces" else reader.dir
+    for name in ("config.json", "record_config.json"):
+        path = run / name
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as e:
+                raise MissingSettings(f"{path}: unreadable run config ({e})") from e
+            if isinstance(data, dict):
+                return data, str(path)
+    return None, f"neither {reader.dir / '_manifest.json'} nor {run / 'config.json'} holds the run config"
 
 
 def rollout_phases(row: dict[str, Any], cfg: KATConfig) -> tuple[int, int] | None:
@@ -286,6 +330,83 @@ def rollout_json(row: dict[str, Any], phases: tuple[int, int] | None = None) -> 
     return out
 
 
+def problem_index(config: dict[str, Any] | None) -> dict[str, Any]:
+    """Problems (prompt, expected answer) of a run's data by id: the world's split files, or the
+    run's --data / --bench files. Empty when the data is not available here."""
+    if not config:
+        return {}
+    from pathlib import Path
+
+    from kat_diag.tasks import load_math_dataset, read_problems
+
+    out: dict[str, Any] = {}
+    try:
+        if config.get("data", "world") == "world":
+            from kat_diag.preflight import world_dir_of
+
+            for f in sorted((world_dir_of(str(config.get("student", ""))) / "data").glob("*.jsonl")):
+                out.update((p.id, p) for p in read_problems(f))
+            return out
+        kw = {"question_field": config.get("question_field", "question"),
+              "answer_field": config.get("answer_field", "answer"),
+              "answer_format": config.get("answer_format", "auto")}
+        for f in [config["data"], *(config.get("bench") or [])]:
+            if Path(f).is_file():
+                out.update((p.id, p) for p in load_math_dataset(f, **kw))
+    except (OSError, ValueError, KeyError):
+        pass
+    return out
+
+
+LIST_COLUMNS = ["rollout_id", "step", "policy", "prompt_id", "correct", "gen_len", "kept_len", "fire",
+                "stop_reason"]
+
+
+def rollout_list(reader: TraceReader, **filters: Any) -> list[dict[str, Any]]:
+    """One dict per (filtered) rollout: id, step, policy, prompt id, correctness, length, kept, fire, stop."""
+    rows: list[dict[str, Any]] = []
+    for b in reader.iter_batches(LIST_COLUMNS, **filters):
+        for i in range(b.num_rows):
+            c = int(b["correct"][i])
+            rows.append({"rollout_id": int(b["rollout_id"][i]), "step": int(b["step"][i]),
+                         "policy": str(b["policy"][i]), "prompt_id": str(b["prompt_id"][i]),
+                         "correct": None if c < 0 else bool(c), "gen_len": int(b["gen_len"][i]),
+                         "kept_len": int(b["kept_len"][i]), "fire": int(b["fire"][i]),
+                         "stop_reason": str(b["stop_reason"][i])})
+    rows.sort(key=lambda r: (r["step"], r["rollout_id"]))
+    return rows
+
+
+def format_list(rows: list[dict[str, Any]], problems: dict[str, Any] | None = None) -> str:
+    """The rollout list as a table (prompt text when the run's data is available)."""
+    problems = problems or {}
+    headers = ["rollout", "step", "policy", "prompt", "correct", "length", "kept", "fire", "stop"]
+
+    def prompt(pid: str) -> str:
+        p = problems.get(pid)
+        text = pid if p is None else f"{pid}: {' '.join(p.prompt.split())}"
+        return text if len(text) <= 48 else text[:47] + "…"
+
+    body = [[str(r["rollout_id"]), str(r["step"]), _printable(r["policy"]), _printable(prompt(r["prompt_id"])),
+             "-" if r["correct"] is None else ("yes" if r["correct"] else "no"), str(r["gen_len"]),
+             str(r["kept_len"]), "-" if r["fire"] < 0 else str(r["fire"]), _printable(r["stop_reason"])]
+            for r in rows]
+    return format_table(headers, body)
+
+
+def teacher_alternatives(row: dict[str, Any], tokenizer: Any) -> list[list[tuple[str, float]]] | None:
+    """Per token, the teacher's top-n alternatives as (text, probability); None without a tokenizer."""
+    top_ids, top_probs = row.get("teacher_top_ids"), row.get("teacher_top_probs")
+    if tokenizer is None or top_ids is None:
+        return None
+    out = []
+    for i in range(len(top_ids)):
+        probs = top_probs[i] if top_probs is not None else [float("nan")] * len(top_ids[i])
+        out.append([(tokenizer.decode([int(t)]), float(p)) for t, p in zip(top_ids[i], probs, strict=False)
+                    if int(t) >= 0])
+    return out
+
+
 def _header(row: dict[str, Any], phases: tuple[int, int] | None) -> list[tuple[str, str]]:
     tau = row.get("tau", math.nan)
     correct = row.get("correct")
@@ -297,6 +418,10 @@ def _header(row: dict[str, Any], phases: tuple[int, int] | None) -> list[tuple[s
         ("gen_len", str(row.get("gen_len"))), ("kept_len", str(row.get("kept_len"))),
         ("correct", "-" if correct is None else str(correct)),
     ]
+    if "prompt_text" in row:
+        prompt = row["prompt_text"]
+        items.append(("prompt text", "(not found in the run's data)" if prompt is None else str(prompt).rstrip("\n")))
+        items.append(("expected", "-" if row.get("expected") is None else str(row["expected"])))
     if phases is not None:
         items.append(("phases", f"pre [0,{phases[0]}) agreement [{phases[0]},{phases[1]}) post [{phases[1]},)"))
     kl = np.asarray(row["kl"], dtype=np.float64)
@@ -304,6 +429,20 @@ def _header(row: dict[str, Any], phases: tuple[int, int] | None) -> list[tuple[s
         finite = kl[np.isfinite(kl)]
         items.append(("mean KL", f"{finite.mean():.4g}" if len(finite) else "-"))
     return items
+
+
+def _visible(s: str) -> str:
+    """Control characters (except newline and tab) and bidi overrides as visible escapes."""
+    out = []
+    for ch in s:
+        o = ord(ch)
+        if (o < 32 and ch not in "\n\t") or 0x7F <= o < 0xA0:
+            out.append(f"\\x{o:02x}")
+        elif 0x202A <= o <= 0x202E or 0x2066 <= o <= 0x2069:
+            out.append(f"\\u{o:04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
 
 
 def _printable(s: str) -> str:
@@ -316,6 +455,8 @@ def _printable(s: str) -> str:
             out.append("⇥")
         elif ord(ch) < 32 or 0x7F <= ord(ch) < 0xA0:
             out.append(f"\\x{ord(ch):02x}")  # ESC and friends must never reach the terminal raw
+        elif 0x202A <= ord(ch) <= 0x202E or 0x2066 <= ord(ch) <= 0x2069:
+            out.append(f"\\u{ord(ch):04x}")  # bidi overrides would reorder what is shown
         else:
             out.append(ch)
     return "".join(out)
@@ -332,16 +473,23 @@ def render_terminal(
     """The rollout as text with each token's background coloured by its KL (ANSI 256 colours).
 
     Markers ``⟦onset⟧``, ``⟦fire⟧``, ``⟦agreement⟧``, ``⟦post⟧`` are drawn before the token they
-    refer to. With ``color=False`` the tokens are separated by ``|`` instead of coloured.
+    refer to. With ``color=False`` the tokens are separated by ``|`` instead of coloured. Tokens
+    after the kept length (generated but not trained on) are struck through and dimmed, or with
+    ``color=False`` separated by ``¦``. Every string from the store goes through ``_printable``: ANSI
+    escape sequences and other control characters in it are shown as ``\\xNN``, never sent raw.
     """
     reset = "\x1b[0m" if color else ""
-    lines = ["  ".join(f"{k}={v}" for k, v in _header(row, phases))]
+    lines = ["  ".join(f"{k}={_printable(v)}" for k, v in _header(row, phases))]
     lo, hi = kl_range
     # Legend: the ramp with its end values.
     if color:
         ramp = "".join(f"\x1b[48;5;{i}m \x1b[0m" for i in ANSI_RAMP)
-        lines.append(f"KL (log scale) {lo:g} {ramp} {hi:g} nats   \x1b[48;5;{ANSI_NONFINITE}m \x1b[0m non-finite")
+        lines.append(f"KL (log scale) {lo:g} {ramp} {hi:g} nats   \x1b[48;5;{ANSI_NONFINITE}m \x1b[0m non-finite"
+                     "   \x1b[2;9mstruck\x1b[0m: cut (not trained on)")
+    else:
+        lines.append("tokens: kept tok| ... cut tok¦ (cut: generated but not trained on)")
     lines.append("")
+    kept = int(row.get("kept_len", len(row["token_ids"])))
     strings = token_strings(row, tokenizer)
     ids = row["token_ids"]
     shown = strings if strings is not None else [f"⟨{int(t)}⟩" for t in ids]
@@ -360,9 +508,10 @@ def render_terminal(
             fg = 255 if _dark(idx) else 16
             # Colour each line segment separately so a newline does not drag the background along.
             segs = text.split("\n")
-            parts.append("\n".join(f"\x1b[48;5;{idx};38;5;{fg}m{s}{reset}" if s else "" for s in segs))
+            style = f"48;5;{idx};38;5;{fg}" + (";2;9" if i >= kept else "")
+            parts.append("\n".join(f"\x1b[{style}m{s}{reset}" if s else "" for s in segs))
         else:
-            parts.append(text + "|")
+            parts.append(text + ("|" if i < kept else "¦"))
     lines.append("".join(parts))
     if strings is None and row.get("text"):
         lines += ["", "text:", _printable(str(row["text"]))]
@@ -377,6 +526,7 @@ table.meta td { padding: 0 1em 0 0; } table.meta td:first-child { color: #666; }
 .mark { background: #000; color: #fff; font-weight: bold; padding: 0 3px; margin: 0 2px;
         border-radius: 3px; font-size: 80%; }
 .legend span { display: inline-block; width: 14px; height: 14px; }
+.cut { text-decoration: line-through; opacity: 0.55; }
 """
 
 
@@ -388,8 +538,15 @@ def render_html(
     tokenizer: Any = None,
     title: str | None = None,
 ) -> str:
-    """A standalone HTML page: tokens as spans coloured by KL, with a tooltip of per-token values."""
-    esc = html.escape
+    """A standalone HTML page: tokens as spans coloured by KL, with a tooltip of per-token values.
+
+    Every string from the store is HTML-escaped (``<script>`` shows as text) and its control
+    characters and bidi overrides are shown as ``\\xNN`` / ``\\uNNNN`` (the page stays inert in a
+    browser and when printed to a terminal)."""
+
+    def esc(text: str, quote: bool = True) -> str:
+        return html.escape(_visible(str(text)), quote=quote)
+
     lo, hi = kl_range
     strings = token_strings(row, tokenizer)
     ids = row["token_ids"]
@@ -404,6 +561,7 @@ def render_html(
         return f"{v:.4g}" if math.isfinite(v) else str(v)
 
     top_ids, top_probs = row.get("teacher_top_ids"), row.get("teacher_top_probs")
+    kept = int(row.get("kept_len", len(ids)))
     spans: list[str] = []
     for i in range(len(ids) + 1):
         if i in marks:
@@ -418,7 +576,7 @@ def render_html(
             for tid, p in zip(top_ids[i], top_probs[i] if top_probs is not None else [], strict=False):
                 if tid < 0:
                     continue
-                name = repr(tokenizer.decode([int(tid)])) if tokenizer is not None else str(int(tid))
+                name = repr(tokenizer.decode([int(tid)])) if tokenizer is not None else f"id {int(tid)}"
                 tops.append(f"{name} {float(p):.3f}")
             if tops:
                 tip.append("teacher top: " + ", ".join(tops))
@@ -426,7 +584,8 @@ def render_html(
         fg = "#fff" if _dark(idx) else "#000"
         text = strings[i] if strings is not None else f"⟨{int(ids[i])}⟩"
         text = text.replace("\n", "↵\n")
-        spans.append(f'<span class="tok" style="background:{_hex(idx)};color:{fg}" '
+        cls = "tok" if i < kept else "tok cut"
+        spans.append(f'<span class="{cls}" style="background:{_hex(idx)};color:{fg}" '
                      f'title="{esc(chr(10).join(tip), quote=True)}">{esc(text)}</span>')
     legend = "".join(f'<span style="background:{_hex(i)}"></span>' for i in ANSI_RAMP)
     meta = "".join(f"<tr><td>{esc(k)}</td><td>{esc(v)}</td></tr>" for k, v in _header(row, phases))
@@ -439,7 +598,8 @@ def render_html(
         f"<title>{esc(page_title)}</title><style>{_HTML_STYLE}</style></head><body>"
         f"<h2>{esc(page_title)}</h2><table class=\"meta\">{meta}</table>"
         f'<p class="legend">KL (log scale, nats) {lo:g} {legend} {hi:g} '
-        f'<span style="background:{_hex(ANSI_NONFINITE)}"></span> non-finite</p>'
+        f'<span style="background:{_hex(ANSI_NONFINITE)}"></span> non-finite; '
+        '<span class="cut" style="width:auto;height:auto">struck through</span>: cut (not trained on)</p>'
         f'<div class="tokens">{"".join(spans)}</div>{full_text}</body></html>\n'
     )
 
@@ -565,6 +725,7 @@ def replay_store(
     tau: float | str | None = None,
     *,
     per_rollout: bool = False,
+    progress: bool = False,
     **filters: Any,
 ) -> dict[str, Any]:
     """What KAT with ``cfg`` would have done on the recorded traces (e.g. of a plain OPD run).
@@ -593,10 +754,18 @@ def replay_store(
     from kat_diag.detector import AdaptiveThreshold, buffer_values
 
     acc = _ReplayAcc(per_rollout)
+
+    def steps_bar(it: Any) -> Any:
+        if not progress:
+            return it
+        from kat_diag.progress import bar
+
+        return bar(it, desc="replay", unit="batch")
+
     if tau is None:
         mode = "adaptive"
         threshold = AdaptiveThreshold(cfg)
-        for step, b in reader.iter_steps(REPLAY_COLUMNS, **filters):
+        for step, b in steps_bar(reader.iter_steps(REPLAY_COLUMNS, **filters)):
             t = threshold.begin_step(step)
             acc.taus[step] = t
             fire = acc.add(b, np.full(b.num_rows, t), cfg)
@@ -608,7 +777,7 @@ def replay_store(
     else:
         mode = "recorded" if tau == "recorded" else "fixed"
         fixed = None if mode == "recorded" else float(tau)
-        for b in reader.iter_batches(REPLAY_COLUMNS, **filters):
+        for b in steps_bar(reader.iter_batches(REPLAY_COLUMNS, **filters)):
             t = b["tau"].astype(np.float64) if fixed is None else np.full(b.num_rows, fixed)
             acc.add(b, t, cfg)
             for s, v in zip(b["step"].tolist(), t.tolist(), strict=True):

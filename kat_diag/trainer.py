@@ -30,21 +30,32 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from kat_diag import checkpoint as ckpt_io
 from kat_diag import distributed as D
+from kat_diag import fsdp as FS
+from kat_diag import rundir
+from kat_diag.config_io import check_resumed
 from kat_diag.detector import KATConfig
 from kat_diag.loss import LossInputs, make_loss
 from kat_diag.models import check_compatible, load_model, load_tokenizer, resolve_device, resolve_dtype
+from kat_diag.progress import bar as progress_bar
 from kat_diag.rollout import Rollout, RolloutEngine, SamplingConfig, encode_prompts
 from kat_diag.supervise import select_training_tokens, with_supervision
 from kat_diag.tasks import Problem, check_answer, load_math_dataset
 from kat_diag.termination import make_policy
+from kat_diag.tracking import make_tracker, rollout_rows
 
 CONFIG_NAME = "config.json"
 METRICS_NAME = "metrics.jsonl"
 CKPT_DIRNAME = "checkpoints"
 STATE_NAME = "trainer_state.pt"
+# Settings a resumed run may change (everything else must match its config.json): they decide how
+# long it runs and what it evaluates / saves / records, never the trajectory of the updates.
+RESUME_MUTABLE = frozenset({"out", "steps", "max_steps_this_run", "eval_every", "eval_k", "eval_n", "ckpt_every",
+                            "keep_checkpoints", "trace_every", "progress",
+                            # how the run is watched and sharded, not what it computes (FSDP == DDP to fp32 rounding)
+                            "report_to", "tracker_project", "parallel", "shard_teacher"})
 
 
 @dataclass(frozen=True)
@@ -86,6 +97,11 @@ class TrainConfig:
     trace_every: int = 1  # record traces every N steps (0: never)
     max_steps_this_run: int | None = None  # stop early (simulates an interruption; for tests)
     progress: bool = True
+    trust_remote_code: bool = False  # let from_pretrained run a checkpoint's own Python code
+    report_to: tuple[str, ...] = ()  # tensorboard | trackio | wandb (kat_diag.tracking)
+    tracker_project: str = "kat-diag"
+    parallel: str = "ddp"  # ddp | fsdp (kat_diag.fsdp) under several processes
+    shard_teacher: bool = False  # fsdp: shard the teacher too
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.micro_batch < 1:
@@ -93,6 +109,8 @@ class TrainConfig:
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"schedule must be cosine|constant, got {self.schedule!r}")
         resolve_dtype(self.dtype)
+        if self.parallel not in FS.PARALLEL_MODES:
+            raise ValueError(f"parallel must be ddp|fsdp, got {self.parallel!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -180,8 +198,12 @@ def opd_update(student, rollouts: list[Rollout], loss_fn, opt, cfg: TrainConfig,
     loss_sum = 0.0
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16")
     student.train()
-    for i in range(0, len(kept), cfg.micro_batch):
+    n_micro = FS.pad_micro_batches(-(-len(kept) // cfg.micro_batch), device, student)  # same on all FSDP ranks
+    for i in range(0, n_micro * cfg.micro_batch, cfg.micro_batch):
         micro = kept[i : i + cfg.micro_batch]
+        if not micro:  # FSDP: fewer kept rollouts here than on another rank; join its collectives
+            FS.dummy_backward(student, device)
+            continue
         seqs = [torch.cat([r.prompt_ids, r.token_ids[: r.keep]]) for r in micro]
         T = max(len(s) for s in seqs)
         ids_BT = torch.zeros(len(seqs), T, dtype=torch.long)
@@ -212,7 +234,7 @@ def opd_update(student, rollouts: list[Rollout], loss_fn, opt, cfg: TrainConfig,
         (loss / max(n_global, 1.0)).backward()
         loss_sum += float(loss.detach())
     D.all_reduce_grads(student)
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)) if n_global else 0.0
+    grad_norm = FS.clip_grad_norm(student, cfg.grad_clip) if n_global else 0.0
     if n_global > 0:
         opt.step()
     opt.zero_grad(set_to_none=True)
@@ -274,17 +296,19 @@ def latest_checkpoint(run: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def save_checkpoint(run: Path, step: int, student, tokenizer, opt, sched, policy, keep: int) -> Path:
+def save_checkpoint(run: Path, step: int, student, tokenizer, opt, sched, policy, keep: int,
+                    full: tuple[dict | None, dict | None] = (None, None)) -> Path:
     """Write to a temporary directory, then rename: a crash never leaves a half checkpoint."""
     root = run / CKPT_DIRNAME
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-step-{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
-    student.save_pretrained(tmp)
+    student.save_pretrained(tmp, state_dict=full[0])  # full: FSDP's gathered state dicts (fsdp.full_state)
     tokenizer.save_pretrained(tmp)
-    torch.save({"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "policy": policy.state_dict(), "torch_rng": torch.get_rng_state()}, tmp / STATE_NAME)
+    optim_state = full[1] if full[1] is not None else opt.state_dict()
+    ckpt_io.save_state(tmp / STATE_NAME, {"step": step, "optimizer": optim_state, "scheduler": sched.state_dict(),
+                                          "policy": policy.state_dict(), "torch_rng": torch.get_rng_state()})
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in sorted(p for p in root.glob("step-*"))[:-keep]:
@@ -356,25 +380,42 @@ class TrainResult:
     run_dir: Path
 
 
-def train(cfg: TrainConfig, resume: bool = False,
+def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
           on_step: Callable[[int, dict[str, Any]], None] | None = None) -> TrainResult:
-    """Run OPD with the configured termination policy; `on_step(step, metrics)` after each step's
-    metrics are written (rank 0; e.g. an outer progress display)."""
+    """Run OPD with the configured termination policy. Rank 0 owns (locks) the run directory while it
+    runs; an existing run is refused unless `resume` (its config.json must match, see RESUME_MUTABLE)
+    or `overwrite` (see `kat_diag.rundir`). `on_step(step, metrics)` is called on rank 0 after each
+    step's metrics are written (e.g. an outer progress display)."""
+    if resume:
+        check_resumed(cfg, Path(cfg.out) / CONFIG_NAME, RESUME_MUTABLE)
+    with rundir.owned(cfg.out, resume=resume, overwrite=overwrite, enabled=int(os.environ.get("RANK", "0")) == 0):
+        return _train(cfg, resume, on_step)
+
+
+def _train(cfg: TrainConfig, resume: bool,
+           on_step: Callable[[int, dict[str, Any]], None] | None = None) -> TrainResult:
     device = D.local_device(resolve_device(cfg.device))
     rank, world = D.init(device)
     run = Path(cfg.out)
-    run.mkdir(parents=True, exist_ok=True)
 
     ckpt = latest_checkpoint(run) if resume else None
+    state = ckpt_io.load_state(ckpt / STATE_NAME) if ckpt is not None else None  # before any model loads
+    if rank == 0 and ckpt is not None:
+        print(f"resuming from {ckpt} (step {state['step']})", file=sys.stderr)
     if resume and ckpt is None and rank == 0:
-        print(f"no checkpoint in {run}: starting from scratch")
-    tokenizer = load_tokenizer(cfg.student, what="student tokenizer")
+        print(f"no checkpoint in {run}: starting from scratch", file=sys.stderr)
+    remote = cfg.trust_remote_code
+    tokenizer = load_tokenizer(cfg.student, what="student tokenizer", trust_remote_code=remote)
     teacher = load_model(cfg.teacher, what="teacher", dtype="bf16" if cfg.dtype == "bf16" else "fp32",
-                         device=str(device))
-    student = load_model(ckpt or cfg.student, what="student", device=str(device))
-    check_compatible(teacher, student, load_tokenizer(cfg.teacher, what="teacher tokenizer"), tokenizer)
+                         device=str(device), trust_remote_code=remote)
+    student = load_model(ckpt or cfg.student, what="student", device=str(device), trust_remote_code=remote)
+    check_compatible(teacher, student, load_tokenizer(cfg.teacher, what="teacher tokenizer",
+                                                      trust_remote_code=remote), tokenizer)
     teacher.eval().requires_grad_(False)
     student.eval()
+    if cfg.parallel == "fsdp":
+        student = FS.shard(student, device)
+        teacher = FS.shard(teacher, device, trainable=False) if cfg.shard_teacher else teacher
 
     problems, bench = load_prompts(cfg)
     encoded = encode_prompts(tokenizer, [p.prompt for p in problems])
@@ -392,18 +433,22 @@ def train(cfg: TrainConfig, resume: bool = False,
 
     sink = MetricsSink(run / METRICS_NAME, enabled=rank == 0)
     start = 0
-    if ckpt is not None:
-        state = torch.load(ckpt / STATE_NAME, weights_only=False)
-        opt.load_state_dict(state["optimizer"])
+    if state is not None:
+        FS.load_optimizer_state(student, opt, state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         policy.load_state_dict(state["policy"])
         torch.set_rng_state(state["torch_rng"])
         start = state["step"] + 1
         sink.truncate_after(state["step"])
         _discard_traces_after(run, state["step"], rank)
+    elif resume:  # nothing was checkpointed: what the earlier attempt wrote is redone from step 0
+        sink.truncate_after(-1)
+        _discard_traces_after(run, -1, rank)
     if rank == 0:
         (run / CONFIG_NAME).write_text(json.dumps({**cfg.to_dict(), "world_size": world}, indent=2))
     D.barrier()
+    tracker = make_tracker(cfg.report_to if rank == 0 else (), run, cfg.to_dict(), resumed=ckpt is not None,
+                           start_step=start, project=cfg.tracker_project)
     writer = None
     if cfg.trace_every:
         from kat_diag.traces import TraceWriter
@@ -411,7 +456,7 @@ def train(cfg: TrainConfig, resume: bool = False,
         writer = TraceWriter(run, rank=rank, config=cfg.to_dict(), top_n=max(1, cfg.sampling.top_n))
 
     end = cfg.steps if cfg.max_steps_this_run is None else min(cfg.steps, start + cfg.max_steps_this_run)
-    bar = tqdm(range(start, end), desc=f"train[{cfg.termination}]", disable=not cfg.progress or rank != 0,
+    bar = progress_bar(range(start, end), desc=f"train[{cfg.termination}]", disable=not cfg.progress or rank != 0,
                initial=start, total=cfg.steps)
     metrics: dict[str, Any] = {}
     last_done, updating, saved = start - 1, False, start - 1
@@ -421,9 +466,10 @@ def train(cfg: TrainConfig, resume: bool = False,
             t0 = time.perf_counter()
             policy.begin_step(step)
             idx = prompt_indices(step, cfg.batch_size, rank, world, len(problems), cfg.seed)
-            rollouts, rstats = engine.run([encoded[i] for i in idx], policy,
-                                          step_generator(cfg.seed, step, rank, device),
-                                          teacher_state=loss_fn.teacher_state, topk=loss_fn.k)
+            with FS.gathered(student), FS.gathered(teacher):  # FSDP: one all-gather per rollout, not per token
+                rollouts, rstats = engine.run([encoded[i] for i in idx], policy,
+                                              step_generator(cfg.seed, step, rank, device),
+                                              teacher_state=loss_fn.teacher_state, topk=loss_fn.k)
             policy_metrics = policy.end_step([r.kl for r in rollouts])  # in prompt order, as traced
             t_roll = time.perf_counter() - t0
             updating = True
@@ -461,6 +507,7 @@ def train(cfg: TrainConfig, resume: bool = False,
             }
             metrics["tau"] = float(policy_metrics.get("tau", float("nan")))
             sink.write(metrics)
+            tracker.log(metrics, step)
             if on_step is not None and rank == 0:
                 on_step(step, metrics)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", kl=f"{metrics['kl_mean']:.3f}",
@@ -477,16 +524,22 @@ def train(cfg: TrainConfig, resume: bool = False,
 
             last = step == cfg.steps - 1
             if bench and cfg.eval_n and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last):
-                if rank == 0:
-                    sink.write({"step": step, **evaluate_student(student, tokenizer, bench, cfg)})
-                D.barrier()
+                with FS.gathered(student):
+                    if rank == 0:
+                        ev = evaluate_student(student, tokenizer, bench, cfg)
+                        sink.write({"step": step, **ev})
+                        tracker.log(ev, step)
+                        tracker.log_rollouts(rollout_rows(rollouts, tokenizer, step, metrics["tau"], cfg.termination),
+                                             step)
+                    D.barrier()
             # A Ctrl-C (on any rank) ends the run here, at a step boundary, with a checkpoint.
             stop_now = D.sum_scalars({"stop": float(interrupt.requested)}, device)["stop"] > 0
             if (cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0) or last or step == end - 1 or stop_now:
                 if writer is not None:
                     writer.flush()  # traces up to this step are durable with the checkpoint
+                full = FS.full_state(student, opt)  # FSDP: gathered on all ranks
                 if rank == 0:
-                    save_checkpoint(run, step, student, tokenizer, opt, sched, policy, cfg.keep_checkpoints)
+                    save_checkpoint(run, step, student, tokenizer, opt, sched, policy, cfg.keep_checkpoints, full)
                     saved = step
                 D.barrier()
             if stop_now:
@@ -497,17 +550,19 @@ def train(cfg: TrainConfig, resume: bool = False,
         # step unless the abort hit an optimizer update (then the last checkpoint stands).
         if writer is not None:
             writer.flush()
-        if rank == 0 and not updating and last_done >= start and saved != last_done:
+        if rank == 0 and not updating and last_done >= start and saved != last_done and not FS.is_sharded(student):
             save_checkpoint(run, last_done, student, tokenizer, opt, sched, policy, cfg.keep_checkpoints)
             print(f"aborted: step {last_done} checkpointed in {run}; continue with --resume", file=sys.stderr)
         raise
     finally:
         interrupt.restore()
+        tracker.close()
 
     if writer is not None:
         writer.close()
+    full_sd = FS.full_state(student, opt)[0] if end == cfg.steps else None
     if rank == 0 and end == cfg.steps:
-        student.save_pretrained(run / "final")
+        student.save_pretrained(run / "final", state_dict=full_sd)
         tokenizer.save_pretrained(run / "final")
     D.barrier()
     return TrainResult(metrics=metrics, student=student, run_dir=run)

@@ -41,7 +41,7 @@ def test_inspect_summary_table(store) -> None:
     res = invoke("inspect", run)
     assert res.exit_code == 0, res.output
     out = res.output
-    assert "policy" in out and "fired" in out and "mean onset" in out
+    assert "policy" in out and "stopped" in out and "mean onset" in out
     lines = {ln.split()[0]: ln for ln in out.splitlines() if ln.split() and ln.split()[0] in ("kat", "none", "all")}
     assert set(lines) == {"kat", "none", "all"}
     tokens = sum(len(t) for b in batches for t in b["token_ids"])
@@ -88,8 +88,11 @@ def test_inspect_rollout_terminal(store) -> None:
     plain = invoke("inspect", run, "--rollout", rid, "--no-color").output
     assert "\x1b[" not in plain
     # every token text appears, in order, between the separators
-    tokens = re.sub(r"⟦[^⟧]*⟧", "", plain.split("\n\n", 1)[1]).replace("↵\n", "\n").split("|")[:-1]
+    body = re.sub(r"⟦[^⟧]*⟧", "", plain.split("\n\n", 1)[1]).replace("↵\n", "\n")
+    tokens = re.split(r"[|¦]", body)[:-1]
     assert tokens == b["token_text"][2]
+    # kept tokens end in "|", cut ones (generated, not trained on) in "¦"
+    assert body.count("¦") == len(b["token_ids"][2]) - b["kept_len"][2]
 
 
 def test_inspect_rollout_json(store) -> None:
@@ -97,7 +100,7 @@ def test_inspect_rollout_json(store) -> None:
     b = batches[1]
     res = invoke("inspect", run, "--rollout", b["rollout_id"][0], "--json")
     assert res.exit_code == 0, res.output
-    d = json.loads(res.output)
+    d = json.loads(res.stdout)
     assert d["tau"] is None and d["correct"] is None  # NaN tau, ungraded: null in strict JSON
     assert d["token_ids"] == b["token_ids"][0].tolist()
     np.testing.assert_allclose(d["kl"], b["kl"][0])
@@ -112,7 +115,7 @@ def test_inspect_html_escapes_and_colours(store, tmp_path: Path) -> None:
     page = out.read_text(encoding="utf-8")
     assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
     assert "<b>" not in page and "&lt;b&gt;&amp;" in page  # the rollout text is escaped
-    spans = re.findall(r'<span class="tok" style="background:(#[0-9a-f]{6});color:#[0-9a-f]{3}" '
+    spans = re.findall(r'<span class="tok(?: cut)?" style="background:(#[0-9a-f]{6});color:#[0-9a-f]{3}" '
                        r'title="([^"]*)">([^<]*)</span>', page)
     assert len(spans) == len(b["token_ids"][1])
     assert [html_lib.unescape(t).replace("↵\n", "\n") for _, _, t in spans] == b["token_text"][1]
@@ -130,9 +133,9 @@ def test_inspect_html_escapes_and_colours(store, tmp_path: Path) -> None:
 def test_inspect_errors(store, tmp_path: Path) -> None:
     run, _ = store
     res = invoke("inspect", tmp_path / "missing")
-    assert res.exit_code == 1 and "missing" in res.output
+    assert res.exit_code == 2 and "missing" in res.output
     res = invoke("inspect", run, "--rollout", 123456789)
-    assert res.exit_code == 1 and "123456789" in res.output
+    assert res.exit_code == 2 and "123456789" in res.output
     res = invoke("inspect", run, "--html", tmp_path / "x.html")
     assert res.exit_code != 0
     res = invoke("inspect", run, "--steps", "a:b")
@@ -143,7 +146,7 @@ def test_inspect_skip_corrupt(tmp_path: Path) -> None:
     write_store(tmp_path, [make_batch(s, 3, seed=s) for s in range(2)])
     (tmp_path / "traces" / "part-r00000-00000001.parquet").write_bytes(b"garbage")
     res = invoke("inspect", tmp_path, "--json")
-    assert res.exit_code == 1 and "part-r00000-00000001.parquet" in res.output
+    assert res.exit_code == 2 and "part-r00000-00000001.parquet" in res.output
     res = invoke("inspect", tmp_path, "--json", "--skip-corrupt")
     assert res.exit_code == 0
     s = json.loads(res.stdout)
@@ -303,8 +306,8 @@ def test_replay_fixed_tau_on_an_opd_store(tmp_path: Path) -> None:
                       "token_ids": [np.zeros(len(k)) for k in ks], "kl": ks})
     cfg = KATConfig(window=5, persistence=4, min_length=10)
     tau = 0.02
-    res = invoke("replay", tmp_path, "--window", 5, "--persistence", 4, "--min-length", 10, "--tau", tau,
-                 "--json")
+    res = invoke("replay", tmp_path, "--window", 5, "--persistence", 4, "--min-length", 10, "--keep", "onset",
+                 "--tau", tau, "--json")
     assert res.exit_code == 0, res.output
     r = json.loads(res.stdout)
     flat = Ragged.from_list([k for ks in kls for k in ks], np.float32)
@@ -326,7 +329,8 @@ def test_replay_fixed_tau_on_an_opd_store(tmp_path: Path) -> None:
         if sel.any():
             assert r["phase_mean_kl"][name] == pytest.approx(flat.values[sel].astype(np.float64).mean())
     assert r["recorded"]["compared"] == 0
-    table = invoke("replay", tmp_path, "--window", 5, "--persistence", 4, "--min-length", 10, "--tau", tau)
+    table = invoke("replay", tmp_path, "--window", 5, "--persistence", 4, "--min-length", 10, "--keep", "onset",
+                   "--tau", tau)
     assert table.exit_code == 0 and "fired" in table.output and "mean KL agreement" in table.output
 
 

@@ -180,11 +180,12 @@ def test_cli_reports_user_errors_in_one_line(quick_world, tmp_path):
                               str(quick_world / "student"), "--out", str(tmp_path / "r")),
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2
-    assert bad.stderr.strip().splitlines()[-1] == f"error: teacher path does not exist: {tmp_path / 'missing'}"
+    last = bad.stderr.strip().splitlines()[-1]
+    assert last == f"error: --teacher {tmp_path / 'missing'}: no such checkpoint directory"
     bad = subprocess.run(_cli("train", "--termination", "sometimes", "--out", str(tmp_path / "r"),
                               "--teacher", str(quick_world / "teacher"), "--student", str(quick_world / "student")),
                          capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "unknown termination policy 'sometimes'" in bad.stderr
+    assert bad.returncode == 2 and "--termination 'sometimes' is not one of" in bad.stderr
 
 
 def test_record_writes_full_traces_without_training(quick_world, tmp_path):

@@ -1,0 +1,492 @@
+"""Per-phase statistics of a trace store, and the paper's heatmap findings as numbers.
+
+DESIGN §3 splits every rollout into pre-agreement, agreement and post-agreement
+(`kat_diag.phases.segment`, the detector replayed with hindsight). The paper shows heatmaps and
+reads three findings off them; this module measures them instead:
+
+1. the share of rollouts with an *extended low-KL segment*: a run of at least T consecutive low
+   windows (window mean < tau, the detector's own low flags), early vs late in training;
+2. the median token position where the first such segment starts, early vs late;
+3. the mean KL after the first segment vs before it (does the student recover from agreement?).
+
+Next to them, a per-phase table (token share, mean KL, student entropy, teacher entropy) and the
+accuracy of rollouts with and without a trap (the detector fired with hindsight), per stage.
+
+Teacher entropy is not stored; it is approximated from the stored teacher top-n probabilities plus
+one tail bucket holding the remaining mass, ``-sum_i p_i ln p_i - r ln r``. Spreading the tail over
+more tokens can only raise the entropy, so this is a lower bound of the true teacher entropy (tight
+when the top-n hold almost all the mass, as they do on a peaked teacher).
+
+Everything here is a pure function over arrays (`low_runs`, `first_extended`,
+`teacher_entropy_topn`, `batch_phase_stats`) plus one store-level driver (`phase_report`) that
+streams the store batch by batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kat_diag.analysis import store as S
+from kat_diag.analysis.threshold import needs_derived, resolve_tau, store_tau
+from kat_diag.detector import KATConfig
+from kat_diag.phases import phase_labels, segment
+from kat_diag.replay import replay
+from kat_diag.traces import Ragged, TraceReader
+
+PHASES = ("pre", "agreement", "post")
+SEGMENT_PARTS = ("before", "inside", "after")
+TEACHER_ENTROPY_NOTE = ("teacher entropy: lower bound from the stored top-n probabilities plus one tail "
+                        "bucket (-sum p ln p - r ln r)")
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure functions
+
+
+@dataclass(frozen=True)
+class LowRuns:
+    """Maximal runs of consecutive low windows (int64 arrays, one entry per run).
+
+    A run of windows ending at tokens i..j covers the tokens [i - W + 1, j + 1): ``start`` and
+    ``end`` are those token positions within the rollout, ``windows`` = j - i + 1.
+    """
+
+    rollout: np.ndarray
+    start: np.ndarray
+    end: np.ndarray
+    windows: np.ndarray
+
+    @property
+    def tokens(self) -> np.ndarray:
+        return self.end - self.start
+
+
+def low_runs(low: np.ndarray, offsets: np.ndarray, window: int) -> LowRuns:
+    """Runs of consecutive low windows from per-token low flags (`ReplayResult.low`: the window
+    ending at the token is usable and below tau). A run never crosses a rollout boundary."""
+    low = np.asarray(low, dtype=bool)
+    offs = np.asarray(offsets, dtype=np.int64)
+    n = low.shape[0]
+    first = np.zeros(n, dtype=bool)
+    last = np.zeros(n, dtype=bool)
+    nonempty = offs[:-1] < offs[1:]
+    first[offs[:-1][nonempty]] = True
+    last[offs[1:][nonempty] - 1] = True
+    prev_low = np.concatenate([[False], low[:-1]]) & ~first
+    next_low = np.concatenate([low[1:], [False]]) & ~last
+    s = np.flatnonzero(low & ~prev_low)
+    e = np.flatnonzero(low & ~next_low)
+    rollout = np.searchsorted(offs, s, side="right") - 1
+    base = offs[rollout]
+    return LowRuns(rollout=rollout.astype(np.int64), start=(s - base - window + 1).astype(np.int64),
+                   end=(e - base + 1).astype(np.int64), windows=(e - s + 1).astype(np.int64))
+
+
+def first_extended(runs: LowRuns, n_rollouts: int, persistence: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per rollout, the token span [start, end) of its first run of >= T low windows (-1, -1: none)."""
+    start = np.full(n_rollouts, -1, dtype=np.int64)
+    end = np.full(n_rollouts, -1, dtype=np.int64)
+    ext = np.flatnonzero(runs.windows >= persistence)
+    # Runs are in token order, so the first run of each rollout is where its index first appears.
+    r, first = np.unique(runs.rollout[ext], return_index=True)
+    start[r] = runs.start[ext[first]]
+    end[r] = runs.end[ext[first]]
+    return start, end
+
+
+def extended_token_mask(runs: LowRuns, offsets: np.ndarray, persistence: int) -> np.ndarray:
+    """Per token: inside some run of >= T low windows (token spans of runs may overlap)."""
+    offs = np.asarray(offsets, dtype=np.int64)
+    n = int(offs[-1] - offs[0])
+    ext = runs.windows >= persistence
+    base = offs[:-1][runs.rollout[ext]] - offs[0]
+    delta = np.zeros(n + 1, dtype=np.int64)
+    np.add.at(delta, base + runs.start[ext], 1)
+    np.add.at(delta, base + runs.end[ext], -1)
+    return np.cumsum(delta[:-1]) > 0
+
+
+def teacher_entropy_topn(top_probs: np.ndarray) -> np.ndarray:
+    """Lower bound of the teacher entropy (nats) per token from top-n probs ``[tokens, n]`` plus one
+    tail bucket; NaN where the probs are missing (stored as NaN)."""
+    p = np.asarray(top_probs, dtype=np.float64)
+    if p.ndim != 2:
+        raise ValueError(f"top_probs must be [tokens, n], got shape {p.shape}")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        plogp = np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)
+        tail = np.clip(1.0 - p.sum(axis=1), 0.0, 1.0)
+        tail_term = np.where(tail > 1e-12, tail * np.log(np.where(tail > 1e-12, tail, 1.0)), 0.0)
+    h = -plogp.sum(axis=1) - tail_term
+    return np.where(np.isfinite(p).all(axis=1), h, np.nan)
+
+
+@dataclass(frozen=True)
+class BatchPhases:
+    """Per-rollout phases and first extended low-KL segment of one batch (int64 arrays)."""
+
+    onset: np.ndarray
+    fire: np.ndarray
+    pre_end: np.ndarray
+    agree_end: np.ndarray
+    length: np.ndarray
+    seg_start: np.ndarray  # -1: no run of >= T low windows
+    seg_end: np.ndarray
+    run_tokens: np.ndarray  # token length of every maximal low-window run (any length), for histograms
+    run_rollout: np.ndarray  # the rollout (index in the batch) of each run
+    phase_tok: np.ndarray  # per token: 0 pre, 1 agreement, 2 post
+    seg_tok: np.ndarray  # per token: 0 before, 1 inside, 2 after the first extended segment (0 if none)
+    in_ext_tok: np.ndarray  # per token: inside any extended segment
+
+
+def batch_phases(kl_values: np.ndarray, offsets: np.ndarray, cfg: KATConfig, tau_R: np.ndarray) -> BatchPhases:
+    """Phases (DESIGN §3) and low-KL runs of a ragged batch at per-rollout tau."""
+    offs = np.asarray(offsets, dtype=np.int64)
+    ph = segment(kl_values, offs, cfg, tau_R)
+    low = replay(kl_values, offs, cfg, tau_R, return_low=True).low
+    assert low is not None
+    runs = low_runs(low[offs[0]:offs[-1]], offs - offs[0], cfg.window)
+    seg_start, seg_end = first_extended(runs, len(offs) - 1, cfg.persistence)
+    has = seg_start >= 0
+    seg_tok = phase_labels(offs, np.where(has, seg_start, ph.length), np.where(has, seg_end, ph.length))
+    return BatchPhases(onset=ph.onset, fire=ph.fire, pre_end=ph.pre_end, agree_end=ph.agree_end,
+                       length=ph.length, seg_start=seg_start, seg_end=seg_end, run_tokens=runs.tokens,
+                       run_rollout=runs.rollout,
+                       phase_tok=phase_labels(offs, ph.pre_end, ph.agree_end), seg_tok=seg_tok,
+                       in_ext_tok=extended_token_mask(runs, offs - offs[0], cfg.persistence))
+
+
+def _sums(labels: np.ndarray, values: np.ndarray | None, n_labels: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """(sum of finite values, count of finite values) per label."""
+    if values is None:
+        return np.zeros(n_labels), np.zeros(n_labels, dtype=np.int64)
+    v = np.asarray(values, dtype=np.float64)
+    ok = np.isfinite(v)
+    return (np.bincount(labels[ok], weights=v[ok], minlength=n_labels)[:n_labels],
+            np.bincount(labels[ok], minlength=n_labels)[:n_labels].astype(np.int64))
+
+
+# --------------------------------------------------------------------------------------------------
+# Accumulation per stage
+
+
+@dataclass
+class _StageAcc:
+    """Running sums of one stage (plain mutable accumulator; the result is a frozen StageStats)."""
+
+    steps: tuple[int, int]
+    rollouts: int = 0
+    tokens: np.ndarray = field(default_factory=lambda: np.zeros(3, dtype=np.int64))
+    sums: dict[str, np.ndarray] = field(default_factory=dict)
+    counts: dict[str, np.ndarray] = field(default_factory=dict)
+    graded: np.ndarray = field(default_factory=lambda: np.zeros(2, dtype=np.int64))  # [no trap, trap]
+    correct: np.ndarray = field(default_factory=lambda: np.zeros(2, dtype=np.int64))
+    trapped: int = 0
+    seg_rollouts: int = 0
+    seg_starts: list[np.ndarray] = field(default_factory=list)
+
+    def add(self, key: str, labels: np.ndarray, values: np.ndarray | None) -> None:
+        s, c = _sums(labels, values)
+        self.sums[key] = self.sums.get(key, np.zeros(3)) + s
+        self.counts[key] = self.counts.get(key, np.zeros(3, dtype=np.int64)) + c
+
+
+@dataclass(frozen=True)
+class StageStats:
+    """Phase table and findings of one stage (a step range)."""
+
+    stage: str
+    steps: tuple[int, int]
+    rollouts: int
+    phase_tokens: tuple[int, int, int]
+    phase_kl: tuple[float, float, float]  # mean reverse KL per phase (nats, finite tokens)
+    phase_student_entropy: tuple[float, float, float]
+    phase_teacher_entropy: tuple[float, float, float]  # lower bound, see module docstring
+    trap_rollouts: int  # detector fires with hindsight (agreement phase non-empty)
+    accuracy_trap: float  # NaN when no graded rollout in the group
+    accuracy_no_trap: float
+    graded_trap: int
+    graded_no_trap: int
+    segment_share: float  # finding 1
+    segment_median_start: float  # finding 2 (token position; NaN if none)
+    segment_kl: tuple[float, float, float]  # finding 3: mean KL before / inside / after the first segment
+
+    @property
+    def phase_share(self) -> tuple[float, float, float]:
+        total = sum(self.phase_tokens)
+        return tuple(t / total if total else math.nan for t in self.phase_tokens)  # type: ignore[return-value]
+
+    @property
+    def kl_after_over_before(self) -> float:
+        before, _, after = self.segment_kl
+        return after / before if before and math.isfinite(before) and math.isfinite(after) else math.nan
+
+    def as_dict(self) -> dict[str, Any]:
+        def num(x: float) -> float | None:
+            return None if x is None or not math.isfinite(x) else float(x)
+
+        return {
+            "stage": self.stage, "steps": list(self.steps), "rollouts": self.rollouts,
+            "phases": {name: {"tokens": self.phase_tokens[i], "token_share": num(self.phase_share[i]),
+                              "mean_kl": num(self.phase_kl[i]),
+                              "student_entropy": num(self.phase_student_entropy[i]),
+                              "teacher_entropy_lb": num(self.phase_teacher_entropy[i])}
+                       for i, name in enumerate(PHASES)},
+            "trap_share": num(self.trap_rollouts / self.rollouts if self.rollouts else math.nan),
+            "accuracy": {"trap": num(self.accuracy_trap), "no_trap": num(self.accuracy_no_trap),
+                         "graded_trap": self.graded_trap, "graded_no_trap": self.graded_no_trap},
+            "findings": {"extended_low_kl_share": num(self.segment_share),
+                         "first_segment_median_start": num(self.segment_median_start),
+                         "kl_before_segment": num(self.segment_kl[0]),
+                         "kl_inside_segment": num(self.segment_kl[1]),
+                         "kl_after_segment": num(self.segment_kl[2]),
+                         "kl_after_over_before": num(self.kl_after_over_before)},
+        }
+
+
+def _finish(name: str, acc: _StageAcc) -> StageStats:
+    def mean(key: str) -> tuple[float, float, float]:
+        s, c = acc.sums.get(key, np.zeros(3)), acc.counts.get(key, np.zeros(3, dtype=np.int64))
+        return tuple(float(s[i] / c[i]) if c[i] else math.nan for i in range(3))  # type: ignore[return-value]
+
+    starts = np.concatenate(acc.seg_starts) if acc.seg_starts else np.zeros(0)
+    acc_rate = [acc.correct[i] / acc.graded[i] if acc.graded[i] else math.nan for i in range(2)]
+    return StageStats(
+        stage=name, steps=acc.steps, rollouts=acc.rollouts,
+        phase_tokens=tuple(int(t) for t in acc.tokens),  # type: ignore[arg-type]
+        phase_kl=mean("kl"), phase_student_entropy=mean("student_entropy"),
+        phase_teacher_entropy=mean("teacher_entropy"), trap_rollouts=acc.trapped,
+        accuracy_trap=float(acc_rate[1]), accuracy_no_trap=float(acc_rate[0]),
+        graded_trap=int(acc.graded[1]), graded_no_trap=int(acc.graded[0]),
+        segment_share=acc.seg_rollouts / acc.rollouts if acc.rollouts else math.nan,
+        segment_median_start=float(np.median(starts)) if starts.size else math.nan,
+        segment_kl=mean("seg_kl"),
+    )
+
+
+@dataclass(frozen=True)
+class PhaseReport:
+    """Result of `phase_report`: one StageStats per stage ("all" first), the tau used, the KAT config."""
+
+    stages: tuple[StageStats, ...]
+    tau: dict[str, Any]
+    cfg: KATConfig
+    run_lengths: dict[str, np.ndarray]  # stage -> token lengths of all maximal low-window runs
+
+    def stage(self, name: str) -> StageStats:
+        return next(s for s in self.stages if s.stage == name)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"tau": self.tau, "kat": {k: getattr(self.cfg, k) for k in self.cfg.__dataclass_fields__},
+                "teacher_entropy": TEACHER_ENTROPY_NOTE, "stages": [s.as_dict() for s in self.stages]}
+
+    def table(self) -> list[dict[str, Any]]:
+        """Long table: one row per (stage, phase)."""
+        rows = []
+        for s in self.stages:
+            for i, name in enumerate(PHASES):
+                rows.append({"stage": s.stage, "step_lo": s.steps[0], "step_hi": s.steps[1], "phase": name,
+                             "tokens": s.phase_tokens[i], "token_share": s.phase_share[i],
+                             "mean_kl": s.phase_kl[i], "student_entropy": s.phase_student_entropy[i],
+                             "teacher_entropy_lb": s.phase_teacher_entropy[i]})
+        return rows
+
+
+PHASE_COLUMNS = ["rollout_id", "step", "tau", "correct", "kl", "student_entropy", "teacher_top_probs"]
+
+
+def phase_report(reader: TraceReader, cfg: KATConfig, tau: str | float = "auto", *,
+                 early: tuple[int, int] | None = None, late: tuple[int, int] | None = None,
+                 tau_sample: int = 4096, seed: int = 0, rows: list[dict[str, np.ndarray]] | None = None,
+                 **filters: Any) -> PhaseReport:
+    """Stream the store (after one scalar pass) and build the per-phase report.
+
+    tau: see `kat_diag.analysis.threshold` (the derived tau uses a seeded sample of up to
+    ``tau_sample`` rollouts). ``rows``: when a list is given, per-rollout segmentation arrays of
+    every batch are appended to it (rollout_id, step, length, tau, onset, fire, pre_end, agree_end,
+    seg_start, seg_end, correct).
+    """
+    scal = S.scan_scalars(reader, ["rollout_id", "step", "tau"], **filters)
+    if scal["rollout_id"].size == 0:
+        raise ValueError(f"no rollouts in {reader.dir} match the filters")
+    ranges = {"all": (int(scal["step"].min()), int(scal["step"].max()))}
+    ranges.update({k: v for k, v in S.stage_ranges(scal["step"], early, late).items() if k != "all"})
+    derived = math.nan
+    if needs_derived(scal["tau"], tau):
+        derived = store_tau(reader, cfg, scal["rollout_id"], sample=tau_sample, seed=seed)
+    accs = {name: _StageAcc(rng) for name, rng in ranges.items()}
+    run_lengths: dict[str, list[np.ndarray]] = {name: [] for name in ranges}
+    used: list[np.ndarray] = []
+    for b in reader.iter_batches(PHASE_COLUMNS, **filters):
+        kl: Ragged = b["kl"]
+        tau_R = resolve_tau(b["tau"], tau, derived)
+        used.append(tau_R)
+        bp = batch_phases(kl.values, kl.offsets, cfg, tau_R)
+        trap = bp.fire >= 0
+        teacher_h = (teacher_entropy_topn(b["teacher_top_probs"].values)
+                     if b["teacher_top_probs"].values.size else None)
+        roll_tok = np.repeat(np.arange(b.num_rows), kl.lengths)
+        for name, rng in ranges.items():
+            sel = S.in_range(b["step"], rng)
+            if not sel.any():
+                continue
+            tok = sel[roll_tok]
+            acc = accs[name]
+            acc.rollouts += int(sel.sum())
+            acc.tokens += np.bincount(bp.phase_tok[tok], minlength=3)[:3]
+            acc.add("kl", bp.phase_tok[tok], kl.values[tok])
+            acc.add("student_entropy", bp.phase_tok[tok], b["student_entropy"].values[tok])
+            acc.add("teacher_entropy", bp.phase_tok[tok], None if teacher_h is None else teacher_h[tok])
+            has_seg = sel & (bp.seg_start >= 0)
+            acc.add("seg_kl", bp.seg_tok[has_seg[roll_tok]], kl.values[has_seg[roll_tok]])
+            acc.seg_rollouts += int(has_seg.sum())
+            acc.seg_starts.append(bp.seg_start[has_seg])
+            acc.trapped += int((sel & trap).sum())
+            graded = sel & (b["correct"] >= 0)
+            for t in (0, 1):
+                g = graded & (trap == bool(t))
+                acc.graded[t] += int(g.sum())
+                acc.correct[t] += int((b["correct"][g] == 1).sum())
+            run_lengths[name].append(bp.run_tokens[sel[bp.run_rollout]])
+        if rows is not None:
+            rows.append({"rollout_id": b["rollout_id"], "step": b["step"], "length": bp.length, "tau": tau_R,
+                         "onset": bp.onset, "fire": bp.fire, "pre_end": bp.pre_end, "agree_end": bp.agree_end,
+                         "seg_start": bp.seg_start, "seg_end": bp.seg_end, "correct": b["correct"]})
+    taus = np.concatenate(used)
+    recorded = np.isfinite(scal["tau"])
+    tau_info = {"mode": tau if isinstance(tau, str) else "fixed", "derived": None if math.isnan(derived) else derived,
+                "recorded_share": float(recorded.mean()), "median": float(np.nanmedian(taus)) if
+                np.isfinite(taus).any() else None}
+    stages = tuple(_finish(name, accs[name]) for name in ranges)
+    return PhaseReport(stages=stages, tau=tau_info, cfg=cfg,
+                       run_lengths={k: np.concatenate(v) if v else np.zeros(0, dtype=np.int64)
+                                    for k, v in run_lengths.items()})
+
+
+
+# --------------------------------------------------------------------------------------------------
+# Plot
+
+
+def plot(report: PhaseReport, fig: Any = None) -> Any:
+    """Six panels: token share, mean KL, entropies per phase; accuracy with/without trap; the
+    findings (extended low-KL share, median first start) and KL around the first segment."""
+    from kat_diag.analysis import style
+
+    if fig is None:
+        fig, axes = style.figure(2, 3, size=(15.0, 8.6))
+    else:
+        axes = np.array(fig.subplots(2, 3))
+    (a_share, a_kl, a_ent), (a_acc, a_find, a_seg) = axes
+    stages = report.stages
+    names = [f"{s.stage}\n(steps {s.steps[0]}-{s.steps[1]})" for s in stages]
+    x = np.arange(len(stages))
+    bottom = np.zeros(len(stages))
+    for i, ph in enumerate(PHASES):
+        share = np.array([s.phase_share[i] for s in stages], dtype=float)
+        a_share.bar(x, np.nan_to_num(share), bottom=bottom, color=style.PHASE_COLORS[ph], label=ph, width=0.6)
+        for xi, b, v in zip(x, bottom, share, strict=True):
+            if v > 0.04:
+                a_share.text(xi, b + v / 2, f"{v:.0%}", ha="center", va="center", fontsize=8, color="white")
+        bottom += np.nan_to_num(share)
+    a_share.set_xticks(x, names)
+    a_share.set_ylabel("share of tokens")
+    a_share.set_ylim(0, 1.12)
+    a_share.set_title("token share per phase")
+    a_share.legend(loc="upper center", ncol=3)
+
+    w = 0.8 / len(PHASES)
+    for i, ph in enumerate(PHASES):
+        v = np.array([s.phase_kl[i] for s in stages], dtype=float)
+        a_kl.bar(x + (i - 1) * w, np.where(np.isfinite(v) & (v > 0), v, np.nan), width=w,
+                 color=style.PHASE_COLORS[ph], label=ph)
+    a_kl.set_yscale("log")
+    a_kl.set_xticks(x, names)
+    a_kl.set_ylabel("mean reverse KL (nats, log scale)")
+    a_kl.set_title("mean KL per phase")
+    a_kl.legend()
+
+    w = 0.8 / (2 * len(stages))
+    for j, s in enumerate(stages):
+        for k, (vals, hatch) in enumerate(((s.phase_student_entropy, ""), (s.phase_teacher_entropy, "//"))):
+            pos = np.arange(len(PHASES)) + (2 * j + k - len(stages) + 0.5) * w
+            a_ent.bar(pos, np.nan_to_num(np.array(vals, dtype=float)), width=w, hatch=hatch,
+                      color=[style.PHASE_COLORS[p] for p in PHASES], alpha=0.45 + 0.55 * (j + 1) / len(stages),
+                      edgecolor="black", linewidth=0.4)
+    from matplotlib.patches import Patch
+
+    a_ent.legend(handles=[Patch(facecolor="white", edgecolor="black", label="student"),
+                          Patch(facecolor="white", edgecolor="black", hatch="//", label="teacher (lower bound)")],
+                 fontsize=7)
+    a_ent.set_xticks(np.arange(len(PHASES)), PHASES)
+    a_ent.set_ylabel("mean entropy (nats)")
+    a_ent.set_title("entropy per phase (light to dark: " + ", ".join(s.stage for s in stages) + ")")
+
+    w = 0.35
+    for k, (key, label, color) in enumerate((("accuracy_no_trap", "no trap", style.PHASE_COLORS["pre"]),
+                                              ("accuracy_trap", "trap (fires with hindsight)",
+                                               style.PHASE_COLORS["agreement"]))):
+        v = np.array([getattr(s, key) for s in stages], dtype=float)
+        n = [s.graded_no_trap if k == 0 else s.graded_trap for s in stages]
+        a_acc.bar(x + (k - 0.5) * w, np.nan_to_num(v), width=w, color=color, label=label)
+        for xi, vi, ni in zip(x + (k - 0.5) * w, v, n, strict=True):
+            a_acc.text(xi, (vi if np.isfinite(vi) else 0) + 0.02, f"n={ni}", ha="center", fontsize=7)
+    a_acc.set_xticks(x, names)
+    a_acc.set_ylim(0, 1.1)
+    a_acc.set_ylabel("accuracy (share correct)")
+    a_acc.set_title("accuracy of rollouts with vs without a trap")
+    a_acc.legend(loc="upper right")
+
+    share = np.array([s.segment_share for s in stages], dtype=float)
+    a_find.bar(x, np.nan_to_num(share), width=0.5, color="#55A868")
+    a_find.set_xticks(x, names)
+    a_find.set_ylim(0, 1.1)
+    a_find.set_ylabel("share of rollouts")
+    for xi, s in zip(x, stages, strict=True):
+        med = s.segment_median_start
+        a_find.text(xi, np.nan_to_num(s.segment_share) + 0.02,
+                    f"{s.segment_share:.0%}\nmedian start {med:.0f}" if np.isfinite(med) else "none",
+                    ha="center", fontsize=8)
+    a_find.set_title(f"rollouts with an extended low-KL segment (>= {report.cfg.persistence} low windows)")
+
+    w = 0.8 / 3
+    for k, part in enumerate(SEGMENT_PARTS):
+        v = np.array([s.segment_kl[k] for s in stages], dtype=float)
+        a_seg.bar(x + (k - 1) * w, np.where(np.isfinite(v) & (v > 0), v, np.nan), width=w,
+                  color=["#4C72B0", "#DD8452", "#8C8C8C"][k], label=f"{part} the first segment")
+    a_seg.set_yscale("log")
+    a_seg.set_xticks(x, names)
+    a_seg.set_ylabel("mean reverse KL (nats, log scale)")
+    a_seg.set_title("KL before / inside / after the first segment")
+    a_seg.legend(fontsize=7)
+    tau = report.tau
+    fig.suptitle(f"Phases (DESIGN §3): tau {tau['mode']}"
+                 + (f", derived {tau['derived']:.3g} nats" if tau.get("derived") else "")
+                 + (f", median {tau['median']:.3g} nats" if tau.get("median") else "")
+                 + f"; W={report.cfg.window}, T={report.cfg.persistence}, L0={report.cfg.min_length}")
+    fig.tight_layout()
+    return fig
+
+
+def run_phases(run_dir: str | Path, out_dir: str | Path, *, cfg: KATConfig | None = None, tau: str | float = "auto",
+               **options: Any) -> dict[str, Any]:
+    """Compute, draw and save: ``phases.png``, ``phases.csv`` (one row per stage and phase),
+    ``phases_rollouts.parquet`` (the segmentation of every rollout). Returns the JSON-ready report
+    with the written paths. ``options``: those of `phase_report`."""
+    from kat_diag.analysis import style
+    from kat_diag.analysis.output import clean, write_csv, write_parquet
+    from kat_diag.trace_view import kat_config
+
+    reader = TraceReader(run_dir)
+    out = Path(out_dir)
+    cfg = cfg or kat_config(reader.config)
+    rows: list[dict[str, np.ndarray]] = []
+    report = phase_report(reader, cfg, tau, rows=rows, **options)
+    png = style.save(plot(report), out / "phases.png")
+    csv_path = write_csv(out / "phases.csv", report.table())
+    pq_path = write_parquet(out / "phases_rollouts.parquet", {k: np.concatenate([r[k] for r in rows]) for k in rows[0]})
+    return clean({**report.as_dict(), "files": [str(png), str(csv_path), str(pq_path)]})

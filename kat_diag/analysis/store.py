@@ -1,0 +1,87 @@
+"""Lazy access patterns the analyses share: a cheap scalar pass, stage ranges, seeded samples.
+
+A real store holds millions of rollouts of thousands of tokens, so no analysis loads it whole:
+a first pass reads only per-rollout scalar columns (a few bytes per rollout), the analysis picks
+the rollouts it needs from them (a step range, a seeded sample), and a second pass reads the
+per-token columns of those rollouts only, one row group at a time (`TraceReader.iter_batches`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from kat_diag.traces import TraceBatch, TraceReader
+
+
+def scan_scalars(reader: TraceReader, columns: Sequence[str], **filters: Any) -> dict[str, np.ndarray]:
+    """The given per-rollout columns of every matching rollout, concatenated (never token columns)."""
+    cols = list(dict.fromkeys(columns))
+    parts: dict[str, list[np.ndarray]] = {c: [] for c in cols}
+    for b in reader.iter_batches(cols, **filters):
+        for c in cols:
+            parts[c].append(np.asarray(b[c]))
+    return {c: np.concatenate(v) if v else np.zeros(0, dtype=np.int64) for c, v in parts.items()}
+
+
+def parse_range(text: str | None, name: str) -> tuple[int, int] | None:
+    """'A:B' (inclusive) -> (A, B); None stays None."""
+    if text is None:
+        return None
+    try:
+        lo, hi = text.split(":", 1)
+        out = (int(lo), int(hi))
+    except ValueError:
+        raise ValueError(f"{name} expects A:B (inclusive step range), got {text!r}") from None
+    if out[0] > out[1]:
+        raise ValueError(f"{name} expects A <= B, got {text!r}")
+    return out
+
+
+def stage_ranges(steps: np.ndarray, early: tuple[int, int] | None = None, late: tuple[int, int] | None = None,
+                 share: float = 0.1) -> dict[str, tuple[int, int]]:
+    """Step ranges of the early and late stages: by default the first and the last ``share`` of the
+    recorded step span (at least one step each). A store of a single step has one stage, ``all``."""
+    steps = np.asarray(steps)
+    if steps.size == 0:
+        return {}
+    lo, hi = int(steps.min()), int(steps.max())
+    if lo == hi and early is None and late is None:
+        return {"all": (lo, hi)}
+    n = max(1, math.ceil((hi - lo + 1) * share))
+    return {"early": early or (lo, lo + n - 1), "late": late or (hi - n + 1, hi)}
+
+
+def in_range(steps: np.ndarray, rng: tuple[int, int]) -> np.ndarray:
+    steps = np.asarray(steps)
+    return (steps >= rng[0]) & (steps <= rng[1])
+
+
+def sample_rows(n: int, k: int, seed: int) -> np.ndarray:
+    """Sorted positions of a seeded uniform sample of min(n, k) of n rows without replacement."""
+    if k >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
+
+
+def read_rollouts(reader: TraceReader, rollout_ids: np.ndarray, columns: Sequence[str]) -> TraceBatch:
+    """The given rollouts (any order in, the order of ``rollout_ids`` out), only ``columns``.
+
+    Reads row group by row group with the ids as filter, so memory is the selection plus one row
+    group of the requested columns.
+    """
+    ids = np.asarray(rollout_ids, dtype=np.int64)
+    cols = list(dict.fromkeys(["rollout_id", *columns]))
+    if ids.size == 0:
+        return TraceBatch.concat([], cols)
+    batch = TraceBatch.concat(list(reader.iter_batches(cols, rollout_ids=ids)), cols)
+    got = batch["rollout_id"]
+    order = np.argsort(got, kind="stable")
+    pos = order[np.minimum(np.searchsorted(got[order], ids), max(len(got) - 1, 0))] if len(got) else ids[:0]
+    if len(got) == 0 or not np.array_equal(got[pos], ids):
+        raise ValueError("some requested rollout ids are not in the store")
+    return batch.take(pos)
+
