@@ -15,8 +15,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The study's quick profile (kat-diag study): 5 methods, results.md / results.json / figures in runs/demo.
 demo: $(STAMP)
-	$(VENV)/bin/kat-diag demo
+	$(VENV)/bin/kat-diag study --out runs/demo
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check kat_diag cli tests benchmarks examples

@@ -17,7 +17,16 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from cli import analysis_cmd, geometry_cmd, plan_cmd, trace_cmd, train_cmd, trap_cmd, world_cmd  # noqa: E402
+from cli import (  # noqa: E402
+    analysis_cmd,
+    geometry_cmd,
+    plan_cmd,
+    study_cmd,
+    trace_cmd,
+    train_cmd,
+    trap_cmd,
+    world_cmd,
+)
 from cli.common import KatGroup, version_callback  # noqa: E402
 
 app = typer.Typer(
@@ -39,7 +48,7 @@ def _root(
     """On-policy distillation with KAT, and diagnostics of the KL agreement trap."""
 
 
-for module in (world_cmd, train_cmd, trace_cmd, trap_cmd, analysis_cmd, geometry_cmd, plan_cmd):
+for module in (world_cmd, train_cmd, trace_cmd, trap_cmd, analysis_cmd, geometry_cmd, plan_cmd, study_cmd):
     module.register(app)
 
 

@@ -85,6 +85,9 @@ def register(app: typer.Typer) -> None:
         prefix_len: int = typer.Option(0, help="Prefix budget P for prefix / kat+prefix."),
         random_target: float = typer.Option(0.0, help="Mean kept length for random termination."),
         random_from: Path = typer.Option(None, help="KAT run directory whose kept length random matches."),
+        supervise: str = typer.Option("", help="Train only on these phases of untruncated rollouts (needs "
+                                           "--termination none): pre | agreement | post | pre+agreement ... "
+                                           "('pre' = KAT as a loss mask)."),
         eval_every: int = typer.Option(0, help="Evaluate every N steps (0: after the last step)."),
         eval_k: int = typer.Option(4, help="Samples per problem for avg@k / pass@k."),
         eval_n: int = typer.Option(50, help="Problems per benchmark split in evaluations."),
@@ -125,7 +128,7 @@ def register(app: typer.Typer) -> None:
             lr=lr, warmup_steps=warmup_steps, schedule=schedule, grad_clip=grad_clip, dtype=dtype,
             device=device, seed=seed, loss=loss, topk=topk, termination=termination,
             prefix_len=prefix_len or None, random_target=random_target or None,
-            random_from=str(random_from) if random_from else None,
+            random_from=str(random_from) if random_from else None, supervise=supervise or None,
             sampling=SamplingConfig(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                                     chunk_size=chunk_size, slots=slots),
             kat=_kat(kat_preset, window=window, persistence=persistence, min_length=min_length,

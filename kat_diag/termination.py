@@ -36,14 +36,21 @@ defined once B_min values are in, active or not), `kat_active`, `fired_share`, `
 
 Policies: `none` (plain OPD), `kat`, `random`, `prefix`, `kat+prefix`.
 
-`random` cuts a rollout after a geometric number of tokens with mean `target` (support 1, 2,
-...), drawn from a seeded `torch.Generator` when the row is added. That is distributionally the
-same as stopping after each token with probability 1/target (memoryless), but does not depend
-on how the engine chunks tokens. The target is a mean kept length given directly, or read from
-a KAT run's metrics.jsonl (`target_from_metrics`: the rollout-weighted mean of
-`kept_len_mean`). A rollout that ends on its own before its cut keeps fewer tokens than drawn,
-so where natural endings are short the realised mean falls below the target; `kept_len_mean`
-in the step metrics reports what was realised.
+`random` cuts a rollout after a geometric number of tokens G (support 1, 2, ...), drawn from a
+seeded `torch.Generator` when the row is added (memoryless, so it does not depend on how the
+engine chunks tokens). It is length-matched on the *realised* mean kept length: a rollout that
+ends on its own (EOS, budget) before its cut keeps fewer tokens than drawn, so a geometric cut
+with mean = target keeps far less than the target where natural endings are short. Before each
+step the policy picks the stop probability p with E[min(G, N)] = goal, where N is the natural
+length, estimated by Kaplan-Meier (`survival`) from the rollouts of its last `memory_steps`
+steps (a rollout that ended on its own is an observed length; a cut one is censored at its cut),
+and goal = 2 target - (realised mean kept length so far), clipped to [target/2, 2 target], so a
+shortfall of earlier steps is made up. Before any data: the first recorded step of the KAT run
+(`prior_from_run`: in KAT's warm-up nothing is cut), else p = 1/target. If the target exceeds the
+mean natural length, p = 0 (never cut). The target is a mean kept length given directly, or read
+from a KAT run's metrics.jsonl (`target_from_metrics`: the rollout-weighted mean of
+`kept_len_mean`); metrics report `random_target`, `random_goal`, `random_stop_prob` and
+`random_kept_len_run_mean` (realised so far) next to the step's `kept_len_mean`.
 """
 
 from __future__ import annotations
@@ -287,23 +294,60 @@ class PrefixPolicy(_RowPolicy):
 
 
 class RandomPolicy(_RowPolicy):
-    """Random termination, length-matched: cut after Geometric(1/target) tokens (see module doc)."""
+    """Random termination whose realised mean kept length matches `target` (see module doc)."""
 
     name = "random"
+    NO_CUT = 2**62  # a cut no rollout reaches (stop probability 0)
 
-    def __init__(self, target: float, seed: int = 0, device: str | torch.device = "cpu") -> None:
+    def __init__(self, target: float, seed: int = 0, device: str | torch.device = "cpu", *,
+                 prior: tuple[Any, Any] | None = None, memory_steps: int = 4) -> None:
         if not (isinstance(target, (int, float)) and math.isfinite(target) and target >= 1.0):
             raise ValueError(f"random termination: target mean kept length {target!r} must be >= 1")
+        if memory_steps < 1:
+            raise ValueError(f"random termination: memory_steps={memory_steps} must be >= 1")
         super().__init__(device)
         self.target = float(target)
+        self.memory_steps = int(memory_steps)
         self.stop_prob = 1.0 / self.target
+        self.goal = self.target
         self._gen = torch.Generator(device="cpu")
         self._gen.manual_seed(int(seed))
         self._cut_B = torch.zeros(0, dtype=torch.int64, device=self.device)
+        self._budget = 0  # generation budget seen in max_new_tokens (0: not known yet)
+        # Per recent step: (lengths, ended_on_own) of its rollouts, for the survival estimate.
+        self._hist: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if prior is not None:
+            lengths, events = (torch.as_tensor(x).reshape(-1) for x in prior)
+            if lengths.numel():
+                self._hist.append((lengths.to(torch.int64).cpu(), events.to(torch.bool).cpu()))
+        self._cum_rollouts = 0.0
+        self._cum_kept = 0.0
+
+    # -- the controller
+    def begin_step(self, step: int) -> None:
+        super().begin_step(step)
+        self.goal = self.target
+        if self._cum_rollouts > 0:  # catch up on what earlier steps missed (bounded correction)
+            realised = self._cum_kept / self._cum_rollouts
+            self.goal = min(max(2.0 * self.target - realised, 0.5 * self.target), 2.0 * self.target)
+        if self._hist:
+            lengths = torch.cat([h[0] for h in self._hist]).numpy()
+            events = torch.cat([h[1] for h in self._hist]).numpy()
+            self.stop_prob = stop_prob_for_mean_kept(lengths, events, self.goal, self._budget or None)
+        else:
+            self.stop_prob = 1.0 / self.goal
+
+    def max_new_tokens(self, default: int) -> int:
+        self._budget = int(default)
+        return default
 
     def _add_rows_hook(self, n: int) -> None:
-        cut = torch.empty(n, dtype=torch.float64).geometric_(self.stop_prob, generator=self._gen)
-        self._cut_B = torch.cat([self._cut_B, cut.to(torch.int64).to(self.device)])
+        if self.stop_prob <= 0.0:
+            cut = torch.full((n,), self.NO_CUT, dtype=torch.int64)
+        else:
+            draw = torch.empty(n, dtype=torch.float64).geometric_(self.stop_prob, generator=self._gen)
+            cut = draw.clamp(max=float(self.NO_CUT)).to(torch.int64)
+        self._cut_B = torch.cat([self._cut_B, cut.to(self.device)])
 
     def _keep_rows_hook(self, idx_B: torch.Tensor) -> None:
         self._cut_B = self._cut_B[idx_B]
@@ -325,16 +369,78 @@ class RandomPolicy(_RowPolicy):
         return info
 
     def _step_metrics(self, done: dict[str, torch.Tensor]) -> dict[str, float]:
-        return {"random_target": self.target, "random_stop_prob": self.stop_prob}
+        # The step's rollouts feed the controller: a rollout that ended on its own (EOS or
+        # budget) has natural length = its length; a cut one is censored at its cut.
+        tokens, kept, stopped = (done[k].cpu() for k in ("tokens", "kept", "stopped"))
+        if tokens.numel():
+            self._hist = (self._hist + [(tokens.to(torch.int64), ~stopped)])[-self.memory_steps:]
+        self._cum_rollouts += float(tokens.numel())
+        self._cum_kept += float(kept.sum())
+        return {"random_target": self.target, "random_goal": self.goal, "random_stop_prob": self.stop_prob,
+                "random_kept_len_run_mean": self._cum_kept / max(self._cum_rollouts, 1.0)}
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "target": self.target, "generator": self._gen.get_state()}
+        return {**super().state_dict(), "target": self.target, "generator": self._gen.get_state(),
+                "stop_prob": self.stop_prob, "goal": self.goal, "budget": self._budget,
+                "hist": [(a.clone(), b.clone()) for a, b in self._hist],
+                "cum": [self._cum_rollouts, self._cum_kept]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.target = float(state["target"])
-        self.stop_prob = 1.0 / self.target
         self._gen.set_state(state["generator"])
+        self.stop_prob = float(state.get("stop_prob", 1.0 / self.target))
+        self.goal = float(state.get("goal", self.target))
+        self._budget = int(state.get("budget", 0))
+        self._hist = [(torch.as_tensor(a), torch.as_tensor(b)) for a, b in state.get("hist", [])]
+        self._cum_rollouts, self._cum_kept = (float(x) for x in state.get("cum", [0.0, 0.0]))
+
+
+def survival(lengths: Any, ended: Any, horizon: int) -> np.ndarray:
+    """Kaplan-Meier S(t) = P(natural length >= t) for t = 1..horizon (index t-1).
+
+    `lengths` are rollout lengths; `ended` says the rollout ended on its own there (an event),
+    else it was cut there (censored: its natural length is >= the length). Beyond the last
+    observation S stays at its last value (0 when the longest rollout ended on its own).
+    """
+    n = np.asarray(lengths, dtype=np.int64).reshape(-1)
+    e = np.asarray(ended, dtype=bool).reshape(-1)
+    if n.size == 0:
+        return np.ones(horizon)
+    top = max(int(n.max()), horizon) + 1
+    at_risk = np.cumsum(np.bincount(n, minlength=top + 1)[::-1])[::-1]  # #{n_i >= t}
+    deaths = np.bincount(n[e], minlength=top + 1)  # #{n_i == t, ended on its own}
+    hazard = np.divide(deaths, at_risk, out=np.zeros(top + 1), where=at_risk > 0)
+    # S(1) = 1 (every rollout has a token); S(t+1) = S(t) (1 - h(t)).
+    surv = np.concatenate([[1.0], np.cumprod(1.0 - hazard[1:])])
+    return surv[:horizon]
+
+
+def stop_prob_for_mean_kept(lengths: Any, ended: Any, goal: float, budget: int | None = None) -> float:
+    """Per-token stop probability p of a geometric cut G (support 1, 2, ...) with
+    E[min(G, N)] = goal, N the natural length estimated by `survival`.
+
+    E[min(G, N)] = sum_{t>=1} P(G >= t) P(N >= t) = sum_t (1 - p)^(t-1) S(t), decreasing in p
+    from E[N] (p = 0) to 1 (p = 1); solved by bisection. Returns 0 (never cut) when the goal is
+    at or above E[N], and 1 when it is <= 1.
+    """
+    n = np.asarray(lengths, dtype=np.int64).reshape(-1)
+    horizon = int(budget) if budget else (int(n.max()) if n.size else 1)
+    horizon = max(horizon, int(n.max()) if n.size else 1)
+    s = survival(n, ended, horizon)
+    if goal >= float(s.sum()):
+        return 0.0
+    if goal <= 1.0:
+        return 1.0
+    t = np.arange(horizon, dtype=np.float64)
+    lo, hi = 0.0, 1.0  # q = 1 - p: f(q) = sum q^t S(t+1) increases with q
+    for _ in range(60):
+        q = 0.5 * (lo + hi)
+        if float(np.sum(np.power(q, t) * s)) < goal:
+            lo = q
+        else:
+            hi = q
+    return 1.0 - 0.5 * (lo + hi)
 
 
 class KATPolicy(_RowPolicy):
@@ -486,6 +592,28 @@ def target_from_metrics(path: str | os.PathLike[str], key: str = "kept_len_mean"
     return sum(values) / len(values)
 
 
+def prior_from_run(run_dir: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray] | None:
+    """(lengths, ended_on_own) of the first recorded step of a run's trace store, or None.
+
+    For `random` length-matched to a KAT run: in KAT's warm-up nothing is cut, so that step's
+    rollouts show the natural lengths of the initial student, which `RandomPolicy` uses before
+    its own first step. A rollout KAT stopped counts as censored at its generated length.
+    """
+    tdir = Path(run_dir) / "traces"
+    if not tdir.is_dir() or not any(tdir.glob("*.parquet")):
+        return None
+    from kat_diag.traces import TraceReader
+
+    reader = TraceReader(tdir)
+    steps = reader.read(["step"])["step"]
+    if len(steps) == 0:
+        return None
+    first = int(np.min(steps))
+    rows = reader.read(["gen_len", "stop_reason"], steps=(first, first))
+    ended = np.asarray(rows["stop_reason"]).astype(str) != "policy"
+    return np.asarray(rows["gen_len"], dtype=np.int64), ended
+
+
 def make_policy(name: str, kat: KATConfig | None = None, prefix_len: int | None = None,
                 random_target: float | str | os.PathLike[str] | None = None, seed: int = 0, *,
                 device: str | torch.device = "cpu",
@@ -511,9 +639,10 @@ def make_policy(name: str, kat: KATConfig | None = None, prefix_len: int | None 
         assert prefix_len is not None
         return PrefixPolicy(prefix_len, device)
     if key == "random":
-        target = random_target
+        target, prior = random_target, None
         if isinstance(target, (str, os.PathLike)):
+            prior = prior_from_run(Path(target).parent)
             target = target_from_metrics(target)
-        return RandomPolicy(float(target), seed, device)  # type: ignore[arg-type]
+        return RandomPolicy(float(target), seed, device, prior=prior)  # type: ignore[arg-type]
     cfg = kat if kat is not None else KATConfig()
     return KATPolicy(cfg, prefix_len if key == "kat+prefix" else None, device, gather=gather)

@@ -23,6 +23,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ from kat_diag.loss import LossInputs, make_loss
 from kat_diag.models import check_compatible, load_model, load_tokenizer, resolve_device, resolve_dtype
 from kat_diag.progress import bar as progress_bar
 from kat_diag.rollout import Rollout, RolloutEngine, SamplingConfig, encode_prompts
+from kat_diag.supervise import select_training_tokens, with_supervision
 from kat_diag.tasks import Problem, check_answer, load_math_dataset
 from kat_diag.termination import make_policy
 from kat_diag.tracking import make_tracker, rollout_rows
@@ -84,11 +86,12 @@ class TrainConfig:
     prefix_len: int | None = None
     random_target: float | None = None  # mean kept length for `random` ...
     random_from: str | None = None  # ... or a KAT run directory to length-match
+    supervise: str | None = None  # train only on these phases of untruncated rollouts (kat_diag.supervise)
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=192, chunk_size=16))
     kat: KATConfig = field(default_factory=KATConfig)
     eval_every: int = 0  # 0: evaluate only after the last step
     eval_k: int = 4
-    eval_n: int = 50  # problems per benchmark split
+    eval_n: int = 50  # problems per benchmark split (0: no evaluation)
     ckpt_every: int = 25
     keep_checkpoints: int = 2
     trace_every: int = 1  # record traces every N steps (0: never)
@@ -380,17 +383,20 @@ class TrainResult:
     run_dir: Path
 
 
-def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> TrainResult:
+def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
+          on_step: Callable[[int, dict[str, Any]], None] | None = None) -> TrainResult:
     """Run OPD with the configured termination policy. Rank 0 owns (locks) the run directory while it
     runs; an existing run is refused unless `resume` (its config.json must match, see RESUME_MUTABLE)
-    or `overwrite` (see `kat_diag.rundir`)."""
+    or `overwrite` (see `kat_diag.rundir`). `on_step(step, metrics)` is called on rank 0 after each
+    step's metrics are written (e.g. an outer progress display)."""
     if resume:
         check_resumed(cfg, Path(cfg.out) / CONFIG_NAME, RESUME_MUTABLE)
     with rundir.owned(cfg.out, resume=resume, overwrite=overwrite, enabled=int(os.environ.get("RANK", "0")) == 0):
-        return _train(cfg, resume)
+        return _train(cfg, resume, on_step)
 
 
-def _train(cfg: TrainConfig, resume: bool) -> TrainResult:
+def _train(cfg: TrainConfig, resume: bool,
+           on_step: Callable[[int, dict[str, Any]], None] | None = None) -> TrainResult:
     device = D.local_device(resolve_device(cfg.device))
     rank, world = D.init(device)
     run = Path(cfg.out)
@@ -419,6 +425,7 @@ def _train(cfg: TrainConfig, resume: bool) -> TrainResult:
     policy = make_policy(cfg.termination, kat=cfg.kat, prefix_len=cfg.prefix_len,
                          random_target=_random_target(cfg), seed=cfg.seed * 131 + rank, device=device,
                          gather=lambda v: D.all_gather_values(v, device))
+    policy = with_supervision(policy, cfg.supervise, cfg.kat, device, gather=lambda v: D.all_gather_values(v, device))
     loss_fn = make_loss(cfg.loss, cfg.topk)
     decay = [p for p in student.parameters() if p.ndim >= 2]
     no_decay = [p for p in student.parameters() if p.ndim < 2]
@@ -469,7 +476,8 @@ def _train(cfg: TrainConfig, resume: bool) -> TrainResult:
             policy_metrics = policy.end_step([r.kl for r in rollouts])  # in prompt order, as traced
             t_roll = time.perf_counter() - t0
             updating = True
-            upd = opd_update(student, rollouts, loss_fn, opt, cfg, device)
+            upd = opd_update(student, select_training_tokens(policy, rollouts, policy_metrics), loss_fn, opt,
+                             cfg, device)
             sched.step()
             step_time = time.perf_counter() - t0
 
@@ -503,6 +511,8 @@ def _train(cfg: TrainConfig, resume: bool) -> TrainResult:
             metrics["tau"] = float(policy_metrics.get("tau", float("nan")))
             sink.write(metrics)
             tracker.log(metrics, step)
+            if on_step is not None and rank == 0:
+                on_step(step, metrics)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", kl=f"{metrics['kl_mean']:.3f}",
                             gen=f"{metrics['gen_len_mean']:.0f}", kept=f"{metrics['kept_len_mean']:.0f}")
 
@@ -516,7 +526,7 @@ def _train(cfg: TrainConfig, resume: bool) -> TrainResult:
             last_done, updating = step, False
 
             last = step == cfg.steps - 1
-            if bench and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last):
+            if bench and cfg.eval_n and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last):
                 with FS.gathered(student):
                     if rank == 0:
                         ev = evaluate_student(student, tokenizer, bench, cfg)

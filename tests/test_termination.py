@@ -6,6 +6,7 @@ import io
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -256,3 +257,64 @@ def test_contract_errors():
         policy.update(torch.zeros(3, 4))
     with pytest.raises(RuntimeError, match="in flight"):
         policy.begin_step(1)
+
+
+def run_engine_like(policy: TerminationPolicy, step: int, natural: torch.Tensor, chunk: int) -> dict:
+    """One step like the engine runs it: rows end on their own after `natural` tokens (EOS) unless
+    the policy stops them first; finished rows leave the batch by compaction."""
+    policy.begin_step(step)
+    policy.add_rows(natural.numel())
+    n = torch.zeros_like(natural)
+    left = natural.clone()
+    while policy.num_rows:  # type: ignore[attr-defined]
+        valid = torch.arange(chunk)[None, :] < left[:, None]
+        dec = policy.update(torch.zeros(left.numel(), chunk), valid)
+        n = n + valid.sum(1)
+        live = ((n < natural) & ~dec.stop_B).nonzero().squeeze(-1)
+        policy.keep_rows(live)
+        n, natural, left = n[live], natural[live], (natural - n)[live]
+    return policy.end_step()
+
+
+def test_survival_and_stop_probability_match_closed_forms():
+    from kat_diag.termination import stop_prob_for_mean_kept, survival
+
+    # Lengths 2, 4 (ended) and 3 (cut): S(1)=S(2)=1, S(3)=2/3, S(4)=2/3 * (1 - 1/1)=... at t=4 one at risk, dies.
+    s = survival([2, 3, 4], [True, False, True], horizon=5)
+    assert s.tolist() == pytest.approx([1.0, 1.0, 2 / 3, 2 / 3, 0.0])
+    # All rollouts of natural length 50: E[min(G, 50)] = (1 - (1-p)^50) / p.
+    lengths, ended = np.full(100, 50), np.ones(100, bool)
+    p = stop_prob_for_mean_kept(lengths, ended, 20.0)
+    assert (1 - (1 - p) ** 50) / p == pytest.approx(20.0, rel=1e-6)
+    assert stop_prob_for_mean_kept(lengths, ended, 60.0) == 0.0  # above the natural mean: never cut
+
+
+def test_random_is_length_matched_when_rollouts_end_on_their_own():
+    # Natural lengths 10..70 (mean 40): a geometric cut with mean 31 keeps only ~19 on average
+    # (the failure of the plain geometric cut); the controller must realise 31 within 10 %.
+    gen = torch.Generator().manual_seed(0)
+    target, steps = 31.0, 12
+    # A fresh policy's first step, without data, is the plain geometric cut with mean = target.
+    naive = run_engine_like(RandomPolicy(target, seed=1), 0, torch.randint(10, 71, (2048,), generator=gen), 16)
+    assert naive["random_stop_prob"] == 1 / target and naive["kept_len_mean"] < 0.75 * target
+    policy = RandomPolicy(target, seed=1)
+    rows = [run_engine_like(policy, s, torch.randint(10, 71, (256,), generator=gen), chunk=16) for s in range(steps)]
+    realised = sum(r["tokens_kept"] for r in rows) / sum(r["rollouts"] for r in rows)
+    assert realised == pytest.approx(target, rel=0.1)
+    assert rows[-1]["random_kept_len_run_mean"] == pytest.approx(realised)
+    assert rows[-1]["random_stop_prob"] < 1 / target  # cuts later than the naive geometric cut
+
+
+def test_random_controller_state_resumes_exactly():
+    gen = torch.Generator().manual_seed(4)
+    nats = [torch.randint(5, 60, (64,), generator=gen) for _ in range(4)]
+    a = RandomPolicy(25.0, seed=2, prior=(np.array([30, 40, 50]), np.array([True, True, False])))
+    for s in range(2):
+        run_engine_like(a, s, nats[s], chunk=8)
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    buf.seek(0)
+    b = RandomPolicy(3.0, seed=0)
+    b.load_state_dict(torch.load(buf, weights_only=True))
+    for s in (2, 3):
+        assert run_engine_like(a, s, nats[s], chunk=8) == run_engine_like(b, s, nats[s], chunk=8)

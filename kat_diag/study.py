@@ -1,0 +1,609 @@
+"""The paper's comparison, end to end: `kat-diag study --out DIR` (what `make demo` runs).
+
+Why it exists: KAT's claim is comparative. From the same initial student and the same prompt
+stream (prompts and sampling are functions of the seed) the study trains plain OPD (`none`),
+`kat`, `random` length-matched to this study's KAT run, `prefix` and `kat+prefix`, evaluates
+avg@k and pass@k per split on the same problems with the same sampling seed, and writes
+DIR/results.md (Table-1 style), DIR/results.json and DIR/figures/.
+
+Choices the paper leaves open, made here:
+- `random` is length-matched to the KAT run's realised mean kept length (`RandomPolicy`, with
+  the KAT run's first step as its prior); both target and realised are reported.
+- P for `prefix` is length-matched too: the smallest P with E[min(P, N)] >= the KAT run's mean
+  kept length, N the natural rollout length, estimated by Kaplan-Meier from the KAT run's traces
+  (a rollout KAT stopped is censored at its length). `kat+prefix` uses the same P.
+- Evaluation: k samples per problem at temperature 1 with the rollout budget, the first
+  `eval_n` problems of every split, one seeded batch (paired across methods).
+- `--full` adds seeds (mean, spread, paired bootstrap CI of KAT minus OPD per split, resampling
+  problems) and ablations: several KAT quantiles, stage-wise supervision of untruncated rollouts
+  (`--supervise`, `kat_diag.supervise`; `pre` is KAT as a loss mask: generate everything, train
+  only on what KAT would keep), and `prefix` / `kat+prefix` at several budgets.
+
+Every method is its own run directory (DIR/seed<S>/<method>, DIR/ablations/<name>); a rerun skips
+finished runs (final/ and eval.json present) and resumes unfinished ones from their checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kat_diag.detector import KATConfig
+from kat_diag.termination import survival
+
+MAIN_METHODS = ("none", "kat", "random", "prefix", "kat+prefix")
+LABELS = {"none": "OPD", "kat": "KAT", "random": "random (length-matched)", "prefix": "prefix",
+          "kat+prefix": "KAT + prefix"}
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """What the study trains and evaluates. `quick()`, `full()` and `tiny()` are the profiles."""
+
+    teacher: str
+    student: str
+    data: str = "world"
+    bench: tuple[str, ...] = ()
+    question_field: str = "question"
+    answer_field: str = "answer"
+    answer_format: str = "auto"
+    steps: int = 10
+    batch_size: int = 24
+    lr: float = 1e-4
+    warmup_steps: int = 2  # LR warm-up
+    max_new_tokens: int = 160
+    chunk_size: int = 16
+    kat: dict[str, Any] = field(default_factory=dict)  # KATConfig overrides (the KAT preset)
+    eval_n: int = 20  # problems per split
+    eval_k: int = 8
+    eval_teacher: bool = False
+    seeds: tuple[int, ...] = (0,)
+    ablations: bool = False
+    tau_quantiles: tuple[float, ...] = ()  # KAT quantile sweep (field tau_quantile, or quantile)
+    supervise: tuple[str, ...] = ("pre", "agreement", "post", "pre+agreement")
+    prefix_scales: tuple[float, ...] = (0.5, 1.0, 2.0)  # prefix budgets as multiples of P
+    n_boot: int = 2000
+    trace_every: int = 1
+    ckpt_every: int = 10
+    dtype: str = "fp32"
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "max_new_tokens", "chunk_size", "eval_n", "eval_k"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"study: {name}={getattr(self, name)!r} must be >= 1")
+        if not self.seeds:
+            raise ValueError("study: seeds must not be empty")
+        kat_config(self)  # a bad KAT preset fails here, naming the field
+
+    @classmethod
+    def quick(cls, teacher: str, student: str, **kw: Any) -> StudyConfig:
+        """`make demo`: one seed, 10 steps of 24 prompts, 20 problems per split, k = 8 (minutes on 2 cores)."""
+        return cls(teacher=teacher, student=student, **{"kat": {"warmup_steps": 3}, **kw})
+
+    @classmethod
+    def full(cls, teacher: str, student: str, **kw: Any) -> StudyConfig:
+        """`--full`: 3 seeds, 100 steps, 100 problems per split, the teacher row, all ablations."""
+        base: dict[str, Any] = dict(steps=100, batch_size=32, warmup_steps=5, eval_n=100, eval_teacher=True,
+                                    seeds=(0, 1, 2), ablations=True, ckpt_every=25, kat={"warmup_steps": 5})
+        return cls(teacher=teacher, student=student, **{**base, **kw})
+
+    @classmethod
+    def tiny(cls, teacher: str, student: str, **kw: Any) -> StudyConfig:
+        """Tests: a few steps of a few prompts."""
+        base: dict[str, Any] = dict(steps=4, batch_size=8, warmup_steps=1, max_new_tokens=40, chunk_size=8,
+                                    eval_n=3, trace_every=1, ckpt_every=2,
+                                    kat={"window": 4, "persistence": 2, "min_length": 4, "warmup_steps": 1})
+        return cls(teacher=teacher, student=student, **{**base, **kw})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Config pieces
+# ---------------------------------------------------------------------------------------------
+
+
+def _quantile_field() -> str:
+    """The KATConfig field of the threshold quantile (`tau_quantile`; `quantile` before the rename)."""
+    names = {f.name for f in dataclasses.fields(KATConfig)}
+    return "tau_quantile" if "tau_quantile" in names else "quantile"
+
+
+def kat_config(cfg: StudyConfig, **extra: Any) -> KATConfig:
+    """The study's KAT parameters: the preset named by `kat["preset"]` (`detector.KAT_PRESETS`:
+    world | paper; default: KATConfig's defaults, the world preset), the config's other `kat`
+    fields, then `extra`.
+
+    A few steps of a few dozen prompts give a few hundred rollouts: where the detector has a
+    minimum buffer fill (B_min), it is capped at the rollouts of the warm-up steps so KAT can act.
+    """
+    names = {f.name for f in dataclasses.fields(KATConfig)}
+    over = {**cfg.kat, **extra}
+    preset = over.pop("preset", None)
+    if "quantile" in over and "quantile" not in names:
+        over["tau_quantile"] = over.pop("quantile")
+    unknown = sorted(set(over) - names)
+    if unknown:
+        raise ValueError(f"study: unknown KAT parameter(s) {unknown}; known: {sorted(names)}")
+    if preset is not None:
+        from kat_diag.detector import kat_preset
+
+        base = kat_preset(str(preset))
+    else:
+        base = KATConfig()
+    if "min_fill" in names and "min_fill" not in over:
+        warm = int(over.get("warmup_steps", base.warmup_steps))
+        over["min_fill"] = max(1, min(int(base.min_fill), warm * cfg.batch_size))  # type: ignore[attr-defined]
+    return dataclasses.replace(base, **over)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run of the study."""
+
+    name: str  # run directory name
+    group: str  # "seed<S>" or "ablations"
+    termination: str
+    seed: int
+    prefix_scale: float | None = None  # P = scale * the P derived from the KAT run
+    supervise: str | None = None
+    kat: dict[str, Any] = field(default_factory=dict)
+
+    def path(self, out: Path) -> Path:
+        return out / self.group / self.name
+
+
+def plan(cfg: StudyConfig) -> list[RunSpec]:
+    """Every run, in an order that has each seed's KAT run before what is matched to it."""
+    runs = [RunSpec(m, f"seed{s}", m, s, prefix_scale=1.0 if "prefix" in m else None)
+            for s in cfg.seeds for m in MAIN_METHODS]
+    if not cfg.ablations:
+        return runs
+    s0, q = cfg.seeds[0], _quantile_field()
+    qs = cfg.tau_quantiles or ((0.5, 0.6, 0.8, 0.9) if q == "tau_quantile" else (0.1, 0.3, 0.4))
+    abl = [RunSpec(f"kat-q{v:g}", "ablations", "kat", s0, kat={q: v}) for v in qs]
+    abl += [RunSpec(f"supervise-{p.replace('+', '-')}", "ablations", "none", s0, supervise=p) for p in cfg.supervise]
+    for scale in cfg.prefix_scales:
+        if scale != 1.0:
+            abl += [RunSpec(f"prefix-x{scale:g}", "ablations", "prefix", s0, prefix_scale=scale),
+                    RunSpec(f"kat+prefix-x{scale:g}", "ablations", "kat+prefix", s0, prefix_scale=scale)]
+    return runs + abl
+
+
+def _kat_run(out: Path, seed: int) -> Path:
+    return out / f"seed{seed}" / "kat"
+
+
+def prefix_from_kat_run(run: Path, max_new_tokens: int) -> dict[str, Any]:
+    """P with E[min(P, N)] >= the KAT run's mean kept length (see module doc), and how it was found."""
+    from kat_diag.termination import target_from_metrics
+    from kat_diag.trainer import METRICS_NAME
+
+    target = target_from_metrics(run / METRICS_NAME)
+    lengths, ended = _all_lengths(run)
+    s = survival(lengths, ended, max_new_tokens)
+    reach = np.cumsum(s)  # reach[P-1] = E[min(P, N)]
+    p = int(np.searchsorted(reach, target - 1e-9) + 1) if reach[-1] >= target else max_new_tokens
+    return {"P": min(p, max_new_tokens), "kat_kept_len_mean": target,
+            "expected_kept_len": float(reach[min(p, max_new_tokens) - 1]), "rollouts": int(len(lengths)),
+            "how": "smallest P with E[min(P, N)] >= KAT's mean kept length (Kaplan-Meier over the KAT run's "
+                   "rollouts; KAT-stopped ones censored)"}
+
+
+def _all_lengths(run: Path) -> tuple[np.ndarray, np.ndarray]:
+    from kat_diag.traces import TraceReader
+
+    rows = TraceReader(run / "traces").read(["gen_len", "stop_reason"])
+    ended = np.asarray(rows["stop_reason"]).astype(str) != "policy"
+    return np.asarray(rows["gen_len"], dtype=np.int64), ended
+
+
+def train_config(cfg: StudyConfig, spec: RunSpec, out: Path, prefix_len: int | None):
+    """The TrainConfig of one run (no in-trainer evaluation: the study evaluates final/ itself)."""
+    from kat_diag.rollout import SamplingConfig
+    from kat_diag.trainer import TrainConfig
+
+    return TrainConfig(
+        teacher=cfg.teacher, student=cfg.student, out=str(spec.path(out)), data=cfg.data,
+        question_field=cfg.question_field, answer_field=cfg.answer_field, answer_format=cfg.answer_format,
+        bench=tuple(cfg.bench), steps=cfg.steps, batch_size=cfg.batch_size, micro_batch=cfg.batch_size,
+        lr=cfg.lr, warmup_steps=cfg.warmup_steps, dtype=cfg.dtype, device=cfg.device, seed=spec.seed,
+        termination=spec.termination, prefix_len=prefix_len,
+        random_from=str(_kat_run(out, spec.seed)) if spec.termination == "random" else None,
+        supervise=spec.supervise,
+        sampling=SamplingConfig(max_new_tokens=cfg.max_new_tokens, chunk_size=cfg.chunk_size),
+        kat=kat_config(cfg, **spec.kat), eval_n=0, ckpt_every=cfg.ckpt_every, trace_every=cfg.trace_every,
+        progress=False,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation and summaries (pure functions where they can be)
+# ---------------------------------------------------------------------------------------------
+
+
+def evaluate_model(model_dir: str | Path, tokenizer_dir: str | Path, splits: dict[str, Sequence[Any]],
+                   k: int, max_new_tokens: int, seed: int, device: str = "auto") -> dict[str, Any]:
+    """k samples per problem of every split in one seeded batch: per split the per-problem correct
+    counts, avg@k and pass@k (`kat_diag.evaluation`), plus their mean over splits."""
+    from kat_diag.evaluation import avg_at_k, generate, pass_at_k
+    from kat_diag.models import load_model, load_tokenizer, resolve_device
+    from kat_diag.tasks import check_answer
+
+    tok = load_tokenizer(str(tokenizer_dir), what="tokenizer")
+    model = load_model(str(model_dir), what="model", device=str(resolve_device(device)))
+    problems = [(name, p) for name, probs in splits.items() for p in probs]
+    prompts = [p.prompt for _, p in problems for _ in range(k)]
+    outs = generate(model, tok, prompts, max_new_tokens=max_new_tokens, do_sample=True, seed=seed,
+                    batch_size=min(max(len(prompts), 1), 1024))
+    ok = np.array([check_answer(problems[i // k][1], o) for i, o in enumerate(outs)], dtype=float)
+    ok_PK = ok.reshape(len(problems), k)
+    res: dict[str, Any] = {}
+    start = 0
+    for name, probs in splits.items():
+        block = ok_PK[start: start + len(probs)]
+        start += len(probs)
+        counts = block.sum(1).astype(int)
+        res[name] = {"n": len(probs), f"avg@{k}": avg_at_k(block),
+                     f"pass@{k}": float(np.mean([pass_at_k(k, int(c), k) for c in counts])) if len(probs) else math.nan,
+                     "correct": counts.tolist()}
+    keys = (f"avg@{k}", f"pass@{k}")
+    res["mean"] = {m: float(np.mean([res[s][m] for s in splits])) for m in keys}
+    return res
+
+
+def run_summary(run: Path) -> dict[str, Any]:
+    """Training numbers of a finished run from its metrics.jsonl: mean generated / kept length,
+    tokens generated and trained, training wall-clock (sum of step times: excludes model loading
+    and evaluation, and is the same after a resume)."""
+    from kat_diag.trainer import METRICS_NAME
+
+    rows = [json.loads(ln) for ln in (run / METRICS_NAME).read_text().splitlines() if ln.strip()]
+    steps = [r for r in rows if "loss" in r]
+    if not steps:
+        raise ValueError(f"{run}: no training steps in {METRICS_NAME}")
+    n = np.array([r.get("policy/rollouts", 0.0) for r in steps], dtype=float)
+    gen = np.array([r["gen_len_mean"] for r in steps], dtype=float)
+    kept = np.array([r["kept_len_mean"] for r in steps], dtype=float)
+    out = {
+        "steps": len(steps), "rollouts": float(n.sum()),
+        "gen_len_mean": float((gen * n).sum() / n.sum()), "kept_len_mean": float((kept * n).sum() / n.sum()),
+        "tokens_generated": float((gen * n).sum()), "tokens_trained": float((kept * n).sum()),
+        "train_seconds": float(sum(r["step_time"] for r in steps)),
+        "rollout_seconds": float(sum(r["rollout_time"] for r in steps)),
+    }
+    last = steps[-1]
+    for key in ("random_target", "random_kept_len_run_mean", "prefix_len"):
+        if f"policy/{key}" in last and last[f"policy/{key}"] is not None:
+            out[key] = float(last[f"policy/{key}"])
+    fired = [r.get("policy/fired_share") for r in steps if r.get("policy/fired_share") is not None]
+    if fired:
+        out["fired_share_mean"] = float(np.mean(fired))
+    return out
+
+
+def paired_bootstrap(a_P: np.ndarray, b_P: np.ndarray, n_boot: int = 2000, seed: int = 0,
+                     level: float = 0.95) -> dict[str, float]:
+    """Mean of a - b over problems and its percentile CI, resampling problems (pairs kept)."""
+    d = np.asarray(a_P, dtype=float) - np.asarray(b_P, dtype=float)
+    if d.size == 0:
+        return {"diff": math.nan, "lo": math.nan, "hi": math.nan}
+    idx = np.random.default_rng(seed).integers(0, d.size, size=(n_boot, d.size))
+    boots = d[idx].mean(1)
+    a = (1 - level) / 2
+    return {"diff": float(d.mean()), "lo": float(np.quantile(boots, a)), "hi": float(np.quantile(boots, 1 - a))}
+
+
+def per_problem(ev: dict[str, Any], split: str, k: int, metric: str) -> np.ndarray:
+    """Per-problem avg@k (correct / k) or pass@k (unbiased; with n = k samples: any correct)."""
+    from kat_diag.evaluation import pass_at_k
+
+    c = np.asarray(ev[split]["correct"], dtype=int)
+    if metric == "avg":
+        return c / k
+    return np.array([pass_at_k(k, int(x), k) for x in c], dtype=float)
+
+
+# ---------------------------------------------------------------------------------------------
+# The study
+# ---------------------------------------------------------------------------------------------
+
+
+def _finished(run: Path) -> bool:
+    return (run / "final").is_dir() and (run / "eval.json").exists()
+
+
+def _remaining_steps(run: Path, steps: int) -> int:
+    from kat_diag.trainer import latest_checkpoint
+
+    if _finished(run):
+        return 0
+    ck = latest_checkpoint(run) if run.exists() else None
+    return steps if ck is None else max(0, steps - 1 - int(ck.name.split("-")[-1]))
+
+
+def run_study(cfg: StudyConfig, out: str | Path, progress: bool = True,
+              log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train, evaluate and summarise every run of `plan(cfg)` into `out` (see module doc)."""
+    from tqdm.auto import tqdm
+
+    from kat_diag.trainer import latest_checkpoint, load_prompts
+    from kat_diag.trainer import train as run_train
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_same_study(out, cfg)
+    _quiet_transformers()  # one progress display: no per-load / per-save bars of transformers
+    specs = plan(cfg)
+    total = sum(_remaining_steps(s.path(out), cfg.steps) for s in specs)
+    t_start = time.perf_counter()
+    bar = tqdm(total=total, desc="study", unit="step", disable=not progress, dynamic_ncols=True)
+
+    def status(text: str) -> None:
+        bar.set_description_str(f"study [{text}]")
+        bar.refresh()
+
+    first_cfg = train_config(cfg, specs[0], out, None)
+    _, splits = load_prompts(first_cfg)
+    splits = {name: probs[: cfg.eval_n] for name, probs in splits.items()}
+    if not splits:
+        raise ValueError("study: no benchmark splits to evaluate (give --bench files with real data)")
+    tok_dir = cfg.student
+
+    baseline: dict[str, Any] = {}
+    models = [("student", cfg.student)] + ([("teacher", cfg.teacher)] if cfg.eval_teacher else [])
+    for who, path in models:
+        f = out / "baseline" / f"{who}.json"
+        if not f.exists():
+            status(f"eval {who}")
+            ev = evaluate_model(path, tok_dir, splits, cfg.eval_k, cfg.max_new_tokens, cfg.seeds[0], cfg.device)
+            _write_json(f, ev)
+        baseline[who] = json.loads(f.read_text())
+
+    prefix_info: dict[int, dict[str, Any]] = {}
+    results: dict[str, Any] = {}
+    for spec in specs:
+        run = spec.path(out)
+        key = f"{spec.group}/{spec.name}"
+        prefix_len = None
+        if spec.prefix_scale is not None:
+            if spec.seed not in prefix_info:
+                prefix_info[spec.seed] = prefix_from_kat_run(_kat_run(out, spec.seed), cfg.max_new_tokens)
+            prefix_len = max(1, round(prefix_info[spec.seed]["P"] * spec.prefix_scale))
+        if not _finished(run):
+            tcfg = train_config(cfg, spec, out, prefix_len)
+            resume = latest_checkpoint(run) is not None if run.exists() else False
+            if run.exists() and not resume:
+                shutil.rmtree(run)  # a run that never reached a checkpoint starts over cleanly
+            status(f"train {key}")
+            with warnings.catch_warnings():  # a step with nothing to train skips opt.step (supervise)
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+                run_train(tcfg, resume=resume, on_step=lambda step, m: bar.update(1))
+            status(f"eval {key}")
+            ev = evaluate_model(run / "final", tok_dir, splits, cfg.eval_k, cfg.max_new_tokens, spec.seed, cfg.device)
+            _write_json(run / "eval.json", ev)
+        results[key] = {"method": spec.termination if not spec.supervise else f"supervise {spec.supervise}",
+                        "seed": spec.seed, "run": str(run), "prefix_len": prefix_len, "kat": spec.kat,
+                        "train": run_summary(run), "eval": json.loads((run / "eval.json").read_text())}
+    bar.close()
+
+    summary = summarise(cfg, results, baseline, prefix_info)
+    summary["study_seconds_this_invocation"] = time.perf_counter() - t_start
+    figure_runs = [Path(results[f"seed{cfg.seeds[0]}/{m}"]["run"]) for m in MAIN_METHODS]
+    status("figures")
+    summary["figures"] = _figures(figure_runs, out / "figures")
+    _write_json(out / "results.json", summary)
+    md = results_markdown(summary)
+    (out / "results.md").write_text(md)
+    log(md)
+    return summary
+
+
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def _figures(runs: Sequence[Path], out: Path) -> dict[str, Any]:
+    """`kat_diag.analysis.figures.make_figures(run_dirs, out_dir)` on the main runs, when that module
+    is installed; otherwise the study says plainly that figures were skipped."""
+    try:
+        from kat_diag.analysis.figures import make_figures  # type: ignore[import-not-found]
+    except ImportError as e:
+        return {"skipped": f"kat_diag.analysis.figures is not available in this install ({e})"}
+    return make_figures(list(runs), out)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=float, allow_nan=True))
+    tmp.replace(path)
+
+
+def _check_same_study(out: Path, cfg: StudyConfig) -> None:
+    """A rerun must be the same study: refuse to mix runs of another config into DIR."""
+    f = out / "study.json"
+    mine = json.loads(json.dumps(cfg.to_dict()))
+    if f.exists():
+        theirs = json.loads(f.read_text())
+        if theirs != mine:
+            diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            raise ValueError(f"{out} holds a study with another config (differs in {diff}); use another --out")
+    else:
+        _write_json(f, mine)
+
+
+def _mean_sd(xs: Sequence[float]) -> dict[str, float]:
+    a = np.asarray(xs, dtype=float)
+    return {"mean": float(a.mean()), "sd": float(a.std(ddof=1)) if a.size > 1 else 0.0, "n": int(a.size)}
+
+
+def summarise(cfg: StudyConfig, results: dict[str, Any], baseline: dict[str, Any],
+              prefix_info: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """results.json: per run, the main table (mean and spread over seeds), length matching,
+    bootstrap CIs of KAT minus OPD per split, ablations."""
+    k = cfg.eval_k
+    splits = [s for s in next(iter(results.values()))["eval"] if s != "mean"]
+    cols = [*splits, "mean"]
+    table: dict[str, Any] = {}
+    for m in MAIN_METHODS:
+        rows = [results[f"seed{s}/{m}"] for s in cfg.seeds]
+        table[m] = {
+            **{f"{c}/{met}@{k}": _mean_sd([r["eval"][c][f"{met}@{k}"] for r in rows])
+               for c in cols for met in ("avg", "pass")},
+            **{t: _mean_sd([r["train"][t] for r in rows])
+               for t in ("gen_len_mean", "kept_len_mean", "tokens_generated", "tokens_trained", "train_seconds")},
+        }
+    match = []
+    for s in cfg.seeds:
+        r, kat = results[f"seed{s}/random"]["train"], results[f"seed{s}/kat"]["train"]
+        match.append({"seed": s, "target": r.get("random_target", kat["kept_len_mean"]),
+                      "kat_kept_len_mean": kat["kept_len_mean"], "random_kept_len_mean": r["kept_len_mean"],
+                      "rel_error": r["kept_len_mean"] / kat["kept_len_mean"] - 1.0})
+    boot = {}
+    for c in splits:
+        for met in ("avg", "pass"):
+            a = np.mean([per_problem(results[f"seed{s}/kat"]["eval"], c, k, met) for s in cfg.seeds], axis=0)
+            b = np.mean([per_problem(results[f"seed{s}/none"]["eval"], c, k, met) for s in cfg.seeds], axis=0)
+            boot[f"{c}/{met}@{k}"] = paired_bootstrap(a, b, cfg.n_boot, seed=0)
+    opd, katr = table["none"], table["kat"]
+    savings = {"tokens_generated_ratio": katr["tokens_generated"]["mean"] / opd["tokens_generated"]["mean"],
+               "tokens_trained_ratio": katr["tokens_trained"]["mean"] / opd["tokens_trained"]["mean"],
+               "train_seconds_ratio": katr["train_seconds"]["mean"] / opd["train_seconds"]["mean"]}
+    ablations = {key: {"method": r["method"], "prefix_len": r["prefix_len"], "kat": r["kat"],
+                       **{f"{c}/{met}@{k}": r["eval"][c][f"{met}@{k}"] for c in cols for met in ("avg", "pass")},
+                       **{t: r["train"][t] for t in ("gen_len_mean", "kept_len_mean", "tokens_trained",
+                                                      "train_seconds")}}
+                 for key, r in results.items() if key.startswith("ablations/")}
+    if ablations:  # the reference rows of the ablation tables: this seed's OPD and KAT
+        for m in ("none", "kat"):
+            r = results[f"seed{cfg.seeds[0]}/{m}"]
+            ablations[f"seed{cfg.seeds[0]}/{m}"] = {
+                "method": m, "prefix_len": None, "kat": {},
+                **{f"{c}/{met}@{k}": r["eval"][c][f"{met}@{k}"] for c in cols for met in ("avg", "pass")},
+                **{t: r["train"][t] for t in ("gen_len_mean", "kept_len_mean", "tokens_trained", "train_seconds")}}
+    return {"config": {**cfg.to_dict(), "kat_min_length": kat_config(cfg).min_length}, "k": k, "splits": splits,
+            "seeds": list(cfg.seeds), "table": table,
+            "baseline": {w: {f"{c}/{met}@{k}": ev[c][f"{met}@{k}"] for c in cols for met in ("avg", "pass")}
+                         for w, ev in baseline.items()},
+            "length_match": match, "prefix": {str(s): v for s, v in prefix_info.items()},
+            "bootstrap_kat_minus_opd": boot, "kat_vs_opd": savings, "ablations": ablations, "runs": results}
+
+
+def results_markdown(summary: dict[str, Any]) -> str:
+    """results.md: the Table-1-style table, per-split table, length matching, CIs, ablations."""
+    k, splits, seeds = summary["k"], summary["splits"], summary["seeds"]
+    cols = [*splits, "mean"]
+    sd = len(seeds) > 1
+
+    def cell(x: dict[str, float], scale: float = 100.0, fmt: str = "{:.1f}") -> str:
+        s = fmt.format(x["mean"] * scale)
+        return s + (" ± " + fmt.format(x["sd"] * scale) if sd else "")
+
+    seed_note = f"{len(seeds)} seeds ({', '.join(map(str, seeds))}), mean ± sd" if sd else f"seed {seeds[0]}"
+    lines = [f"# Study: {seed_note}", "",
+             f"avg@{k} / pass@{k} in %, first {summary['config']['eval_n']} problems of each split, "
+             f"{summary['config']['steps']} steps of {summary['config']['batch_size']} prompts per run. "
+             "Length: mean generated tokens per rollout in training; trained: tokens the loss saw; "
+             "train s: sum of step times.", "",
+             f"| method | avg@{k} | pass@{k} | gen len | kept len | tokens trained | train s |",
+             "|---|---|---|---|---|---|---|"]
+    for who, row in summary["baseline"].items():
+        lines.append(f"| {who} (no training) | {row[f'mean/avg@{k}'] * 100:.1f} | {row[f'mean/pass@{k}'] * 100:.1f} "
+                     "| | | | |")
+    for m, row in summary["table"].items():
+        lines.append(f"| {LABELS[m]} | {cell(row[f'mean/avg@{k}'])} | {cell(row[f'mean/pass@{k}'])} | "
+                     f"{cell(row['gen_len_mean'], 1)} | {cell(row['kept_len_mean'], 1)} | "
+                     f"{cell(row['tokens_trained'], 1, '{:.0f}')} | {cell(row['train_seconds'], 1)} |")
+    lines += ["", f"Per split (avg@{k} / pass@{k}, %):", "",
+              "| method | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for who, row in summary["baseline"].items():
+        lines.append(f"| {who} | " + " | ".join(f"{row[f'{c}/avg@{k}'] * 100:.1f} / {row[f'{c}/pass@{k}'] * 100:.1f}"
+                                                for c in cols) + " |")
+    for m, row in summary["table"].items():
+        lines.append(f"| {LABELS[m]} | " + " | ".join(
+            f"{row[f'{c}/avg@{k}']['mean'] * 100:.1f} / {row[f'{c}/pass@{k}']['mean'] * 100:.1f}" for c in cols) + " |")
+    sv = summary["kat_vs_opd"]
+    lines += ["", f"KAT / OPD: tokens generated {sv['tokens_generated_ratio']:.3f}, tokens trained "
+                  f"{sv['tokens_trained_ratio']:.3f}, training time {sv['train_seconds_ratio']:.3f}.", ""]
+    lines += ["Random length matching (mean kept tokens per rollout): " + "; ".join(
+        f"seed {m['seed']}: KAT {m['kat_kept_len_mean']:.1f}, random {m['random_kept_len_mean']:.1f} "
+        f"({m['rel_error'] * 100:+.1f} %)" for m in summary["length_match"]) + "."]
+    lines += ["Prefix budget P (from the KAT run): " + "; ".join(
+        f"seed {s}: P = {v['P']} (KAT kept {v['kat_kept_len_mean']:.1f}, E[min(P, N)] = {v['expected_kept_len']:.1f})"
+        for s, v in summary["prefix"].items()) + "."]
+    l0 = summary["config"].get("kat_min_length")
+    if l0 is not None and any(v["P"] < l0 for v in summary["prefix"].values()):
+        lines.append(f"Note: P < KAT's minimum length L0 = {l0}, so KAT cannot fire inside the budget and "
+                     "`kat+prefix` trains exactly like `prefix` here (the ablations' larger budgets give it room).")
+    lines.append("")
+    lines += [f"Paired bootstrap, KAT minus OPD (points, 95 % CI, resampling problems; {summary['config']['n_boot']} "
+              "resamples):", "", "| split | avg diff [CI] | pass diff [CI] |", "|---|---|---|"]
+    for c in splits:
+        a, p = (summary["bootstrap_kat_minus_opd"][f"{c}/{m}@{k}"] for m in ("avg", "pass"))
+        lines.append(f"| {c} | {a['diff'] * 100:+.1f} [{a['lo'] * 100:+.1f}, {a['hi'] * 100:+.1f}] | "
+                     f"{p['diff'] * 100:+.1f} [{p['lo'] * 100:+.1f}, {p['hi'] * 100:+.1f}] |")
+    if summary["ablations"]:
+        lines += ["", f"## Ablations (seed {seeds[0]})", "",
+                  f"| run | P | KAT | avg@{k} | pass@{k} | gen len | kept len | tokens trained | train s |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for key, r in summary["ablations"].items():
+            kat = ", ".join(f"{a}={b}" for a, b in r["kat"].items())
+            name = key.split('/', 1)[1] if key.startswith("ablations/") else f"{LABELS[r['method']]} (reference)"
+            lines.append(f"| {name} ({r['method']}) | {r['prefix_len'] or ''} | {kat} | "
+                         f"{r[f'mean/avg@{k}'] * 100:.1f} | {r[f'mean/pass@{k}'] * 100:.1f} | "
+                         f"{r['gen_len_mean']:.1f} | {r['kept_len_mean']:.1f} | {r['tokens_trained']:.0f} | "
+                         f"{r['train_seconds']:.1f} |")
+    fig = summary.get("figures", {})
+    where = f"skipped: {fig['skipped']}" if "skipped" in fig else f"`{fig.get('summary', 'figures/')}`"
+    lines += ["", "Figures: " + where, ""]
+    return "\n".join(lines)
+
+
+def load_study_file(path: str | Path, full: bool = False) -> StudyConfig:
+    """A study on real checkpoints from one JSON or YAML file: teacher, student, data, bench,
+    field names, `kat` (the KAT preset) and any other `StudyConfig` field; `profile: quick | full`
+    (or --full) picks the defaults the file overrides. Read here directly (json / PyYAML)."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"--config {p}: no such file")
+    text = p.read_text()
+    if p.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        raw = yaml.safe_load(text)
+    else:
+        raw = json.loads(text)
+    if not isinstance(raw, dict):
+        raise ValueError(f"--config {p}: expected a mapping of study fields")
+    raw = dict(raw)
+    profile = str(raw.pop("profile", "full" if full else "quick"))
+    if profile not in ("quick", "full"):
+        raise ValueError(f"--config {p}: profile {profile!r} must be quick or full")
+    for need in ("teacher", "student"):
+        if need not in raw:
+            raise ValueError(f"--config {p}: missing {need!r}")
+    known = {f.name for f in dataclasses.fields(StudyConfig)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"--config {p}: unknown field(s) {unknown}; known: {sorted(known)}")
+    for name in ("bench", "seeds", "tau_quantiles", "supervise", "prefix_scales"):
+        if name in raw:
+            raw[name] = tuple(raw[name])
+    make = StudyConfig.full if (full or profile == "full") else StudyConfig.quick
+    return make(**raw)
