@@ -87,7 +87,7 @@ def train_sft(
         opt.zero_grad(set_to_none=True)
         losses.append(out.loss.item())
         if step % 50 == 0:
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
             if log is not None:
                 log({"step": step, "loss": losses[-1], "lr": sched.get_last_lr()[0]})
     model.eval()

@@ -337,8 +337,8 @@ def _remaining_steps(run: Path, steps: int) -> int:
 def run_study(cfg: StudyConfig, out: str | Path, progress: bool = True,
               log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train, evaluate and summarise every run of `plan(cfg)` into `out` (see module doc)."""
-    from tqdm.auto import tqdm
-
+    from kat_diag.progress import bar as tqdm
+    from kat_diag.progress import interactive
     from kat_diag.trainer import latest_checkpoint, load_prompts
     from kat_diag.trainer import train as run_train
 
@@ -349,11 +349,11 @@ def run_study(cfg: StudyConfig, out: str | Path, progress: bool = True,
     specs = plan(cfg)
     total = sum(_remaining_steps(s.path(out), cfg.steps) for s in specs)
     t_start = time.perf_counter()
-    bar = tqdm(total=total, desc="study", unit="step", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=total, desc="study", unit="step", disable=not progress)
 
     def status(text: str) -> None:
-        bar.set_description_str(f"study [{text}]")
-        bar.refresh()
+        # In a log file (not a terminal) the description shows on the bar's next line, not a line of its own.
+        bar.set_description_str(f"study [{text}]", refresh=interactive())
 
     first_cfg = train_config(cfg, specs[0], out, None)
     _, splits = load_prompts(first_cfg)

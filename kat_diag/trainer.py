@@ -514,7 +514,8 @@ def _train(cfg: TrainConfig, resume: bool,
             if on_step is not None and rank == 0:
                 on_step(step, metrics)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", kl=f"{metrics['kl_mean']:.3f}",
-                            gen=f"{metrics['gen_len_mean']:.0f}", kept=f"{metrics['kept_len_mean']:.0f}")
+                            gen=f"{metrics['gen_len_mean']:.0f}", kept=f"{metrics['kept_len_mean']:.0f}",
+                            refresh=False)  # the bar's own interval decides (a few lines in a log)
 
             if writer is not None and step % cfg.trace_every == 0:
                 probs = [problems[i] for i in idx]
