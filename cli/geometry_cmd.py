@@ -12,24 +12,14 @@ from typing import Any
 
 import typer
 
+from cli.trace_cmd import _parse_steps
+
 STEPS_HELP = "Only rollouts of these training steps: A:B (inclusive), A:, :B or A."
 TAU_HELP = ("Phase threshold: 'recorded' (each rollout's recorded tau; rollouts where KAT was inactive are "
             "left out), a number in nats for every rollout, or qX: the X-quantile of the rollouts' minimum "
             "window means (the paper's rule with eta = 1 - X, e.g. q0.7; for plain OPD runs).")
 TRACES_HELP = ("Trace store to take rollouts from (default: RUN's own). Use a `kat-diag record` store with "
                "termination none for full, untruncated traces with a post-agreement phase.")
-
-
-def _steps(steps: str | None) -> tuple[int | None, int | None] | None:
-    if steps is None:
-        return None
-    try:
-        if ":" in steps:
-            lo, hi = steps.split(":", 1)
-            return (int(lo) if lo.strip() else None, int(hi) if hi.strip() else None)
-        return (int(steps), int(steps))
-    except ValueError as e:
-        raise typer.BadParameter(f"--steps expects A:B, A:, :B or A, got {steps!r}") from e
 
 
 def _kat(window: int | None, persistence: int | None, min_length: int | None) -> dict[str, Any]:
@@ -92,7 +82,8 @@ def gradproj(
 
     summary = run_gradproj(run, out or run / "analysis", init, final, teacher=None if teacher is None else str(teacher),
                            model=model, traces=traces, tau=tau, ks=tuple(k) if k else DEFAULT_KS, rollouts=rollouts,
-                           tokens=tokens, n_random=n_random, svd=svd, micro_batch=micro_batch, steps=_steps(steps),
+                           tokens=tokens, n_random=n_random, svd=svd, micro_batch=micro_batch,
+                           steps=_parse_steps(steps),
                            kat=_kat(window, persistence, min_length), device=device, seed=seed)
     if as_json:
         _echo_json(summary)
@@ -136,7 +127,7 @@ def vocab(
     from kat_diag.analysis.vocab import run_vocab
 
     summary = run_vocab(run, out or run / "analysis", traces=traces, tau=tau, tokenizer=tokenizer, lexicon=lexicon,
-                        top=top, weight=weight, n_boot=boot, prior_scale=prior_scale, steps=_steps(steps),
+                        top=top, weight=weight, n_boot=boot, prior_scale=prior_scale, steps=_parse_steps(steps),
                         kat=_kat(window, persistence, min_length), seed=seed)
     if as_json:
         _echo_json(summary)
