@@ -26,8 +26,8 @@ import time
 import numpy as np
 import torch
 
+from kat_diag.analysis.replay import replay
 from kat_diag.detector import KATConfig, StreamingDetector, kat_preset
-from kat_diag.replay import replay
 from kat_diag.termination import KATPolicy
 
 BATCH = 64

@@ -248,6 +248,7 @@ def replay(
     if out is not None:
         _check_output_file("--out", out)  # before the replay is computed, not after
     from kat_diag import trace_view
+    from kat_diag.analysis import replay as store_replay
 
     with _warnings_to_stderr():
         reader = _open(run, skip_corrupt)
@@ -257,7 +258,7 @@ def replay(
                                     min_length=min_length, tau_quantile=tau_quantile, statistic=statistic,
                                     min_fill=min_fill, warmup_steps=warmup_steps, buffer_size=buffer_size,
                                     keep=keep)
-        result = trace_view.replay_store(reader, cfg, tau_value, per_rollout=out is not None, progress=True,
+        result = store_replay.replay_store(reader, cfg, tau_value, per_rollout=out is not None, progress=True,
                                          **filters)
     if out is not None:
         import pyarrow as pa
@@ -265,7 +266,7 @@ def replay(
 
         rows = result.pop("rows")
         pq.write_table(pa.table({k: pa.array(v) for k, v in rows.items()}), out)
-    typer.echo(_json(result) if as_json else trace_view.format_replay(result))
+    typer.echo(_json(result) if as_json else store_replay.format_replay(result))
     if out is not None and not as_json:
         typer.echo(f"per-rollout results: {out}", err=True)
 

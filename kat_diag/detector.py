@@ -3,8 +3,8 @@
 KAT (KL Agreement Trap Termination, DESIGN.md §2) stops a rollout once the windowed reverse KL
 has stayed below an adaptive threshold for long enough. This module holds the pieces that
 decision needs and nothing model-specific, so the rollout engine (through
-`kat_diag.termination`), offline replay (`kat_diag.replay`) and phase segmentation
-(`kat_diag.phases`) all run the very same code:
+`kat_diag.termination`), offline replay (`kat_diag.analysis.replay`) and phase segmentation
+(`kat_diag.analysis.phases`) all run the very same code:
 
 - `KATConfig`: the parameters (W, T, L0, K, B, B_min, tau quantile, statistic, keep), validated
   when built; `KAT_PRESETS` / `kat_preset` hold the paper's values and the embedded world's.

@@ -10,7 +10,7 @@ savings.
 How: `PhaseSupervision` wraps the `none` policy (same interface, so the engine and checkpoints
 see one policy object) and keeps its own KAT threshold, fed at the end of each step with the
 step's full rollouts exactly as KAT feeds its buffer (`detector.buffer_values_of`). After a
-step's rollouts, `select_training_tokens` segments each one (`kat_diag.phases.segment` at the
+step's rollouts, `select_training_tokens` segments each one (`kat_diag.analysis.phases.segment` at the
 threshold in force for this step; tau is NaN during KAT's warm-up and until B_min values are in:
 then nothing fires and every token is `pre`) and turns the chosen span [lo, hi) into a
 rollout whose prompt is prompt + tokens[:lo] and whose kept tokens are tokens[lo:hi]: the
@@ -29,12 +29,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from kat_diag.analysis.phases import PHASE_NAMES, Phases, segment
 from kat_diag.detector import AdaptiveThreshold, KATConfig, buffer_values_of
-from kat_diag.phases import Phases, segment
 from kat_diag.rollout import Rollout
 from kat_diag.termination import NonePolicy, StopDecision, TerminationPolicy
-
-PHASE_NAMES = ("pre", "agreement", "post")
 
 
 def parse_phases(spec: str) -> tuple[int, int]:

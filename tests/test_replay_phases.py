@@ -10,9 +10,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kat_diag.analysis.phases import AGREEMENT, POST, PRE, phase_labels, phase_of, segment
+from kat_diag.analysis.replay import replay
 from kat_diag.detector import KL_SCALE, KATConfig
-from kat_diag.phases import AGREEMENT, POST, PRE, phase_labels, phase_of, segment
-from kat_diag.replay import replay
 from kat_diag.termination import KATPolicy
 
 VALUES = st.sampled_from([0.01, 0.0, 0.002, 1.0, 0.3, 5.0, math.nan, math.inf])

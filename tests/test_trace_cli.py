@@ -293,9 +293,9 @@ def test_replay_under_the_other_statistic_differs(kat_run) -> None:
 
 
 def test_replay_fixed_tau_on_an_opd_store(tmp_path: Path) -> None:
+    from kat_diag.analysis.phases import phase_labels, segment
+    from kat_diag.analysis.replay import replay
     from kat_diag.detector import KATConfig, kept_tokens
-    from kat_diag.phases import phase_labels, segment
-    from kat_diag.replay import replay
     from kat_diag.traces import Ragged
 
     rng = np.random.default_rng(3)

@@ -52,7 +52,8 @@ def test_training_changes_parameters_and_writes_the_run(quick_world, tmp_path):
     assert len(cols["step"]) == 12
     # Offline replay reproduces every online decision, from the recorded thresholds in force and
     # from the thresholds it derives itself step by step.
-    from kat_diag.trace_view import kat_config, replay_store
+    from kat_diag.analysis.replay import replay_store
+    from kat_diag.trace_view import kat_config
 
     assert (cols["fire"] >= 0).any()  # not vacuous
     kat = kat_config(reader.config)

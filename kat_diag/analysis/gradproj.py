@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kat_diag.analysis.phase_sample import PHASE_NAMES
+from kat_diag.analysis.phases import PHASE_NAMES
 
 DEFAULT_KS: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
 EXACT_SVD_MAX = 1 << 24  # m * n up to this: exact torch.linalg.svd ("auto"); above: torch.svd_lowrank

@@ -1,7 +1,7 @@
 """Per-phase statistics of a trace store, and the paper's heatmap findings as numbers.
 
 DESIGN §3 splits every rollout into pre-agreement, agreement and post-agreement
-(`kat_diag.phases.segment`, the detector replayed with hindsight). The paper shows heatmaps and
+(`kat_diag.analysis.phases.segment`, the detector replayed with hindsight). The paper shows heatmaps and
 reads three findings off them; this module measures them instead:
 
 1. the share of rollouts with an *extended low-KL segment*: a run of at least T consecutive low
@@ -32,10 +32,10 @@ from typing import Any
 import numpy as np
 
 from kat_diag.analysis import store as S
+from kat_diag.analysis.phases import phase_labels, segment
+from kat_diag.analysis.replay import replay
 from kat_diag.analysis.threshold import needs_derived, resolve_tau, store_tau
 from kat_diag.detector import KATConfig
-from kat_diag.phases import phase_labels, segment
-from kat_diag.replay import replay
 from kat_diag.traces import Ragged, TraceReader
 
 PHASES = ("pre", "agreement", "post")

@@ -77,8 +77,8 @@ def trap_stats(kl_values: np.ndarray, offsets: np.ndarray, correct: np.ndarray, 
                loop_start: np.ndarray | None = None) -> dict[str, float]:
     """The trap report of ragged per-token KL (see the module docstring). first_error / loop_start:
     ground-truth token indices per rollout (-1 none), or None when unknown (real data)."""
+    from kat_diag.analysis.replay import check_ragged, replay
     from kat_diag.detector import rollout_minima
-    from kat_diag.replay import check_ragged, replay
 
     values, offs = check_ragged(kl_values, offsets)
     correct = np.asarray(correct, dtype=bool)

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from kat_diag.analysis.phase_sample import PHASE_NAMES
+from kat_diag.analysis.phases import PHASE_NAMES
 
 DEFAULT_LEXICON: tuple[str, ...] = (*"0123456789", "+", "-", "*", "=")
 _VISIBLE = {"\n": "\\n", "\t": "\\t", "\r": "\\r", " ": "·"}

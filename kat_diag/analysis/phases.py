@@ -2,7 +2,7 @@
 
 Every analysis (heatmap marks, gradient geometry per phase, teacher vocabulary per phase)
 needs to know which tokens of a full, untruncated trace belong to which phase, with hindsight.
-Per rollout of length n, with the detector replayed at the rollout's tau (`kat_diag.replay`):
+Per rollout of length n, with the detector replayed at the rollout's tau (`kat_diag.analysis.replay`):
 
 - not fired: the whole rollout is pre-agreement, [0, n);
 - fired: pre = [0, onset); agreement = [onset, j), where j is the first index >= fire whose
@@ -19,10 +19,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kat_diag.analysis.replay import check_ragged, replay
 from kat_diag.detector import KATConfig
-from kat_diag.replay import check_ragged, replay
 
 PRE, AGREEMENT, POST = 0, 1, 2
+PHASE_NAMES: tuple[str, ...] = ("pre", "agreement", "post")  # index = the phase label
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class Phases:
 
 def segment(kl_values: np.ndarray, offsets: np.ndarray, cfg: KATConfig,
             tau: float | np.ndarray) -> Phases:
-    """Phase boundaries for every rollout of a ragged trace (see `kat_diag.replay.replay`)."""
+    """Phase boundaries for every rollout of a ragged trace (see `kat_diag.analysis.replay.replay`)."""
     values, offs = check_ragged(kl_values, offsets)
     res = replay(values, offs, cfg, tau, return_low=True)
     assert res.low is not None
