@@ -160,19 +160,9 @@ def _legacy(cls: type, data: Mapping[str, Any]) -> Mapping[str, Any]:
     """Old key names of a section mapped to today's (configs written by earlier versions)."""
     if cls.__name__ != "KATConfig":
         return data
-    from kat_diag.detector import _LEGACY_KEYS  # quantile -> tau_quantile (before the paper's rule)
+    from kat_diag.detector import upgrade_kat_dict
 
-    if not any(k in data for k in _LEGACY_KEYS):
-        return data
-    d = dict(data)
-    legacy = "quantile" in d and "tau_quantile" not in d
-    for old, new in _LEGACY_KEYS.items():
-        if old in d:
-            d[new] = d.pop(old)
-    if legacy:  # as kat_diag.detector.kat_config_from_dict: the old rule was the stride-window statistic
-        d.setdefault("statistic", "windows")
-        d.setdefault("min_fill", 1)
-    return d
+    return upgrade_kat_dict(dict(data))
 
 
 def load(cls: type[C], path: str | Path, *, base: C | None = None) -> C:

@@ -152,9 +152,9 @@ def kat_preset(name: str, **overrides: Any) -> KATConfig:
 _LEGACY_KEYS = {"quantile": "tau_quantile"}
 
 
-def kat_config_from_dict(d: dict[str, Any]) -> KATConfig:
-    """KATConfig from a run's config.json "kat" entry; configs written before the paper's rule
-    (key `quantile`, no `statistic`) map to the `windows` statistic with the same quantile."""
+def upgrade_kat_dict(d: dict[str, Any]) -> dict[str, Any]:
+    """A "kat" config section with the keys of configs written before the paper's rule mapped to
+    today's: `quantile` -> `tau_quantile`, and then (old behaviour) the `windows` statistic, B_min 1."""
     d = dict(d)
     legacy = "quantile" in d and "tau_quantile" not in d
     for old, new in _LEGACY_KEYS.items():
@@ -163,6 +163,12 @@ def kat_config_from_dict(d: dict[str, Any]) -> KATConfig:
     if legacy:
         d.setdefault("statistic", "windows")
         d.setdefault("min_fill", 1)
+    return d
+
+
+def kat_config_from_dict(d: dict[str, Any]) -> KATConfig:
+    """KATConfig from a run's config.json "kat" entry (old key names mapped: `upgrade_kat_dict`)."""
+    d = upgrade_kat_dict(d)
     unknown = sorted(set(d) - set(KATConfig.__dataclass_fields__))
     if unknown:
         raise ValueError(f"unknown KAT parameter(s) {unknown} in config")

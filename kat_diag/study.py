@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from kat_diag.detector import KATConfig
+from kat_diag.detector import KATConfig, upgrade_kat_dict
 from kat_diag.termination import survival
 
 MAIN_METHODS = ("none", "kat", "random", "prefix", "kat+prefix")
@@ -69,7 +69,7 @@ class StudyConfig:
     eval_teacher: bool = False
     seeds: tuple[int, ...] = (0,)
     ablations: bool = False
-    tau_quantiles: tuple[float, ...] = ()  # KAT quantile sweep (field tau_quantile, or quantile)
+    tau_quantiles: tuple[float, ...] = ()  # KAT tau_quantile sweep (default 0.5, 0.6, 0.8, 0.9)
     supervise: tuple[str, ...] = ("pre", "agreement", "post", "pre+agreement")
     prefix_scales: tuple[float, ...] = (0.5, 1.0, 2.0)  # prefix budgets as multiples of P
     n_boot: int = 2000
@@ -115,12 +115,6 @@ class StudyConfig:
 # ---------------------------------------------------------------------------------------------
 
 
-def _quantile_field() -> str:
-    """The KATConfig field of the threshold quantile (`tau_quantile`; `quantile` before the rename)."""
-    names = {f.name for f in dataclasses.fields(KATConfig)}
-    return "tau_quantile" if "tau_quantile" in names else "quantile"
-
-
 def kat_config(cfg: StudyConfig, **extra: Any) -> KATConfig:
     """The study's KAT parameters: the preset named by `kat["preset"]` (`detector.KAT_PRESETS`:
     world | paper; default: KATConfig's defaults, the world preset), the config's other `kat`
@@ -132,8 +126,7 @@ def kat_config(cfg: StudyConfig, **extra: Any) -> KATConfig:
     names = {f.name for f in dataclasses.fields(KATConfig)}
     over = {**cfg.kat, **extra}
     preset = over.pop("preset", None)
-    if "quantile" in over and "quantile" not in names:
-        over["tau_quantile"] = over.pop("quantile")
+    over = upgrade_kat_dict(over)  # old `quantile` key
     unknown = sorted(set(over) - names)
     if unknown:
         raise ValueError(f"study: unknown KAT parameter(s) {unknown}; known: {sorted(names)}")
@@ -171,9 +164,9 @@ def plan(cfg: StudyConfig) -> list[RunSpec]:
             for s in cfg.seeds for m in MAIN_METHODS]
     if not cfg.ablations:
         return runs
-    s0, q = cfg.seeds[0], _quantile_field()
-    qs = cfg.tau_quantiles or ((0.5, 0.6, 0.8, 0.9) if q == "tau_quantile" else (0.1, 0.3, 0.4))
-    abl = [RunSpec(f"kat-q{v:g}", "ablations", "kat", s0, kat={q: v}) for v in qs]
+    s0 = cfg.seeds[0]
+    qs = cfg.tau_quantiles or (0.5, 0.6, 0.8, 0.9)  # around the default 0.7
+    abl = [RunSpec(f"kat-q{v:g}", "ablations", "kat", s0, kat={"tau_quantile": v}) for v in qs]
     abl += [RunSpec(f"supervise-{p.replace('+', '-')}", "ablations", "none", s0, supervise=p) for p in cfg.supervise]
     for scale in cfg.prefix_scales:
         if scale != 1.0:
