@@ -72,30 +72,36 @@ def _next_op(rng: random.Random, value: int) -> tuple[str, int, int]:
     return op, b, value * b
 
 
-def make_problem(rng: random.Random, n_ops: int, pid: str) -> Problem:
-    """One chain of `n_ops` operations with its step-by-step solution."""
+def _num(value: int, width: int) -> str:
+    return str(value).zfill(width) if width else str(value)
+
+
+def make_problem(rng: random.Random, n_ops: int, pid: str, width: int = 0) -> Problem:
+    """One chain of `n_ops` operations with its step-by-step solution. `width` 2 zero-pads every
+    number ("23+07=30"): every step line then has the same length, so a repetition loop is exactly
+    periodic and a tiny model can follow it by position."""
     value = rng.randint(2, 60)
-    ops_text = [str(value)]
+    ops_text = [_num(value, width)]
     lines = []
     for _ in range(n_ops):
         op, b, new = _next_op(rng, value)
-        ops_text.append(f"{op}{b}")
-        lines.append(f"{value}{op}{b}={new}")
+        ops_text.append(f"{op}{_num(b, width)}")
+        lines.append(f"{_num(value, width)}{op}{_num(b, width)}={_num(new, width)}")
         value = new
     prompt = " ".join(ops_text) + "\n"
-    solution = "\n".join(lines) + f"\n{ANSWER_MARKER}{value}"
+    solution = "\n".join(lines) + f"\n{ANSWER_MARKER}{_num(value, width)}"
     return Problem(id=pid, prompt=prompt, answer=str(value), solution=solution, kind="arith")
 
 
-def generate_problems(n: int, n_ops: int | Sequence[int], seed: int, prefix: str) -> list[Problem]:
+def generate_problems(n: int, n_ops: int | Sequence[int], seed: int, prefix: str, width: int = 0) -> list[Problem]:
     """`n` problems, deterministic in `seed`; `n_ops` an int or a set to draw from uniformly."""
     rng = random.Random(seed)
     ops_choices = [n_ops] if isinstance(n_ops, int) else list(n_ops)
-    return [make_problem(rng, rng.choice(ops_choices), f"{prefix}-{i}") for i in range(n)]
+    return [make_problem(rng, rng.choice(ops_choices), f"{prefix}-{i}", width) for i in range(n)]
 
 
 def world_splits(
-    seed: int, n_train: int, n_bench: int, train_ops: Sequence[int] = (2, 3, 4, 5)
+    seed: int, n_train: int, n_bench: int, train_ops: Sequence[int] = (2, 3, 4, 5), width: int = 0
 ) -> dict[str, list[Problem]]:
     """The training prompt split and the four benchmark splits, disjoint by prompt text."""
     splits: dict[str, list[Problem]] = {}
@@ -104,7 +110,7 @@ def world_splits(
         rng = random.Random(seed * 1000 + 17 + i)
         probs: list[Problem] = []
         while len(probs) < n_bench:
-            p = make_problem(rng, k, f"{name}-{len(probs)}")
+            p = make_problem(rng, k, f"{name}-{len(probs)}", width)
             if p.prompt not in seen:
                 seen.add(p.prompt)
                 probs.append(p)
@@ -112,7 +118,7 @@ def world_splits(
     rng = random.Random(seed * 1000 + 3)
     train: list[Problem] = []
     while len(train) < n_train:
-        p = make_problem(rng, rng.choice(list(train_ops)), f"train-{len(train)}")
+        p = make_problem(rng, rng.choice(list(train_ops)), f"train-{len(train)}", width)
         if p.prompt not in seen:
             seen.add(p.prompt)
             train.append(p)
@@ -120,17 +126,18 @@ def world_splits(
     return splits
 
 
-def wrong_line(rng: random.Random, a: int, op: str, b: int, c: int) -> str:
+def wrong_line(rng: random.Random, a: int, op: str, b: int, c: int, width: int = 0) -> str:
     """A step line with an error like a sampling accident: one digit of the result changed (3 in
     4), or the left operand not the previous result (1 in 4)."""
     if rng.random() < 0.75:
-        digits = list(str(c))
+        digits = list(_num(c, width))
         i = rng.randrange(len(digits))
-        digits[i] = rng.choice([d for d in "0123456789" if d != digits[i] and (i or d != "0" or len(digits) == 1)])
-        return f"{a}{op}{b}={''.join(digits)}"
+        digits[i] = rng.choice([d for d in "0123456789"
+                                if d != digits[i] and (width or i or d != "0" or len(digits) == 1)])
+        return f"{_num(a, width)}{op}{_num(b, width)}={''.join(digits)}"
     a2 = rng.choice([x for x in range(max(0, a - 9), min(MAX_VALUE, a + 9) + 1) if x != a])
     c2 = {"+": a2 + b, "-": a2 - b, "*": a2 * b}[op]
-    return f"{a2}{op}{b}={c2}"
+    return f"{_num(a2, width)}{op}{_num(b, width)}={_num(c2, width) if c2 >= 0 else c2}"
 
 
 def error_loop_variant(p: Problem, rng: random.Random, length: int, context_repeats: int,
@@ -150,11 +157,26 @@ def error_loop_variant(p: Problem, rng: random.Random, length: int, context_repe
     k = rng.randrange(len(lines))
     m = re.match(r"^(\d+)([+\-*])(\d+)=(\d+)$", lines[k])
     assert m is not None
-    bad = wrong_line(rng, int(m[1]), m[2], int(m[3]), int(m[4])) if wrong else lines[k]
+    width = len(m[1]) if m[1].startswith("0") or len(m[1]) == len(m[3]) == len(m[4]) == 2 else 0
+    bad = wrong_line(rng, int(m[1]), m[2], int(m[3]), int(m[4]), width) if wrong else lines[k]
     context = "".join(line + "\n" for line in lines[:k] + [bad] * (1 + context_repeats))
     n_rep = (length - len(context)) // (len(bad) + 1) + 1
     body = ((bad + "\n") * max(1, n_rep))[: max(1, length - len(context))]
     return Problem(id=p.id + "-loop", prompt=p.prompt + context, answer=p.answer, solution=body, kind="loop")
+
+
+def spontaneous_loop_variant(p: Problem, rng: random.Random, length: int) -> Problem:
+    """A document that falls into a repetition loop, as small LMs do: the correct steps up to a
+    random one, then that step repeated until the completion is `length` characters long (cut
+    mid-line, no answer, no end of text, like a rollout that hits its budget). The whole completion
+    is trained on, so a model learns both to start such a loop (with the mixture's frequency) and
+    that a loop, once begun, goes on."""
+    lines = p.solution.split("\n")[:-1]  # the step lines, without "#answer"
+    k = rng.randrange(len(lines))
+    head = "".join(line + "\n" for line in lines[: k + 1])
+    n_rep = max(1, (length - len(head)) // (len(lines[k]) + 1) + 1)
+    body = (head + (lines[k] + "\n") * n_rep)[: max(len(head) + 1, length)]
+    return Problem(id=p.id + "-loop", prompt=p.prompt, answer=p.answer, solution=body, kind="loop")
 
 
 @dataclass(frozen=True)
@@ -165,10 +187,11 @@ class LoopDocs:
     length: int = 192  # characters of completion, as the rollout budget
     context_repeats: int = 0  # repeats of the line kept out of the loss (see error_loop_variant)
     wrong: bool = True  # the repeated line is a wrong step (True) or a correct one (a spontaneous loop)
+    spontaneous: bool = False  # whole-document loops (spontaneous_loop_variant); the two fields above unused
 
 
 def sft_batches(seed: int, ops: Sequence[int], exclude: set[str], batch_size: int,
-                loops: LoopDocs = LoopDocs()) -> Iterable[list[Problem]]:
+                loops: LoopDocs = LoopDocs(), width: int = 0) -> Iterable[list[Problem]]:
     """Endless SFT batches (prompt + solution), never a benchmark prompt. A `loops.share` of the
     batches are error-tied loop documents only (`error_loop_variant`): whole batches, so the long
     loop documents do not pad the short clean ones."""
@@ -178,13 +201,16 @@ def sft_batches(seed: int, ops: Sequence[int], exclude: set[str], batch_size: in
     def problem() -> Problem:
         nonlocal i
         while True:
-            p = make_problem(rng, rng.choice(list(ops)), f"sft-{i}")
+            p = make_problem(rng, rng.choice(list(ops)), f"sft-{i}", width)
             i += 1
             if p.prompt not in exclude:
                 return p
 
     while True:
         if loops.share and rng.random() < loops.share:
+            if loops.spontaneous:
+                yield [spontaneous_loop_variant(problem(), rng, loops.length) for _ in range(batch_size)]
+                continue
             yield [error_loop_variant(problem(), rng, loops.length, loops.context_repeats, loops.wrong)
                    for _ in range(batch_size)]
         else:
@@ -326,6 +352,9 @@ def _read_records(path: Path) -> list[dict]:
                      "or hf:NAME:CONFIG:SPLIT)")
 
 
+_PROBLEM_FIELDS = {"id", "prompt", "answer", "solution", "kind"}
+
+
 def load_math_dataset(
     path: str | Path,
     question_field: str = "question",
@@ -350,6 +379,9 @@ def load_math_dataset(
         records = _read_records(path)
     if not records:
         raise ValueError(f"{path}: the data set is empty")
+    if question_field not in records[0] and set(records[0]) == _PROBLEM_FIELDS:
+        # a world data file (`write_jsonl`): keep its kind and solution, hence its ground truth
+        return [Problem.from_json(r) for r in (records[:limit] if limit else records)]
     problems = []
     for i, rec in enumerate(records[:limit] if limit else records):
         for field in (question_field, answer_field) + ((id_field,) if id_field else ()):

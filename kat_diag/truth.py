@@ -22,7 +22,7 @@ RIGHT, WRONG, LOOP, UNFINISHED = "right", "wrong", "loop", "unfinished"
 
 @dataclass(frozen=True)
 class Truth:
-    first_error: int  # token index of the first token that leaves the reference solution; -1 none
+    first_error: int  # token index of the start of the first line that leaves the reference solution; -1 none
     loop_start: int  # token index of the start of the first line equal to the line before it; -1 none
     verdict: str  # right | wrong (wrong answer, no loop) | loop (a repetition loop) | unfinished
 
@@ -36,6 +36,15 @@ def first_departure(text: str, reference: str) -> int:
         if text[i] != reference[i]:
             return i
     return len(reference) if len(text) > len(reference) else -1
+
+
+def first_wrong_line(text: str, reference: str) -> int:
+    """Character index of the start of the first line of `text` that is not the reference's line
+    (the line holding the first departure); -1 when `text` is a prefix of the reference. A wrong
+    step is a line: "30-5=26" is wrong from its first character on, though only its last differs,
+    and a repeated line is the first error wherever its characters happen to match the next one."""
+    i = first_departure(text, reference)
+    return -1 if i < 0 else text.rfind("\n", 0, i) + 1
 
 
 def loop_start(text: str) -> int:
@@ -56,7 +65,7 @@ def rollout_truth(problem: Problem, text: str, token_starts: Sequence[int] | Non
     """
     if problem.kind != "arith" or not problem.solution:
         return None
-    err, loop = first_departure(text, problem.solution), loop_start(text)
+    err, loop = first_wrong_line(text, problem.solution), loop_start(text)
     if check_answer(problem, text):
         verdict = RIGHT
     elif loop >= 0:

@@ -34,7 +34,8 @@ class ModelSpec:
     layers: int
     heads: int
     intermediate: int
-    sft: SFTConfig = field(default_factory=SFTConfig)  # stage 1: clean step-by-step solutions
+    sft: SFTConfig = field(default_factory=SFTConfig)  # stage 1: step-by-step solutions
+    mix: LoopDocs = LoopDocs()  # stage 1 mixture: this share of batches are loop documents
     loops: LoopDocs = LoopDocs()  # stage 2 mixture: this share of batches are error-tied loop documents
     loop_sft: SFTConfig = SFTConfig(steps=0)  # stage 2 (after stage 1; steps 0: no stage 2)
 
@@ -45,6 +46,7 @@ class WorldConfig:
     n_train: int = 4000  # OPD training prompts
     n_bench: int = 200  # problems per benchmark split
     sft_ops: tuple[int, ...] = (2, 3, 4, 5)
+    width: int = 0  # zero-pad numbers to this many digits (2: fixed-width step lines)
     # Stage 2 (loop documents) is off: both recipes tried did not give the trap (README "The embedded
     # world", variants A and C). Variant A, for instance, is
     #   teacher: LoopDocs(0.1, 192, context_repeats=1), SFTConfig(steps=300, lr=1e-3, warmup=20, seed=5)
@@ -112,7 +114,7 @@ def build_world(out_dir: str | Path, cfg: WorldConfig = WorldConfig(), progress:
     t0, cpu0 = time.time(), time.process_time()
     torch.manual_seed(cfg.seed)
 
-    splits = world_splits(cfg.seed, cfg.n_train, cfg.n_bench)
+    splits = world_splits(cfg.seed, cfg.n_train, cfg.n_bench, width=cfg.width)
     for name, probs in splits.items():
         write_jsonl(probs, out / "data" / f"{name}.jsonl")
     bench_prompts = {p.prompt for name in BENCHMARK_OPS for p in splits[name]}
@@ -124,13 +126,14 @@ def build_world(out_dir: str | Path, cfg: WorldConfig = WorldConfig(), progress:
         t_model = time.time()
         if stage1_from is None:
             model = _build_model(spec, tok, cfg.seed * 100 + seed_off)
-            batches = iter(sft_batches(cfg.seed * 100 + seed_off, cfg.sft_ops, bench_prompts, spec.sft.batch_size))
+            batches = iter(sft_batches(cfg.seed * 100 + seed_off, cfg.sft_ops, bench_prompts, spec.sft.batch_size,
+                                       spec.mix, cfg.width))
             losses = train_sft(model, tok, batches, spec.sft, desc=f"sft {role}", progress=progress)
         else:
             model, losses = _load_stage1(Path(stage1_from), role, spec, tok, cfg.seed), []
         if spec.loop_sft.steps:
             batches = iter(sft_batches(cfg.seed * 100 + spec.loop_sft.seed, cfg.sft_ops, bench_prompts,
-                                       spec.loop_sft.batch_size, spec.loops))
+                                       spec.loop_sft.batch_size, spec.loops, cfg.width))
             losses = train_sft(model, tok, batches, spec.loop_sft, desc=f"sft+loops {role}", progress=progress)
         model.save_pretrained(out / role)
         tok.save_pretrained(out / role)

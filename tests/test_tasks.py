@@ -1,6 +1,7 @@
 """Tasks: generator determinism, splits, real-data loading with field mapping, answer checking."""
 
 import json
+import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -185,3 +186,44 @@ def test_sft_encoding_ends_solutions_with_eos_but_not_loops():
     assert labels[1, n1 - 1] != tok.eos_token_id
     assert (labels[0, : len(p.prompt)] == -100).all()
     assert (labels[1, : len(lp.prompt)] == -100).all()  # the error itself is never a target
+
+
+def test_fixed_width_problems_are_the_same_chains_zero_padded():
+    plain = generate_problems(200, (2, 3, 4, 5), seed=3, prefix="w")
+    padded = generate_problems(200, (2, 3, 4, 5), seed=3, prefix="w", width=2)
+    for p, q in zip(plain, padded, strict=True):
+        assert q.answer == p.answer and _eval_chain(q) == int(p.answer)
+        lines = q.solution.split("\n")
+        assert all(len(line) == 8 for line in lines[:-1])  # "23+07=30": every step line is 8 characters
+        assert lines[-1] == "#" + p.answer.zfill(2)
+        assert [int(x) for x in re.findall(r"\d+", q.solution)] == [int(x) for x in re.findall(r"\d+", p.solution)]
+        assert check_arith(q.solution, q.answer)
+
+
+def test_spontaneous_loop_documents_repeat_a_correct_step_to_the_budget():
+    import random
+
+    from kat_diag.tasks import LoopDocs, sft_batches, spontaneous_loop_variant
+    from kat_diag.truth import first_wrong_line, loop_start
+
+    rng = random.Random(0)
+    for p in generate_problems(100, (2, 3, 4, 5), seed=4, prefix="s", width=2):
+        lp = spontaneous_loop_variant(p, rng, 96)
+        assert lp.prompt == p.prompt and lp.kind == "loop" and len(lp.solution) == 96
+        start = loop_start(lp.solution)
+        assert start > 0 and start % 9 == 0  # the loop begins at a line start
+        assert lp.solution[:start] == p.solution[:start]  # correct steps up to the loop
+        assert first_wrong_line(lp.solution, p.solution) == start  # the first repeat is the first error
+        assert lp.solution[start:start + 8] == lp.solution[start - 9:start - 1]
+        assert set(lp.solution[start:].split("\n")[:-1]) == {lp.solution[start:start + 8]}
+        assert "#" not in lp.solution
+    stream = sft_batches(2, (2, 3), set(), 4, LoopDocs(0.3, 64, spontaneous=True), width=2)
+    kinds = [{q.kind for q in next(stream)} for _ in range(3000)]
+    assert all(len(k) == 1 for k in kinds)
+    assert 0.27 < sum(k == {"loop"} for k in kinds) / 3000 < 0.33  # binomial sd 0.008
+
+
+def test_a_world_data_file_loads_as_world_problems(tmp_path):
+    probs = generate_problems(5, 3, seed=0, prefix="d", width=2)
+    write_jsonl(probs, tmp_path / "ops3.jsonl")
+    assert load_math_dataset(tmp_path / "ops3.jsonl") == probs  # kind and solution kept: ground truth

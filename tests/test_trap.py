@@ -16,7 +16,7 @@ from kat_diag.analysis.trap import step_taus, trap_report, trap_stats
 from kat_diag.detector import KATConfig, rollout_minima
 from kat_diag.tasks import Problem, error_loop_variant, make_problem
 from kat_diag.traces import UNKNOWN_POSITION, TraceReader, TraceWriter
-from kat_diag.truth import first_departure, loop_start, rollout_truth, token_starts_of, truth_columns
+from kat_diag.truth import first_departure, first_wrong_line, loop_start, rollout_truth, token_starts_of, truth_columns
 
 P = Problem(id="p", prompt="23 +7 -5 *2\n", answer="50", solution="23+7=30\n30-5=25\n25*2=50\n#50")
 
@@ -24,12 +24,12 @@ P = Problem(id="p", prompt="23 +7 -5 *2\n", answer="50", solution="23+7=30\n30-5
 def test_rollout_truth_kinds() -> None:
     t = rollout_truth(P, P.solution)
     assert (t.first_error, t.loop_start, t.verdict) == (-1, -1, "right")
-    # a wrong result, continued consistently: the error is the '6' of 26
+    # a wrong result, continued consistently: the first wrong line is "30-5=26" (its '6' departs)
     t = rollout_truth(P, "23+7=30\n30-5=26\n26*2=52\n#52")
-    assert (t.first_error, t.loop_start, t.verdict) == (14, -1, "wrong")
+    assert (t.first_error, t.loop_start, t.verdict) == (8, -1, "wrong")
     # the wrong line repeated until the budget cuts it: loop starts at the first repeat (index 16)
     t = rollout_truth(P, "23+7=30\n30-5=26\n30-5=26\n30-5=26\n30-")
-    assert (t.first_error, t.loop_start, t.verdict) == (14, 16, "loop")
+    assert (t.first_error, t.loop_start, t.verdict) == (8, 16, "loop")
     # a correct line repeated: the repeat is the first error and the loop start
     t = rollout_truth(P, "23+7=30\n23+7=30\n23+7=30\n")
     assert (t.first_error, t.loop_start, t.verdict) == (8, 8, "loop")
@@ -37,15 +37,18 @@ def test_rollout_truth_kinds() -> None:
     assert (t.first_error, t.loop_start, t.verdict) == (-1, -1, "unfinished")
     assert rollout_truth(Problem("m", "q", "1", "", kind="math"), "x") is None
     assert first_departure("abcX", "abc") == 3 and loop_start("a\nb\nb") == -1  # the last piece is cut
+    assert first_wrong_line("ab\ncdX", "ab\ncde") == 3 and first_wrong_line("ab\nc", "ab\ncd") == -1
+    # a repeated line whose first characters match the next correct line: wrong from its start
+    assert rollout_truth(P, "23+7=30\n30-5=25\n30-5=25\n").first_error == 16
 
 
 def test_truth_columns_map_characters_to_tokens() -> None:
-    # two tokens of two characters each: the error at character 14 is in token 7
+    # two tokens of two characters each: the wrong line starting at character 8 is token 4
     text = "23+7=30\n30-5=26\n26*2=52\n#52"
     tokens = [text[i : i + 2] for i in range(0, len(text), 2)]
     assert token_starts_of(["ab", "c", "de"]) == [0, 2, 3]
     cols = truth_columns([P, Problem("m", "q", "1", "", kind="math")], [text, "x"], [tokens, ["x"]])
-    assert cols == {"first_error": [7, None], "loop_start": [-1, None], "verdict": ["wrong", None]}
+    assert cols == {"first_error": [4, None], "loop_start": [-1, None], "verdict": ["wrong", None]}
 
 
 def test_error_loop_documents_keep_the_error_out_of_the_loss() -> None:
