@@ -191,10 +191,15 @@ class LoopDocs:
 
 
 def sft_batches(seed: int, ops: Sequence[int], exclude: set[str], batch_size: int,
-                loops: LoopDocs = LoopDocs(), width: int = 0) -> Iterable[list[Problem]]:
+                loops: LoopDocs | Sequence[LoopDocs] = LoopDocs(), width: int = 0) -> Iterable[list[Problem]]:
     """Endless SFT batches (prompt + solution), never a benchmark prompt. A `loops.share` of the
-    batches are error-tied loop documents only (`error_loop_variant`): whole batches, so the long
-    loop documents do not pad the short clean ones."""
+    batches are loop documents only (`error_loop_variant`, or `spontaneous_loop_variant`): whole
+    batches, so the long loop documents do not pad the short clean ones. Several `LoopDocs` mix
+    several kinds, each with its own share (e.g. short loops that set how often a model starts a
+    loop, long ones that teach it to go on to the budget)."""
+    kinds = [loops] if isinstance(loops, LoopDocs) else list(loops)
+    if sum(k.share for k in kinds) > 1:
+        raise ValueError(f"loop document shares sum to {sum(k.share for k in kinds)} > 1")
     rng = random.Random(seed)
     i = 0
 
@@ -206,15 +211,22 @@ def sft_batches(seed: int, ops: Sequence[int], exclude: set[str], batch_size: in
             if p.prompt not in exclude:
                 return p
 
+    def kind_of(u: float) -> LoopDocs | None:
+        for k in kinds:
+            if u < k.share:
+                return k
+            u -= k.share
+        return None
+
     while True:
-        if loops.share and rng.random() < loops.share:
-            if loops.spontaneous:
-                yield [spontaneous_loop_variant(problem(), rng, loops.length) for _ in range(batch_size)]
-                continue
-            yield [error_loop_variant(problem(), rng, loops.length, loops.context_repeats, loops.wrong)
-                   for _ in range(batch_size)]
-        else:
+        k = kind_of(rng.random()) if any(k.share for k in kinds) else None
+        if k is None:
             yield [problem() for _ in range(batch_size)]
+        elif k.spontaneous:
+            yield [spontaneous_loop_variant(problem(), rng, k.length) for _ in range(batch_size)]
+        else:
+            yield [error_loop_variant(problem(), rng, k.length, k.context_repeats, k.wrong)
+                   for _ in range(batch_size)]
 
 
 def write_jsonl(problems: Iterable[Problem], path: str | Path) -> None:

@@ -35,9 +35,9 @@ class ModelSpec:
     heads: int
     intermediate: int
     sft: SFTConfig = field(default_factory=SFTConfig)  # stage 1: step-by-step solutions
-    mix: LoopDocs = LoopDocs()  # stage 1 mixture: this share of batches are loop documents
     loops: LoopDocs = LoopDocs()  # stage 2 mixture: this share of batches are error-tied loop documents
     loop_sft: SFTConfig = SFTConfig(steps=0)  # stage 2 (after stage 1; steps 0: no stage 2)
+    mix: tuple[LoopDocs, ...] = ()  # stage 1 mixture: loop documents, each kind its share of the batches
 
 
 @dataclass(frozen=True)
@@ -46,13 +46,17 @@ class WorldConfig:
     n_train: int = 4000  # OPD training prompts
     n_bench: int = 200  # problems per benchmark split
     sft_ops: tuple[int, ...] = (2, 3, 4, 5)
-    width: int = 0  # zero-pad numbers to this many digits (2: fixed-width step lines)
-    # Stage 2 (loop documents) is off: both recipes tried did not give the trap (README "The embedded
-    # world", variants A and C). Variant A, for instance, is
-    #   teacher: LoopDocs(0.1, 192, context_repeats=1), SFTConfig(steps=300, lr=1e-3, warmup=20, seed=5)
-    #   student: LoopDocs(0.3, 192, context_repeats=0), SFTConfig(steps=300, lr=1e-3, warmup=20, seed=6)
-    teacher: ModelSpec = ModelSpec(128, 4, 4, 384, SFTConfig(steps=800, batch_size=64, lr=3e-3, seed=1))
-    student: ModelSpec = ModelSpec(96, 3, 3, 288, SFTConfig(steps=600, batch_size=64, lr=3e-3, seed=2))
+    width: int = 2  # zero-pad numbers to this many digits: fixed-width step lines, exactly periodic loops
+    # The trap is planted in stage 1 (README "The embedded world"): a share of each model's SFT batches
+    # are documents that fall into a repetition loop of a correct step and run to the budget
+    # (tasks.spontaneous_loop_variant). The student sees many (short: its loss weight on the loop
+    # start is high, so it starts loops often); the teacher sees few but long ones, so it follows a
+    # loop once begun and rarely starts one (never greedily). Stage 2 (error-tied loops) stays off:
+    # its variants did not give the trap.
+    teacher: ModelSpec = ModelSpec(128, 4, 4, 384, SFTConfig(steps=900, batch_size=64, lr=3e-3, seed=1),
+                                   mix=(LoopDocs(0.15, 48, spontaneous=True), LoopDocs(0.12, 192, spontaneous=True)))
+    student: ModelSpec = ModelSpec(128, 3, 4, 384, SFTConfig(steps=1000, batch_size=64, lr=3e-3, seed=2),
+                                   mix=(LoopDocs(0.4, 48, spontaneous=True), LoopDocs(0.15, 192, spontaneous=True)))
 
     @staticmethod
     def quick() -> WorldConfig:
@@ -61,9 +65,11 @@ class WorldConfig:
             n_train=64,
             n_bench=16,
             teacher=ModelSpec(32, 2, 2, 64, SFTConfig(steps=30, batch_size=16, lr=3e-3, seed=1),
-                              LoopDocs(0.2, 64, 1), SFTConfig(steps=5, batch_size=16, lr=1e-3, warmup=2, seed=5)),
+                              LoopDocs(0.2, 64, 1), SFTConfig(steps=5, batch_size=16, lr=1e-3, warmup=2, seed=5),
+                              mix=(LoopDocs(0.1, 64, spontaneous=True),)),
             student=ModelSpec(16, 1, 2, 32, SFTConfig(steps=15, batch_size=16, lr=3e-3, seed=2),
-                              LoopDocs(0.3, 64, 0), SFTConfig(steps=5, batch_size=16, lr=1e-3, warmup=2, seed=6)),
+                              LoopDocs(0.3, 64, 0), SFTConfig(steps=5, batch_size=16, lr=1e-3, warmup=2, seed=6),
+                              mix=(LoopDocs(0.4, 48, spontaneous=True),)),
         )
 
 

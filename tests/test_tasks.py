@@ -227,3 +227,16 @@ def test_a_world_data_file_loads_as_world_problems(tmp_path):
     probs = generate_problems(5, 3, seed=0, prefix="d", width=2)
     write_jsonl(probs, tmp_path / "ops3.jsonl")
     assert load_math_dataset(tmp_path / "ops3.jsonl") == probs  # kind and solution kept: ground truth
+
+
+def test_sft_batches_mix_several_kinds_of_loop_documents_with_their_shares():
+    from kat_diag.tasks import LoopDocs, sft_batches
+
+    kinds = (LoopDocs(0.3, 40, spontaneous=True), LoopDocs(0.1, 90, spontaneous=True))
+    stream = sft_batches(5, (2, 3), set(), 2, kinds, width=2)
+    lengths = [{len(q.solution) if q.kind == "loop" else 0 for q in next(stream)} for _ in range(4000)]
+    assert all(len(k) == 1 for k in lengths)
+    share = {n: sum(k == {n} for k in lengths) / 4000 for n in (0, 40, 90)}
+    assert abs(share[40] - 0.3) < 0.025 and abs(share[90] - 0.1) < 0.015 and abs(share[0] - 0.6) < 0.025
+    with pytest.raises(ValueError, match="sum to"):
+        next(sft_batches(5, (2,), set(), 2, (LoopDocs(0.7, 40, spontaneous=True), LoopDocs(0.5, 40, spontaneous=True))))
