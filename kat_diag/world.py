@@ -48,13 +48,13 @@ class WorldConfig:
     sft_ops: tuple[int, ...] = (2, 3, 4, 5)
     width: int = 2  # zero-pad numbers to this many digits: fixed-width step lines, exactly periodic loops
     # The trap is planted in stage 1 (README "The embedded world"): a share of each model's SFT batches
-    # are documents that fall into a repetition loop of a correct step and run to the budget
-    # (tasks.spontaneous_loop_variant). The student sees many (short: its loss weight on the loop
-    # start is high, so it starts loops often); the teacher sees few but long ones, so it follows a
-    # loop once begun and rarely starts one (never greedily). Stage 2 (error-tied loops) stays off:
-    # its variants did not give the trap.
+    # are documents that fall into a repetition loop of a correct step (tasks.spontaneous_loop_variant).
+    # The student gets many short ones (48 characters: its loss weight on the loop start is high, so it
+    # starts loops often) and some that run to the 192-token budget (so its loops go on); the teacher
+    # gets only long ones, few: it follows a loop once begun and rarely starts one (never greedily).
+    # Stage 2 (error-tied loops) stays off: its variants did not give the trap.
     teacher: ModelSpec = ModelSpec(128, 4, 4, 384, SFTConfig(steps=900, batch_size=64, lr=3e-3, seed=1),
-                                   mix=(LoopDocs(0.15, 48, spontaneous=True), LoopDocs(0.12, 192, spontaneous=True)))
+                                   mix=(LoopDocs(0.12, 192, spontaneous=True),))
     student: ModelSpec = ModelSpec(128, 3, 4, 384, SFTConfig(steps=1000, batch_size=64, lr=3e-3, seed=2),
                                    mix=(LoopDocs(0.4, 48, spontaneous=True), LoopDocs(0.15, 192, spontaneous=True)))
 
