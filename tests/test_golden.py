@@ -29,14 +29,14 @@ def test_committed_world_summary(world):
     _, teacher, student, splits = world
     summary = json.loads((DEFAULT_WORLD_DIR / "world.json").read_text())
     assert count_parameters(teacher) == summary["models"]["teacher"]["parameters"] == 866_048
-    assert count_parameters(student) == summary["models"]["student"]["parameters"] == 369_792
+    assert count_parameters(student) == summary["models"]["student"]["parameters"] == 652_736
     assert [len(splits[k]) for k in ("train", "ops2", "ops3", "ops4", "ops5")] == [4000, 200, 200, 200, 200]
 
 
 def test_greedy_accuracy_on_ops3_head(world):
     tok, teacher, student, splits = world
-    assert evaluate_split(teacher, tok, splits["ops3"][:40], k=0)["greedy"] == 35 / 40
-    assert evaluate_split(student, tok, splits["ops3"][:40], k=0)["greedy"] == 30 / 40
+    assert evaluate_split(teacher, tok, splits["ops3"][:40], k=0)["greedy"] == 40 / 40
+    assert evaluate_split(student, tok, splits["ops3"][:40], k=0)["greedy"] == 24 / 40
 
 
 def test_seeded_rollouts_and_their_kl(world):
@@ -47,6 +47,7 @@ def test_seeded_rollouts_and_their_kl(world):
     policy.begin_step(0)
     rollouts, _ = eng.run(encode_prompts(tok, [q.prompt for q in splits["ops3"][:8]]), policy,
                           torch.Generator().manual_seed(0))
-    assert [r.gen_len for r in rollouts] == [31, 30, 28, 31, 30, 29, 29, 30]
+    # fixed-width lines: every finished ops3 rollout is 31 tokens; two run to the 64-token budget
+    assert [r.gen_len for r in rollouts] == [31, 64, 31, 31, 31, 31, 31, 64]
     assert tok.decode(rollouts[0].token_ids) == "13+29=42\n42-16=28\n28+32=60\n#60<eos>"
-    assert float(sum(r.kl.sum() for r in rollouts)) == pytest.approx(60.0258, rel=1e-4)
+    assert float(sum(r.kl.sum() for r in rollouts)) == pytest.approx(65.3366, rel=1e-4)
