@@ -28,34 +28,34 @@ def test_world_plan_matches_a_hand_computation():
     from kat_diag.world import DEFAULT_WORLD_DIR
 
     t = ModelShape.from_path(DEFAULT_WORLD_DIR / "teacher")  # H 128, 4 layers, 4/4 heads of 32, I 384, V 99
-    s = ModelShape.from_path(DEFAULT_WORLD_DIR / "student")  # H 96, 3 layers, 3/3 heads of 32, I 288, V 99
+    s = ModelShape.from_path(DEFAULT_WORLD_DIR / "student")  # H 128, 3 layers, 4/4 heads of 32, I 384, V 99
     # Per layer: q,k,v,o + 3 MLP matrices + 2 RMSNorms + q/k norms (head_dim each).
     t_layer = 128 * (128 + 2 * 128) + 128 * 128 + 3 * 128 * 384 + 2 * 128 + 2 * 32
-    s_layer = 96 * (96 + 2 * 96) + 96 * 96 + 3 * 96 * 288 + 2 * 96 + 2 * 32
+    s_layer = 128 * (128 + 2 * 128) + 128 * 128 + 3 * 128 * 384 + 2 * 128 + 2 * 32
     assert t.params() == 99 * 128 + 4 * t_layer + 128 == 866048  # tied embeddings: counted once
-    assert s.params() == 99 * 96 + 3 * s_layer + 96 == 369792
+    assert s.params() == 99 * 128 + 3 * s_layer + 128 == 652736
     cfg = PlanConfig(devices=2, batch_size=4, budget=20, prompt_len=12, chunk_size=4, micro_batch=3, loss="full",
                      dtype="fp32", student_dtype="fp32", device_gb=1.0)
     ddp = memory_plan(t, s, cfg, "ddp")
-    assert ddp["student_weights"] == 369792 * 4
-    assert ddp["gradients"] == 369792 * 4
-    assert ddp["optimizer"] == 369792 * 8  # AdamW m + v in fp32
+    assert ddp["student_weights"] == 652736 * 4
+    assert ddp["gradients"] == 652736 * 4
+    assert ddp["optimizer"] == 652736 * 8  # AdamW m + v in fp32
     assert ddp["master_weights"] == 0
     assert ddp["teacher_weights"] == 866048 * 4
     assert ddp["teacher_state"] == 4 * 20 * 99 * 4  # batch x budget tokens x vocab fp32
     # 4 slots x 32 positions x (student 3 layers + teacher 4 layers) x K,V x kv_dim x fp32
-    assert ddp["kv_cache"] == 4 * 32 * (3 * 2 * 96 * 4 + 4 * 2 * 128 * 4) == 819200
+    assert ddp["kv_cache"] == 4 * 32 * (3 * 2 * 128 * 4 + 4 * 2 * 128 * 4) == 917504
     assert ddp["rollout_activations"] == 3 * 4 * 4 * (99 + 4 * 99)
-    assert ddp["update_activations"] == 3 * 32 * (3 * (4 * 96 + 2 * 96 + 2 * 96 + 3 * 288) * 4 + 3 * 4 * 99)
+    assert ddp["update_activations"] == 3 * 32 * (3 * (4 * 128 + 2 * 128 + 2 * 128 + 3 * 384) * 4 + 3 * 4 * 99)
     assert ddp["gathered_student"] == 0 and ddp["gathered_layer"] == 0
-    persistent = 369792 * (4 + 8) + 866048 * 4 + 31680  # weights + AdamW + teacher + teacher state
+    persistent = 652736 * (4 + 8) + 866048 * 4 + 31680  # weights + AdamW + teacher + teacher state
     assert ddp["persistent"] == persistent
     # gradients live only in the update phase (zero_grad(set_to_none=True) after each step)
-    assert ddp["peak"] == persistent + max(819200 + 23760, 369792 * 4 + 1994112)
+    assert ddp["peak"] == persistent + max(917504 + 23760, 652736 * 4 + 2620800)
     fsdp = memory_plan(t, s, cfg, "fsdp")
-    assert fsdp["student_weights"] == 369792 * 4 / 2 and fsdp["optimizer"] == 369792 * 8 / 2
-    assert fsdp["gradients"] == 369792 * 4 / 2
-    assert fsdp["gathered_student"] == 369792 * 4 / 2  # the other half, gathered once for the rollout
+    assert fsdp["student_weights"] == 652736 * 4 / 2 and fsdp["optimizer"] == 652736 * 8 / 2
+    assert fsdp["gradients"] == 652736 * 4 / 2
+    assert fsdp["gathered_student"] == 652736 * 4 / 2  # the other half, gathered once for the rollout
     assert fsdp["gathered_layer"] == 2 * s_layer * 4
     assert fsdp["teacher_weights"] == 866048 * 4  # not sharded without shard_teacher
     sharded = memory_plan(t, s, PlanConfig(**{**cfg.__dict__, "shard_teacher": True}), "fsdp")
@@ -108,7 +108,7 @@ def test_plan_cli_prints_table_and_json():
     assert "student_weights" in res.output and "ddp fits in 1 GB x 2" in res.output
     res = runner.invoke(app, ["plan", "--json"])
     assert res.exit_code == 0, res.output
-    assert json.loads(res.output)["student_params"] == 369792
+    assert json.loads(res.output)["student_params"] == 652736
 
 
 def test_plan_rejects_a_config_without_the_shape():
