@@ -80,7 +80,7 @@ def world_split_names(student: str | Path) -> list[str]:
 
 def check_data_file(option: str, path: str | Path, fields: Iterable[str] = ()) -> None:
     """The file exists, has a supported format, and its first record has the mapped fields."""
-    from kat_diag.tasks import HF_PREFIX, is_datasets_dir, parse_hf_spec
+    from kat_diag.tasks import HF_PREFIX, is_datasets_dir, is_problem_record, parse_hf_spec
 
     if str(path).startswith(HF_PREFIX):  # loaded by `datasets` later (an offline miss is its own one-line error)
         parse_hf_spec(str(path))
@@ -115,7 +115,7 @@ def check_data_file(option: str, path: str | Path, fields: Iterable[str] = ()) -
         raise ValueError(f"{option} {p}: the data set is empty")
     if not isinstance(first, dict):
         raise ValueError(f"{option} {p}: records must be JSON objects")
-    if set(first) == {"id", "prompt", "answer", "solution", "kind"}:
+    if is_problem_record(first):
         return  # a world data file (tasks.write_jsonl): read as the world's problems
     for name in fields:
         if name not in first:

@@ -137,11 +137,11 @@ def wrong_line(rng: random.Random, a: int, op: str, b: int, c: int, width: int =
         return f"{_num(a, width)}{op}{_num(b, width)}={''.join(digits)}"
     a2 = rng.choice([x for x in range(max(0, a - 9), min(MAX_VALUE, a + 9) + 1) if x != a])
     c2 = {"+": a2 + b, "-": a2 - b, "*": a2 * b}[op]
-    return f"{_num(a2, width)}{op}{_num(b, width)}={_num(c2, width) if c2 >= 0 else c2}"
+    return f"{_num(a2, width)}{op}{_num(b, width)}={_num(c2, width)}"
 
 
 def error_loop_variant(p: Problem, rng: random.Random, length: int, context_repeats: int,
-                       wrong: bool = True) -> Problem:
+                       wrong: bool = True, width: int = 0) -> Problem:
     """A repetition loop: the correct steps up to a random one, that step with a wrong result
     (`wrong_line`; with wrong=False the correct step itself), then that line repeated until the
     completion is `length` characters long (cut mid-line, no answer, no end of text, like a
@@ -157,7 +157,6 @@ def error_loop_variant(p: Problem, rng: random.Random, length: int, context_repe
     k = rng.randrange(len(lines))
     m = re.match(r"^(\d+)([+\-*])(\d+)=(\d+)$", lines[k])
     assert m is not None
-    width = len(m[1]) if m[1].startswith("0") or len(m[1]) == len(m[3]) == len(m[4]) == 2 else 0
     bad = wrong_line(rng, int(m[1]), m[2], int(m[3]), int(m[4]), width) if wrong else lines[k]
     context = "".join(line + "\n" for line in lines[:k] + [bad] * (1 + context_repeats))
     n_rep = (length - len(context)) // (len(bad) + 1) + 1
@@ -225,7 +224,7 @@ def sft_batches(seed: int, ops: Sequence[int], exclude: set[str], batch_size: in
         elif k.spontaneous:
             yield [spontaneous_loop_variant(problem(), rng, k.length) for _ in range(batch_size)]
         else:
-            yield [error_loop_variant(problem(), rng, k.length, k.context_repeats, k.wrong)
+            yield [error_loop_variant(problem(), rng, k.length, k.context_repeats, k.wrong, width)
                    for _ in range(batch_size)]
 
 
@@ -364,7 +363,9 @@ def _read_records(path: Path) -> list[dict]:
                      "or hf:NAME:CONFIG:SPLIT)")
 
 
-_PROBLEM_FIELDS = {"id", "prompt", "answer", "solution", "kind"}
+def is_problem_record(record: dict) -> bool:
+    """A record of the world's own format (`write_jsonl`), read as a `Problem` with its ground truth."""
+    return set(record) == {"id", "prompt", "answer", "solution", "kind"}
 
 
 def load_math_dataset(
@@ -391,7 +392,7 @@ def load_math_dataset(
         records = _read_records(path)
     if not records:
         raise ValueError(f"{path}: the data set is empty")
-    if question_field not in records[0] and set(records[0]) == _PROBLEM_FIELDS:
+    if question_field not in records[0] and is_problem_record(records[0]):
         # a world data file (`write_jsonl`): keep its kind and solution, hence its ground truth
         return [Problem.from_json(r) for r in (records[:limit] if limit else records)]
     problems = []

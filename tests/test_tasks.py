@@ -227,6 +227,12 @@ def test_a_world_data_file_loads_as_world_problems(tmp_path):
     probs = generate_problems(5, 3, seed=0, prefix="d", width=2)
     write_jsonl(probs, tmp_path / "ops3.jsonl")
     assert load_math_dataset(tmp_path / "ops3.jsonl") == probs  # kind and solution kept: ground truth
+    from kat_diag.preflight import check_data_file
+
+    check_data_file("--data", tmp_path / "ops3.jsonl", ("question", "answer"))  # the CLI's check lets it through
+    (tmp_path / "other.jsonl").write_text(json.dumps({"prompt": "1 +1\n", "answer": "2"}) + "\n")
+    with pytest.raises(KeyError, match="no field 'question'"):  # other records still need the mapping
+        check_data_file("--data", tmp_path / "other.jsonl", ("question", "answer"))
 
 
 def test_sft_batches_mix_several_kinds_of_loop_documents_with_their_shares():
