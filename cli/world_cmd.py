@@ -75,6 +75,7 @@ def _check_world(world: Path) -> None:
 def run_world_eval(world: Path, k: int, n: int | None, seed: int, max_new_tokens: int) -> dict:
     """Teacher and student on every benchmark split, with a progress bar over (model, split)."""
     from kat_diag.evaluation import evaluate_benchmarks
+    from kat_diag.loop_probe import loop_start_rate
     from kat_diag.models import load_model, load_tokenizer
     from kat_diag.progress import bar
     from kat_diag.world import load_world_splits, world_paths
@@ -94,6 +95,8 @@ def run_world_eval(world: Path, k: int, n: int | None, seed: int, max_new_tokens
 
             res[role] = evaluate_benchmarks(model, tok, bench, k=k, seed=seed, max_new_tokens=max_new_tokens,
                                             on_split=done)
+            for name, probs in bench.items():  # how readily it starts a loop (what OPD can remove)
+                res[role][name]["loop/ln"] = loop_start_rate(model, tok, probs)
     return res
 
 
@@ -106,7 +109,8 @@ def eval_(
     max_new_tokens: int = typer.Option(96, min=1, help="Generation budget per completion."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object instead of the table."),
 ) -> None:
-    """Greedy accuracy and avg@k / pass@k of teacher and student on each benchmark split."""
+    """Greedy accuracy, avg@k / pass@k and loop-start rate (loop/ln: probability of repeating the step line
+    just written, mean over the correct path's lines) of teacher and student on each benchmark split."""
     _check_world(world)
     res = run_world_eval(world, k, n or None, seed, max_new_tokens)
     typer.echo(strict_json(res) if as_json else _eval_table(res))
