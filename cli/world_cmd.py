@@ -95,8 +95,10 @@ def run_world_eval(world: Path, k: int, n: int | None, seed: int, max_new_tokens
 
             res[role] = evaluate_benchmarks(model, tok, bench, k=k, seed=seed, max_new_tokens=max_new_tokens,
                                             on_split=done)
-            for name, probs in bench.items():  # how readily it starts a loop (what OPD can remove)
-                res[role][name]["loop/ln"] = loop_start_rate(model, tok, probs)
+            rates = {name: loop_start_rate(model, tok, probs) for name, probs in bench.items()}
+            for name, rate in rates.items():  # how readily it starts a loop (what OPD can remove)
+                res[role][name]["loop/ln"] = rate
+            res[role]["mean"]["loop/ln"] = sum(rates.values()) / len(rates)
     return res
 
 

@@ -8,10 +8,11 @@ scoring it is the same as for the committed world:
 
 The measurement is the README's: `kat-diag world eval --k 4 --n 100` (the exploratory builds; the
 committed world's table uses k = 8 on all 200 problems), then 400 ops5 rollouts with `kat-diag
-record` and `kat-diag trap` at the world preset. SFT is deterministic in the seed (the committed
-world's SFT losses equal those of its exploratory runs bit for bit), so a variant's teacher or
-student is the same model wherever its recipe is the same. The stage-2 variants A-E2 (fine-tunes of
-the previous world's models with error-tied loops) are not here: that world is gone.
+record` and `kat-diag trap` at the world preset, and the same after 200 steps of plain OPD (`--opd-
+steps`). SFT is deterministic in the seed (the committed world's SFT losses equal those of its
+exploratory runs bit for bit), so a variant's teacher or student is the same model wherever its
+recipe is the same. The stage-2 variants A-E2 (fine-tunes of the previous world's models with error-
+tied loops) are not here: that world is gone.
 """
 
 from __future__ import annotations
@@ -27,12 +28,15 @@ from kat_diag.tasks import LoopDocs
 from kat_diag.world import ModelSpec, WorldConfig, build_world
 
 
-def _loops(*kinds: tuple[float, int]) -> tuple[LoopDocs, ...]:
-    return tuple(LoopDocs(share, length, spontaneous=True) for share, length in kinds)
+def _loops(*kinds: tuple) -> tuple[LoopDocs, ...]:
+    """(share, length): spontaneous loops of a correct line; (share, length, "error"): loops of a wrong
+    line that start right after it (`tasks.error_loop_variant`, loss on the first repeat too)."""
+    return tuple(LoopDocs(k[0], k[1], spontaneous=len(k) == 2) for k in kinds)
 
 
-def _teacher(steps: int, *kinds: tuple[float, int]) -> ModelSpec:
-    return ModelSpec(128, 4, 4, 384, SFTConfig(steps=steps, batch_size=64, lr=3e-3, seed=1), mix=_loops(*kinds))
+def _teacher(steps: int, *kinds: tuple, hidden: int = 128, layers: int = 4) -> ModelSpec:
+    return ModelSpec(hidden, layers, 4, 3 * hidden, SFTConfig(steps=steps, batch_size=64, lr=3e-3, seed=1),
+                     mix=_loops(*kinds))
 
 
 def _student(hidden: int, heads: int, steps: int, *kinds: tuple[float, int]) -> ModelSpec:
@@ -48,25 +52,49 @@ VARIANTS: dict[str, WorldConfig] = {
     "w3": replace(BASE, teacher=_teacher(900, (0.12, 192)), student=_student(128, 4, 800, (0.4, 96))),
     "w4": replace(BASE, teacher=_teacher(900, (0.12, 192)), student=_student(128, 4, 800, (0.55, 64))),
     "H": replace(BASE, teacher=_teacher(900, (0.15, 48), (0.12, 192))),  # the committed student
+    # Teachers for the trap's persistence through OPD, all with the committed student:
+    "w8": replace(BASE, teacher=_teacher(900, (0.12, 192), (0.10, 192, "error"))),
+    "w9": replace(BASE, teacher=_teacher(900, (0.12, 192), (0.05, 48))),
+    "x1": replace(BASE, teacher=_teacher(1200, (0.15, 48), (0.12, 192))),
+    "x2": replace(BASE, teacher=_teacher(1200, (0.10, 48), (0.12, 192))),
+    "x3": replace(BASE, teacher=_teacher(1200, (0.12, 48), (0.12, 192))),
+    "x4": replace(BASE, teacher=_teacher(1200, (0.135, 48), (0.12, 192))),
+    "x5": replace(BASE, teacher=_teacher(1000, (0.15, 48), (0.12, 192), hidden=160)),
+    "x6": replace(BASE, teacher=_teacher(1000, (0.15, 48), (0.12, 192), layers=5)),
     "committed": replace(BASE, teacher=_teacher(900, (0.12, 192)),
                          student=_student(128, 4, 1000, (0.4, 48), (0.15, 192))),
 }
 assert VARIANTS["committed"] == WorldConfig()  # the table's last row is the default build
 
 
-def measure(world: Path) -> None:
-    """The README's measurement of a world, printed as the commands print it."""
-    kat = [str(Path(sys.executable).with_name("kat-diag"))]
-    rec = world.parent / (world.name + "-rec_ops5")
-    for cmd in (
-        [*kat, "world", "eval", "--world", str(world), "--k", "4", "--n", "100"],
-        [*kat, "record", "--teacher", str(world / "teacher"), "--student", str(world / "student"),
-         "--data", str(world / "data" / "ops5.jsonl"), "--n-prompts", "200", "--samples", "2",
-         "--batch-size", "64", "--out", str(rec), "--overwrite"],
-        [*kat, "trap", str(rec)],
-    ):
+def _kinds(spec: ModelSpec) -> list:
+    return [(k.share, k.length) if k.spontaneous else (k.share, k.length, "error") for k in spec.mix]
+
+
+def measure(world: Path, opd_steps: int = 200) -> None:
+    """The README's measurement of a world, printed as the commands print it: world eval (with the
+    loop-start rate loop/ln), KAT on 400 ops5 rollouts, and the same after `opd_steps` of plain OPD."""
+    kat = str(Path(sys.executable).with_name("kat-diag"))
+    models = ["--teacher", str(world / "teacher"), "--student", str(world / "student")]
+    rec = ["--data", str(world / "data" / "ops5.jsonl"), "--n-prompts", "200", "--samples", "2", "--batch-size", "64"]
+    out = world.parent / world.name
+    cmds = [
+        [kat, "world", "eval", "--world", str(world), "--k", "4", "--n", "100"],
+        [kat, "record", *models, *rec, "--out", f"{out}-rec_ops5", "--overwrite"],
+        [kat, "trap", f"{out}-rec_ops5"],
+    ]
+    if opd_steps:
+        cmds += [
+            [kat, "train", *models, "--data", str(world / "data" / "train.jsonl"), "--termination", "none",
+             "--steps", str(opd_steps), "--batch-size", "8", "--micro-batch", "8", "--trace-every", "0",
+             "--out", f"{out}-opd", "--overwrite"],
+            [kat, "record", *models[:2], "--student", f"{out}-opd/final", *rec, "--out", f"{out}-rec_opd",
+             "--overwrite"],
+            [kat, "trap", f"{out}-rec_opd"],
+        ]
+    for cmd in cmds:
         print("$", " ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True)
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL if cmd[1] in ("train", "record") else None)
 
 
 def main() -> None:
@@ -74,17 +102,19 @@ def main() -> None:
     ap.add_argument("variant", nargs="?", choices=sorted(VARIANTS), help="Variant to build and measure.")
     ap.add_argument("--out", type=Path, help="Directory to build the variant's world into.")
     ap.add_argument("--list", action="store_true", help="Print the variants' model recipes and exit.")
+    ap.add_argument("--opd-steps", type=int, default=200,
+                    help="Steps of plain OPD after which the trap is measured again (0: skip).")
     args = ap.parse_args()
     if args.list or args.variant is None:
         for name, cfg in VARIANTS.items():
             t, s = cfg.teacher, cfg.student
-            print(f"{name:10s} teacher {t.sft.steps} steps, loops {[(k.share, k.length) for k in t.mix]}; "
-                  f"student hidden {s.hidden}, {s.sft.steps} steps, loops {[(k.share, k.length) for k in s.mix]}")
+            print(f"{name:10s} teacher {t.hidden}x{t.layers}, {t.sft.steps} steps, loops {_kinds(t)}; "
+                  f"student {s.hidden}x{s.layers}, {s.sft.steps} steps, loops {_kinds(s)}")
         return
     if args.out is None:
         ap.error("--out is required to build a variant")
     build_world(args.out, VARIANTS[args.variant])
-    measure(args.out)
+    measure(args.out, args.opd_steps)
 
 
 if __name__ == "__main__":

@@ -235,6 +235,16 @@ def test_world_eval_json_is_strict_json_on_stdout(quick_world):
     d = json.loads(res.stdout)
     assert set(d) == {"teacher", "student"} and "ops2" in d["teacher"]
     assert "world eval" in res.stderr  # the progress bar goes to stderr
+    for role in d:
+        rates = [d[role][s]["loop/ln"] for s in ("ops2", "ops3", "ops4", "ops5")]
+        assert all(0 < r < 1 for r in rates) and d[role]["mean"]["loop/ln"] == pytest.approx(sum(rates) / 4)
+
+
+def test_world_eval_table_has_every_metric_row(quick_world):
+    res = invoke("world", "eval", "--world", quick_world, "--n", "2", "--k", "1", "--max-new-tokens", "8")
+    assert res.exit_code == 0, res.output
+    rows = [line.split()[:2] for line in res.stdout.splitlines()[2:]]
+    assert rows == [[r, m] for r in ("teacher", "student") for m in ("greedy", "avg@1", "pass@1", "loop/ln")]
 
 
 def test_progress_in_a_log_is_a_few_lines():
