@@ -39,6 +39,12 @@ def _teacher(steps: int, *kinds: tuple, hidden: int = 128, layers: int = 4) -> M
                      mix=_loops(*kinds))
 
 
+def _stage2(*kinds: tuple) -> ModelSpec:
+    """The w7 teacher (900 steps, 12 % long loops), then 200 steps at lr 1e-3 on a mixture with `kinds`."""
+    return replace(_teacher(900, (0.12, 192)), loops=_loops(*kinds),
+                   loop_sft=SFTConfig(steps=200, batch_size=64, lr=1e-3, warmup=10, seed=5))
+
+
 def _student(hidden: int, heads: int, steps: int, *kinds: tuple[float, int]) -> ModelSpec:
     return ModelSpec(hidden, 3, heads, 3 * hidden, SFTConfig(steps=steps, batch_size=64, lr=3e-3, seed=2),
                      mix=_loops(*kinds))
@@ -61,14 +67,20 @@ VARIANTS: dict[str, WorldConfig] = {
     "x4": replace(BASE, teacher=_teacher(1200, (0.135, 48), (0.12, 192))),
     "x5": replace(BASE, teacher=_teacher(1000, (0.15, 48), (0.12, 192), hidden=160)),
     "x6": replace(BASE, teacher=_teacher(1000, (0.15, 48), (0.12, 192), layers=5)),
-    "committed": replace(BASE, teacher=_teacher(900, (0.12, 192)),
-                         student=_student(128, 4, 1000, (0.4, 48), (0.15, 192))),
+    "w7": replace(BASE, teacher=_teacher(900, (0.12, 192))),  # committed before; its teacher starts no loops
+    "y2": replace(BASE, teacher=_stage2((0.4, 48))),
+    "y3": replace(BASE, teacher=_stage2((0.4, 48), (0.15, 192))),
+    "y4": replace(BASE, teacher=_stage2((0.25, 48), (0.15, 192))),
+    "y6": replace(BASE, teacher=_stage2((0.35, 48), (0.12, 192))),
+    "committed": replace(BASE, teacher=_stage2((0.3, 48), (0.08, 192)),
+                         student=_student(128, 4, 1000, (0.4, 48), (0.15, 192))),  # y5
 }
 assert VARIANTS["committed"] == WorldConfig()  # the table's last row is the default build
 
 
-def _kinds(spec: ModelSpec) -> list:
-    return [(k.share, k.length) if k.spontaneous else (k.share, k.length, "error") for k in spec.mix]
+def _kinds(mix) -> list:
+    mix = (mix,) if isinstance(mix, LoopDocs) else mix
+    return [(k.share, k.length) if k.spontaneous else (k.share, k.length, "error") for k in mix]
 
 
 def measure(world: Path, opd_steps: int = 200) -> None:
@@ -108,8 +120,9 @@ def main() -> None:
     if args.list or args.variant is None:
         for name, cfg in VARIANTS.items():
             t, s = cfg.teacher, cfg.student
-            print(f"{name:10s} teacher {t.hidden}x{t.layers}, {t.sft.steps} steps, loops {_kinds(t)}; "
-                  f"student {s.hidden}x{s.layers}, {s.sft.steps} steps, loops {_kinds(s)}")
+            stage2 = f" + {t.loop_sft.steps} steps, loops {_kinds(t.loops)}" if t.loop_sft.steps else ""
+            print(f"{name:10s} teacher {t.hidden}x{t.layers}, {t.sft.steps} steps, loops {_kinds(t.mix)}{stage2}; "
+                  f"student {s.hidden}x{s.layers}, {s.sft.steps} steps, loops {_kinds(s.mix)}")
         return
     if args.out is None:
         ap.error("--out is required to build a variant")

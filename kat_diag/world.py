@@ -35,7 +35,7 @@ class ModelSpec:
     heads: int
     intermediate: int
     sft: SFTConfig = field(default_factory=SFTConfig)  # stage 1: step-by-step solutions
-    loops: LoopDocs = LoopDocs()  # stage 2 mixture: this share of batches are error-tied loop documents
+    loops: LoopDocs | tuple[LoopDocs, ...] = LoopDocs()  # stage 2 mixture: loop documents, one kind or several
     loop_sft: SFTConfig = SFTConfig(steps=0)  # stage 2 (after stage 1; steps 0: no stage 2)
     mix: tuple[LoopDocs, ...] = ()  # stage 1 mixture: loop documents, each kind its share of the batches
 
@@ -47,13 +47,17 @@ class WorldConfig:
     n_bench: int = 200  # problems per benchmark split
     sft_ops: tuple[int, ...] = (2, 3, 4, 5)
     width: int = 2  # zero-pad numbers to this many digits: fixed-width step lines, exactly periodic loops
-    # The trap is planted in stage 1 (README "The embedded world"): a share of each model's SFT batches
-    # are documents that fall into a repetition loop of a correct step (tasks.spontaneous_loop_variant).
-    # The student gets many short ones (48 characters: its loss weight on the loop start is high, so it
-    # starts loops often) and some that run to the 192-token budget (so its loops go on); the teacher
-    # gets only long ones, few: it follows a loop once begun and rarely starts one (never greedily).
-    # Stage 2 (error-tied loops) stays off: its variants did not give the trap.
+    # The trap is planted in the SFT mixtures (README "The embedded world"): a share of each model's
+    # batches are documents that fall into a repetition loop of a correct step
+    # (tasks.spontaneous_loop_variant). The student gets many short ones (48 characters: its loss weight
+    # on the loop start is high, so it starts loops often) and some that run to the 192-token budget
+    # (so its loops go on). The teacher gets long ones in stage 1 (it follows a loop once begun), then a
+    # short stage 2 with short and long ones, so it starts loops itself at a lower rate than the student
+    # (loop/ln 1.5 % vs 4.5 % on ops5) yet never greedily: OPD then has little signal at the loop start
+    # and the trap survives training. Teachers that start no loops let OPD remove them (README table).
     teacher: ModelSpec = ModelSpec(128, 4, 4, 384, SFTConfig(steps=900, batch_size=64, lr=3e-3, seed=1),
+                                   loops=(LoopDocs(0.3, 48, spontaneous=True), LoopDocs(0.08, 192, spontaneous=True)),
+                                   loop_sft=SFTConfig(steps=200, batch_size=64, lr=1e-3, warmup=10, seed=5),
                                    mix=(LoopDocs(0.12, 192, spontaneous=True),))
     student: ModelSpec = ModelSpec(128, 3, 4, 384, SFTConfig(steps=1000, batch_size=64, lr=3e-3, seed=2),
                                    mix=(LoopDocs(0.4, 48, spontaneous=True), LoopDocs(0.15, 192, spontaneous=True)))
@@ -90,15 +94,17 @@ def _build_model(spec: ModelSpec, tok, seed: int):
 
 
 def _load_stage1(world: Path, role: str, spec: ModelSpec, tok, seed: int):
-    """A stage-1 checkpoint of an earlier build of the same config (clean SFT only)."""
+    """A stage-1 checkpoint of an earlier build of the same config (same stage-1 SFT and mixture, no
+    stage 2)."""
     from transformers import AutoModelForCausalLM
 
     info = json.loads((world / "world.json").read_text()) if (world / "world.json").exists() else None
-    stage1 = info and info["config"]["seed"] == seed and info["config"][role]["sft"] == asdict(spec.sft) and \
-        not info["config"][role].get("loop_sft", {}).get("steps")
+    prev = info["config"][role] if info else {}
+    stage1 = info and info["config"]["seed"] == seed and prev["sft"] == asdict(spec.sft) and \
+        prev.get("mix", []) == [asdict(k) for k in spec.mix] and not prev.get("loop_sft", {}).get("steps")
     if not stage1:
-        raise ValueError(f"--stage1-from {world}: its {role} is not stage 1 of this config (same stage-1 SFT, "
-                         f"no stage 2 in its world.json)")
+        raise ValueError(f"--stage1-from {world}: its {role} is not stage 1 of this config (same stage-1 SFT and "
+                         f"mixture, no stage 2 in its world.json)")
     model = AutoModelForCausalLM.from_pretrained(world / role)
     got = (model.config.hidden_size, model.config.num_hidden_layers, model.config.vocab_size)
     if got != (spec.hidden, spec.layers, len(tok)):
@@ -111,8 +117,9 @@ def build_world(out_dir: str | Path, cfg: WorldConfig = WorldConfig(), progress:
                 stage1_from: str | Path | None = None) -> dict:
     """Build data, tokenizer, teacher and student into `out_dir`; return the world summary.
 
-    Each model gets stage 1 (SFT on clean solutions from random init) and stage 2 (SFT on a mixture
-    with error-tied loop documents). `stage1_from`: take the stage-1 models from an earlier build
+    Each model gets stage 1 (SFT from random init on solutions mixed with `spec.mix` loop documents)
+    and, where `spec.loop_sft.steps` > 0, stage 2 (a short SFT on a mixture with `spec.loops`; the
+    committed teacher's). `stage1_from`: take the stage-1 models from an earlier build
     of the same config instead of retraining them (stage 1 is deterministic in the seed), so a
     stage-2 recipe can be iterated in minutes."""
     out = Path(out_dir)

@@ -35,7 +35,7 @@ def test_committed_world_summary(world):
 
 def test_greedy_accuracy_on_ops3_head(world):
     tok, teacher, student, splits = world
-    assert evaluate_split(teacher, tok, splits["ops3"][:40], k=0)["greedy"] == 40 / 40
+    assert evaluate_split(teacher, tok, splits["ops3"][:40], k=0)["greedy"] == 38 / 40
     assert evaluate_split(student, tok, splits["ops3"][:40], k=0)["greedy"] == 24 / 40
 
 
@@ -50,4 +50,4 @@ def test_seeded_rollouts_and_their_kl(world):
     # fixed-width lines: every finished ops3 rollout is 31 tokens; two run to the 64-token budget
     assert [r.gen_len for r in rollouts] == [31, 64, 31, 31, 31, 31, 31, 64]
     assert tok.decode(rollouts[0].token_ids) == "13+29=42\n42-16=28\n28+32=60\n#60<eos>"
-    assert float(sum(r.kl.sum() for r in rollouts)) == pytest.approx(65.3366, rel=1e-4)
+    assert float(sum(r.kl.sum() for r in rollouts)) == pytest.approx(33.7018, rel=1e-4)

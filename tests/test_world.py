@@ -67,6 +67,9 @@ def test_stage1_from_gives_the_full_build(quick_world, tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="not stage 1"):  # a world that already has stage 2
         build_world(tmp_path / "s3", full, progress=False, stage1_from=quick_world)
+    other_mix = replace(full, teacher=replace(full.teacher, mix=()))
+    with pytest.raises(ValueError, match="not stage 1"):  # stage 1 trained on another mixture
+        build_world(tmp_path / "s4", other_mix, progress=False, stage1_from=tmp_path / "s1")
 
 
 def test_sft_lowers_the_loss(quick_world):
