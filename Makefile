@@ -41,5 +41,5 @@ figures: $(STAMP)
 	rm -rf runs/fig_opd runs/fig_kat
 	$(VENV)/bin/kat-diag train --termination none --steps $(FIG_STEPS) --eval-every 50 --out runs/fig_opd
 	$(VENV)/bin/kat-diag train --termination kat --steps $(FIG_STEPS) --eval-every 50 --out runs/fig_kat
-	rm -rf figures
+	rm -rf figures/fig_opd figures/fig_kat figures/curves.png figures/curves.csv figures/summary.md  # not figures/study
 	$(VENV)/bin/kat-diag figures runs/fig_opd runs/fig_kat --out figures
