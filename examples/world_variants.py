@@ -83,7 +83,7 @@ def _kinds(mix) -> list:
     return [(k.share, k.length) if k.spontaneous else (k.share, k.length, "error") for k in mix]
 
 
-def measure(world: Path, opd_steps: int = 200) -> None:
+def measure(world: Path, opd_steps: int = 200, eval_n: int = 100, eval_k: int = 4) -> None:
     """The README's measurement of a world, printed as the commands print it: world eval (with the
     loop-start rate loop/ln), KAT on 400 ops5 rollouts, and the same after `opd_steps` of plain OPD."""
     kat = str(Path(sys.executable).with_name("kat-diag"))
@@ -91,7 +91,7 @@ def measure(world: Path, opd_steps: int = 200) -> None:
     rec = ["--data", str(world / "data" / "ops5.jsonl"), "--n-prompts", "200", "--samples", "2", "--batch-size", "64"]
     out = world.parent / world.name
     cmds = [
-        [kat, "world", "eval", "--world", str(world), "--k", "4", "--n", "100"],
+        [kat, "world", "eval", "--world", str(world), "--k", str(eval_k), "--n", str(eval_n)],
         [kat, "record", *models, *rec, "--out", f"{out}-rec_ops5", "--overwrite"],
         [kat, "trap", f"{out}-rec_ops5"],
     ]
@@ -116,6 +116,10 @@ def main() -> None:
     ap.add_argument("--list", action="store_true", help="Print the variants' model recipes and exit.")
     ap.add_argument("--opd-steps", type=int, default=200,
                     help="Steps of plain OPD after which the trap is measured again (0: skip).")
+    ap.add_argument("--eval-n", type=int, default=100,
+                    help="Problems per split in `world eval` (the README's persistence table: 200).")
+    ap.add_argument("--eval-k", type=int, default=4,
+                    help="Samples per problem in `world eval` (the README's persistence table: 1).")
     args = ap.parse_args()
     if args.list or args.variant is None:
         for name, cfg in VARIANTS.items():
@@ -127,7 +131,7 @@ def main() -> None:
     if args.out is None:
         ap.error("--out is required to build a variant")
     build_world(args.out, VARIANTS[args.variant])
-    measure(args.out, args.opd_steps)
+    measure(args.out, args.opd_steps, args.eval_n, args.eval_k)
 
 
 if __name__ == "__main__":

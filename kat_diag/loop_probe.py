@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from kat_diag.sft import encode_sft_batch
 from kat_diag.tasks import Problem
 
 
@@ -34,27 +35,19 @@ def _contexts(problems: list[Problem]) -> list[tuple[str, str]]:
 def loop_start_rate(model, tokenizer, problems: list[Problem], batch_size: int = 128) -> float:
     """Mean probability of repeating the step line just written, over all step lines (see module
     docstring); NaN when the problems have no step lines."""
-    pairs = _contexts(problems)
-    if not pairs:
+    # Each (context, repeat) is an SFT example whose completion is the repeat: `encode_sft_batch`
+    # pads it and masks the context; a "loop" kind adds no end of text after the repeat.
+    docs = [Problem(id=str(i), prompt=c, answer="", solution=r, kind="loop")
+            for i, (c, r) in enumerate(_contexts(problems))]
+    if not docs:
         return float("nan")
     device = next(model.parameters()).device
     total = 0.0
-    for i in range(0, len(pairs), batch_size):
-        chunk = pairs[i: i + batch_size]
-        ctx_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c, _ in chunk]
-        rep_ids = [tokenizer(c + r, add_special_tokens=False)["input_ids"][len(a):]
-                   for (c, r), a in zip(chunk, ctx_ids, strict=True)]
-        seqs = [a + b for a, b in zip(ctx_ids, rep_ids, strict=True)]
-        t = max(len(s) for s in seqs)
-        ids_BT = torch.full((len(seqs), t), tokenizer.pad_token_id, dtype=torch.long)
-        attn_BT = torch.zeros((len(seqs), t), dtype=torch.long)
-        target_BT = torch.zeros((len(seqs), t), dtype=torch.bool)  # positions whose token is scored
-        for j, (a, s) in enumerate(zip(ctx_ids, seqs, strict=True)):
-            ids_BT[j, : len(s)] = torch.tensor(s)
-            attn_BT[j, : len(s)] = 1
-            target_BT[j, len(a): len(s)] = True
-        logits_BTV = model(input_ids=ids_BT.to(device), attention_mask=attn_BT.to(device)).logits.float()
-        logp_BT = torch.log_softmax(logits_BTV[:, :-1], -1).gather(-1, ids_BT[:, 1:, None].to(device))[..., 0]
-        logp_B = (logp_BT * target_BT[:, 1:].to(device)).sum(-1)
-        total += float(logp_B.exp().sum())
-    return total / len(pairs)
+    for i in range(0, len(docs), batch_size):
+        batch = {k: v.to(device) for k, v in encode_sft_batch(tokenizer, docs[i: i + batch_size]).items()}
+        logits_BTV = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        labels_BT = batch["labels"][:, 1:]
+        scored_BT = labels_BT != -100
+        logp_BT = torch.log_softmax(logits_BTV[:, :-1], -1).gather(-1, labels_BT.clamp(min=0)[..., None])[..., 0]
+        total += float((logp_BT * scored_BT).sum(-1).exp().sum())
+    return total / len(docs)
