@@ -26,9 +26,10 @@ import time
 import numpy as np
 import torch
 
-from kat_diag.analysis.replay import replay
-from kat_diag.detector import KATConfig, StreamingDetector, kat_preset
-from kat_diag.termination import KATPolicy
+from kat_diag.kat.config import KATConfig, kat_preset
+from kat_diag.kat.detector import StreamingDetector
+from kat_diag.kat.policies import KATPolicy
+from kat_diag.kat.replay import replay
 
 BATCH = 64
 
@@ -80,7 +81,7 @@ def step_case(cfg: KATConfig, statistic: str, length: int, steps: int, repeats: 
     policy=True runs the same through `KATPolicy` (adds its per-row bookkeeping)."""
     import dataclasses
 
-    from kat_diag.detector import AdaptiveThreshold, buffer_values_of
+    from kat_diag.kat.detector import AdaptiveThreshold, buffer_values_of
 
     cfg = dataclasses.replace(cfg, statistic=statistic)
     rng = np.random.default_rng(0)

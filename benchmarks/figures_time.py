@@ -21,7 +21,8 @@ from pathlib import Path
 
 
 def tile_run(src: Path, dst: Path, tile: int) -> tuple[int, int]:
-    from kat_diag.traces import TraceReader, TraceWriter
+    from kat_diag.traces.reader import TraceReader
+    from kat_diag.traces.writer import TraceWriter
 
     reader = TraceReader(src)
     b = reader.read()

@@ -26,7 +26,8 @@ import numpy as np
 
 def write_store(path: Path, rollouts: int, tokens: int, steps: int, seed: int = 0) -> float:
     """Synthetic store: lognormal KL, a low block planted in every other rollout, graded answers."""
-    from kat_diag.traces import Ragged, TraceWriter
+    from kat_diag.traces.ragged import Ragged
+    from kat_diag.traces.writer import TraceWriter
 
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)

@@ -27,12 +27,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from kat_diag.detector import KATConfig  # noqa: E402
+from kat_diag.kat.config import KATConfig  # noqa: E402
+from kat_diag.kat.policies import make_policy  # noqa: E402
 from kat_diag.models import load_model, load_tokenizer  # noqa: E402
-from kat_diag.rollout import RolloutEngine, SamplingConfig, encode_prompts  # noqa: E402
-from kat_diag.termination import make_policy  # noqa: E402
-from kat_diag.trainer import TrainConfig, train  # noqa: E402
-from kat_diag.world import load_world_splits  # noqa: E402
+from kat_diag.opd.config import SamplingConfig, TrainConfig  # noqa: E402
+from kat_diag.opd.rollout import RolloutEngine, encode_prompts  # noqa: E402
+from kat_diag.opd.trainer import train  # noqa: E402
+from kat_diag.world.paths import load_world_splits  # noqa: E402
 
 
 def posthoc(student, teacher, tok, prompts: list[str], max_new: int, seed: int) -> tuple[float, int]:

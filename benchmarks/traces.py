@@ -39,7 +39,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kat_diag.traces import ALL_COLUMNS, TraceReader, TraceWriter  # noqa: E402
+from kat_diag.traces.reader import TraceReader  # noqa: E402
+from kat_diag.traces.schema import ALL_COLUMNS  # noqa: E402
+from kat_diag.traces.writer import TraceWriter  # noqa: E402
 
 TOP_N = 5
 

@@ -29,8 +29,8 @@ SEED_HELP = "Seed of the rollout samples."
 def _setup(run: Path, out: Path | None, window: int | None, persistence: int | None,
            min_length: int | None, tau: str) -> tuple[Any, Path, Any]:
     from kat_diag.analysis.threshold import parse_tau
-    from kat_diag.trace_view import kat_config
-    from kat_diag.traces import TraceReader
+    from kat_diag.traces.reader import TraceReader
+    from kat_diag.views.rollout import kat_config
 
     reader = TraceReader(run)
     try:

@@ -10,7 +10,6 @@ failures (a read-only disk, a path that is a file), and trace store errors. Ctrl
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Any
 
 import typer
@@ -18,9 +17,10 @@ from typer import _click
 from typer.core import TyperGroup
 
 import kat_diag
+from kat_diag.world.paths import DEFAULT_WORLD_DIR
 
-# The committed world (kat_diag.world.DEFAULT_WORLD_DIR, without importing torch at CLI start).
-WORLD_DIR = Path(kat_diag.__file__).resolve().parent.parent / "data" / "world"
+# The committed world (kat_diag.world.paths imports no torch, so CLI start-up stays fast).
+WORLD_DIR = DEFAULT_WORLD_DIR
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -37,7 +37,7 @@ def error_message(e: BaseException) -> str:
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
-    from kat_diag.traces import TraceStoreError
+    from kat_diag.traces.schema import TraceStoreError
 
     return (ValueError, KeyError, OSError, TraceStoreError, FloatingPointError)
 

@@ -33,8 +33,8 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON (bytes)."),
     ) -> None:
         """Memory per device (weights, gradients, AdamW, teacher KV cache and state, activations)."""
-        from kat_diag.plan import ModelShape, PlanConfig, format_plan
-        from kat_diag.plan import plan as make_plan
+        from kat_diag.opd.plan import ModelShape, PlanConfig, format_plan
+        from kat_diag.opd.plan import plan as make_plan
 
         cfg = PlanConfig(devices=devices, batch_size=batch_size, slots=slots, budget=budget, prompt_len=prompt_len,
                          chunk_size=chunk_size, micro_batch=micro_batch, loss=loss, top_k=top_k, dtype=dtype,

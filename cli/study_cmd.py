@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from kat_diag.world import DEFAULT_WORLD_DIR
+from kat_diag.world.paths import DEFAULT_WORLD_DIR
 
 
 def register(app: typer.Typer) -> None:

@@ -1,6 +1,6 @@
 """CLI commands on a recorded trace store: `inspect` (summary, one rollout) and `replay` (offline KAT).
 
-Thin layer: parse the options, call kat_diag.traces / kat_diag.trace_view, print.
+Thin layer: parse the options, call kat_diag.traces / kat_diag.views, print.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def _warnings_to_stderr() -> Iterator[None]:
 
 
 def _open(run: Path, skip_corrupt: bool) -> Any:
-    from kat_diag.traces import TraceReader
+    from kat_diag.traces.reader import TraceReader
 
     return TraceReader(run, on_error="skip" if skip_corrupt else "raise")  # errors: `error: ...`, exit 2
 
@@ -64,7 +64,7 @@ def _json(obj: Any) -> str:
 
 def _settings(reader: Any) -> tuple[dict[str, Any] | None, str]:
     """The run settings of the store: manifest, else the run's config.json, else (None, why)."""
-    from kat_diag.trace_view import store_config
+    from kat_diag.views.rollout import store_config
 
     return store_config(reader)
 
@@ -137,19 +137,29 @@ def _inspect(run: Path, rollout: int | None, html: Path | None, as_json: bool, l
         raise typer.BadParameter("--list and --rollout exclude each other")
     if html is not None:
         _check_output_file("--html", html)
-    from kat_diag import trace_view
+    from kat_diag.views.html import render_html
+    from kat_diag.views.rollout import (
+        MissingSettings,
+        kat_config,
+        problem_index,
+        rollout_json,
+        rollout_phases,
+        teacher_alternatives,
+    )
+    from kat_diag.views.summary import format_list, format_summary, rollout_list, summarize
+    from kat_diag.views.terminal import render_terminal
 
     reader = _open(run, skip_corrupt)
     if list_rollouts:
-        rows = trace_view.rollout_list(reader, **filters)
+        rows = rollout_list(reader, **filters)
         if as_json:
             typer.echo(_json(rows))
         else:
-            typer.echo(trace_view.format_list(rows, trace_view.problem_index(_settings(reader)[0])))
+            typer.echo(format_list(rows, problem_index(_settings(reader)[0])))
         return
     if rollout is None:
-        summary = trace_view.summarize(reader, **filters)
-        typer.echo(_json(summary) if as_json else trace_view.format_summary(summary))
+        summary = summarize(reader, **filters)
+        typer.echo(_json(summary) if as_json else format_summary(summary))
         return
 
     try:
@@ -158,29 +168,29 @@ def _inspect(run: Path, rollout: int | None, html: Path | None, as_json: bool, l
         _fail(f"--rollout {rollout} is not in {reader.dir} (list the ids with --list)")
     config, source = _settings(reader)
     try:
-        kat = trace_view.kat_config(config, source=source, needed=PHASE_FIELDS, window=window,
+        kat = kat_config(config, source=source, needed=PHASE_FIELDS, window=window,
                                     persistence=persistence, min_length=min_length)
-        phases = trace_view.rollout_phases(row, kat)
-    except trace_view.MissingSettings as e:
+        phases = rollout_phases(row, kat)
+    except MissingSettings as e:
         typer.echo(f"warning: {e}; phase marks omitted", err=True)
         phases = None
-    problem = trace_view.problem_index(config).get(str(row.get("prompt_id")))
+    problem = problem_index(config).get(str(row.get("prompt_id")))
     row["prompt_text"] = None if problem is None else problem.prompt
     row["expected"] = None if problem is None else problem.answer
     tok = _auto_tokenizer(tokenizer, config)
     if html is not None:
-        html.write_text(trace_view.render_html(row, phases=phases, kl_range=(kl_min, kl_max), tokenizer=tok),
+        html.write_text(render_html(row, phases=phases, kl_range=(kl_min, kl_max), tokenizer=tok),
                         encoding="utf-8")
         typer.echo(f"wrote {html}", err=True)
         return
     if as_json:
-        out = trace_view.rollout_json(row, phases)
-        alts = trace_view.teacher_alternatives(row, tok)
+        out = rollout_json(row, phases)
+        alts = teacher_alternatives(row, tok)
         out["teacher_top_text"] = None if alts is None else [[t for t, _ in a] for a in alts]
         typer.echo(_json(out))
         return
     use_color = sys.stdout.isatty() if color is None else color
-    typer.echo(trace_view.render_terminal(row, phases=phases, kl_range=(kl_min, kl_max), color=use_color,
+    typer.echo(render_terminal(row, phases=phases, kl_range=(kl_min, kl_max), color=use_color,
                                           tokenizer=tok), nl=False, color=use_color)
 
 
@@ -247,14 +257,14 @@ def replay(
     filters = _filters(steps, policy, rank, stop_reason)
     if out is not None:
         _check_output_file("--out", out)  # before the replay is computed, not after
-    from kat_diag import trace_view
     from kat_diag.analysis import replay as store_replay
+    from kat_diag.views.rollout import kat_config
 
     with _warnings_to_stderr():
         reader = _open(run, skip_corrupt)
         config, source = _settings(reader)
         needed = None if tau_value is None else PHASE_FIELDS + ("keep",)  # fixed tau needs no buffer settings
-        cfg = trace_view.kat_config(config, source=source, needed=needed, window=window, persistence=persistence,
+        cfg = kat_config(config, source=source, needed=needed, window=window, persistence=persistence,
                                     min_length=min_length, tau_quantile=tau_quantile, statistic=statistic,
                                     min_fill=min_fill, warmup_steps=warmup_steps, buffer_size=buffer_size,
                                     keep=keep)

@@ -11,7 +11,7 @@ from cli.common import WORLD_DIR, strict_json
 _T = WORLD_DIR / "teacher"
 _S = WORLD_DIR / "student"
 
-# Options whose config field has another name (see kat_diag.config_io.option_paths), and options
+# Options whose config field has another name (see kat_diag.run.config_io.option_paths), and options
 # that are not settings of the run.
 # --kat-preset sets the whole kat section (the preset with the KAT options given applied on top).
 TRAIN_ALIASES = {"kat_preset": "kat", "kat_statistic": "kat.statistic", "kat_warmup": "kat.warmup_steps",
@@ -26,7 +26,7 @@ PRINT_CONFIG_HELP = "Print the resolved config as JSON and exit (nothing runs)."
 
 def _kat(preset: str, **overrides):
     """The KAT preset with every option given on the command line applied on top of it."""
-    from kat_diag.detector import kat_preset
+    from kat_diag.kat.config import kat_preset
 
     return kat_preset(preset, **overrides)
 
@@ -115,11 +115,11 @@ def register(app: typer.Typer) -> None:
         --resume continues the run in --out with its config.json; only --steps, --stop-after,
         --eval-every, --eval-k, --eval-n, --ckpt-every, --trace-every, --report-to, --tracker-project,
         --parallel and --shard-teacher may differ from it."""
-        from kat_diag import config_io, preflight
-        from kat_diag.rollout import SamplingConfig
-        from kat_diag.tracking import parse_report_to
-        from kat_diag.trainer import CONFIG_NAME, RESUME_MUTABLE, TrainConfig
-        from kat_diag.trainer import train as run_train
+        from kat_diag.opd import preflight
+        from kat_diag.opd.config import CONFIG_NAME, RESUME_MUTABLE, SamplingConfig, TrainConfig
+        from kat_diag.opd.tracking import parse_report_to
+        from kat_diag.opd.trainer import train as run_train
+        from kat_diag.run import config_io
 
         cfg = TrainConfig(
             teacher=str(teacher), student=str(student), out=str(out), data=data,
@@ -174,10 +174,11 @@ def register(app: typer.Typer) -> None:
         print_config: bool = typer.Option(False, help=PRINT_CONFIG_HELP),
     ) -> None:
         """Sample and score rollouts from a checkpoint into a trace store, without training."""
-        from kat_diag import config_io, preflight, rundir
-        from kat_diag.record import RecordConfig
-        from kat_diag.record import record as run_record
-        from kat_diag.rollout import SamplingConfig
+        from kat_diag.opd import preflight
+        from kat_diag.opd.config import SamplingConfig
+        from kat_diag.opd.record import RecordConfig
+        from kat_diag.opd.record import record as run_record
+        from kat_diag.run import config_io, rundir
 
         cfg = RecordConfig(
             teacher=str(teacher), student=str(student), out=str(out), data=data, split=split,

@@ -48,7 +48,7 @@ def register(app: typer.Typer) -> None:
         """Replay KAT on a store and report the trap: fire rates right vs wrong, tokens cut, low-KL
         spans, and (embedded world) onsets against the first error."""
         from kat_diag.analysis.trap import trap_report
-        from kat_diag.detector import kat_preset
+        from kat_diag.kat.config import kat_preset
 
         cfg = kat_preset(preset, window=window, persistence=persistence,
                          min_length=min_length, tau_quantile=tau_quantile, statistic=statistic,

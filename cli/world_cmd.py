@@ -27,7 +27,7 @@ def build(
 
 
 def _build_target(out: Path | None, force: bool) -> Path:
-    from kat_diag import rundir
+    from kat_diag.run import rundir
 
     if out is None and not force:
         fail(f"world build needs --out DIR (or --force to rebuild the committed world {WORLD_DIR} in place)")
@@ -41,7 +41,7 @@ def _build_target(out: Path | None, force: bool) -> Path:
 def _build(out: Path, quick: bool, seed: int) -> dict:
     from dataclasses import replace
 
-    from kat_diag.world import WorldConfig, build_world
+    from kat_diag.world.build import WorldConfig, build_world
 
     cfg = WorldConfig.quick() if quick else WorldConfig()
     cfg = replace(cfg, seed=seed)
@@ -75,10 +75,10 @@ def _check_world(world: Path) -> None:
 def run_world_eval(world: Path, k: int, n: int | None, seed: int, max_new_tokens: int) -> dict:
     """Teacher and student on every benchmark split, with a progress bar over (model, split)."""
     from kat_diag.evaluation import evaluate_benchmarks
-    from kat_diag.loop_probe import loop_start_rate
     from kat_diag.models import load_model, load_tokenizer
-    from kat_diag.progress import bar
-    from kat_diag.world import load_world_splits, world_paths
+    from kat_diag.run.progress import bar
+    from kat_diag.world.loop_probe import loop_start_rate
+    from kat_diag.world.paths import load_world_splits, world_paths
 
     paths = world_paths(world)
     splits = load_world_splits(world)
@@ -133,18 +133,18 @@ def register(app: typer.Typer) -> None:
                                        "OUT/kat (with --no-overwrite an existing one is an error)."),
     ) -> None:
         """The embedded pipeline end to end: world, evaluation, OPD with KAT, trace summary."""
-        from kat_diag import rundir
+        from kat_diag.run import rundir
 
         run = out / "kat"
         rundir.check_out(run, overwrite=overwrite)
         if not (world / "student" / "config.json").exists():
             typer.echo(f"no world at {world}: building it (about 15 minutes on 2 cores)", err=True)
             _build(world, quick=False, seed=0)
-        from kat_diag.detector import KATConfig
-        from kat_diag.rollout import SamplingConfig
-        from kat_diag.trace_view import format_summary, summarize
-        from kat_diag.traces import TraceReader
-        from kat_diag.trainer import TrainConfig, train
+        from kat_diag.kat.config import KATConfig
+        from kat_diag.opd.config import SamplingConfig, TrainConfig
+        from kat_diag.opd.trainer import train
+        from kat_diag.traces.reader import TraceReader
+        from kat_diag.views.summary import format_summary, summarize
 
         typer.echo("== 1. world evaluation (greedy, avg@k, pass@k) ==")
         typer.echo(_eval_table(run_world_eval(world, k, n or None, 0, 96)))

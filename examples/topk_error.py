@@ -2,7 +2,7 @@
 
 Samples student rollouts on a benchmark split of the embedded world (or any teacher/student pair
 sharing a tokenizer), keeps the teacher's full log-probs, and for each k compares the `topk` loss
-(`kat_diag.loss.TopKReverseKL`) with the `full` loss (`FullReverseKL`) on the same tokens: the
+(`kat_diag.opd.loss.TopKReverseKL`) with the `full` loss (`FullReverseKL`) on the same tokens: the
 relative error of the summed loss, and of its gradient with respect to the student's logits.
 The paper quotes about 0.5 % relative error at k = 64 on Qwen3 vocabularies.
 
@@ -18,11 +18,12 @@ import json
 
 import torch
 
-from kat_diag.loss import FullReverseKL, LossInputs, TopKReverseKL, topk_teacher_state
+from kat_diag.kat.policies import make_policy
 from kat_diag.models import load_model, load_tokenizer
-from kat_diag.rollout import RolloutEngine, SamplingConfig, encode_prompts
-from kat_diag.termination import make_policy
-from kat_diag.world import DEFAULT_WORLD_DIR, load_world_splits
+from kat_diag.opd.config import SamplingConfig
+from kat_diag.opd.loss import FullReverseKL, LossInputs, TopKReverseKL, topk_teacher_state
+from kat_diag.opd.rollout import RolloutEngine, encode_prompts
+from kat_diag.world.paths import DEFAULT_WORLD_DIR, load_world_splits
 
 
 def main() -> None:

@@ -23,9 +23,9 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from kat_diag.sft import SFTConfig
-from kat_diag.tasks import LoopDocs
-from kat_diag.world import ModelSpec, WorldConfig, build_world
+from kat_diag.world.build import ModelSpec, WorldConfig, build_world
+from kat_diag.world.sft import SFTConfig
+from kat_diag.world.tasks import LoopDocs
 
 
 def _loops(*kinds: tuple) -> tuple[LoopDocs, ...]:

@@ -13,8 +13,9 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from kat_diag.progress import bar as tqdm  # few lines in a log, live on a terminal
-from kat_diag.tasks import Problem, check_answer
+from kat_diag.data.grading import check_answer
+from kat_diag.data.problems import Problem
+from kat_diag.run.progress import bar as tqdm  # few lines in a log, live on a terminal
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

@@ -16,7 +16,7 @@ Choices the paper leaves open, made here:
   `eval_n` problems of every split, one seeded batch (paired across methods).
 - `--full` adds seeds (mean, spread, paired bootstrap CI of KAT minus OPD per split, resampling
   problems) and ablations: several KAT quantiles, stage-wise supervision of untruncated rollouts
-  (`--supervise`, `kat_diag.supervise`; `pre` is KAT as a loss mask: generate everything, train
+  (`--supervise`, `kat_diag.opd.supervise`; `pre` is KAT as a loss mask: generate everything, train
   only on what KAT would keep), and `prefix` / `kat+prefix` at several budgets.
 
 Every method is its own run directory (DIR/seed<S>/<method>, DIR/ablations/<name>); a rerun skips
@@ -38,8 +38,8 @@ from typing import Any
 
 import numpy as np
 
-from kat_diag.detector import KATConfig, upgrade_kat_dict
-from kat_diag.termination import survival
+from kat_diag.kat.config import KATConfig, upgrade_kat_dict
+from kat_diag.kat.policies import survival
 
 MAIN_METHODS = ("none", "kat", "random", "prefix", "kat+prefix")
 LABELS = {"none": "OPD", "kat": "KAT", "random": "random (length-matched)", "prefix": "prefix",
@@ -131,7 +131,7 @@ def kat_config(cfg: StudyConfig, **extra: Any) -> KATConfig:
     if unknown:
         raise ValueError(f"study: unknown KAT parameter(s) {unknown}; known: {sorted(names)}")
     if preset is not None:
-        from kat_diag.detector import kat_preset
+        from kat_diag.kat.config import kat_preset
 
         base = kat_preset(str(preset))
     else:
@@ -181,8 +181,8 @@ def _kat_run(out: Path, seed: int) -> Path:
 
 def prefix_from_kat_run(run: Path, max_new_tokens: int) -> dict[str, Any]:
     """P with E[min(P, N)] >= the KAT run's mean kept length (see module doc), and how it was found."""
-    from kat_diag.termination import target_from_metrics
-    from kat_diag.trainer import METRICS_NAME
+    from kat_diag.kat.policies import target_from_metrics
+    from kat_diag.opd.config import METRICS_NAME
 
     target = target_from_metrics(run / METRICS_NAME)
     lengths, ended = _all_lengths(run)
@@ -196,7 +196,7 @@ def prefix_from_kat_run(run: Path, max_new_tokens: int) -> dict[str, Any]:
 
 
 def _all_lengths(run: Path) -> tuple[np.ndarray, np.ndarray]:
-    from kat_diag.traces import TraceReader
+    from kat_diag.traces.reader import TraceReader
 
     rows = TraceReader(run / "traces").read(["gen_len", "stop_reason"])
     ended = np.asarray(rows["stop_reason"]).astype(str) != "policy"
@@ -205,8 +205,7 @@ def _all_lengths(run: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def train_config(cfg: StudyConfig, spec: RunSpec, out: Path, prefix_len: int | None):
     """The TrainConfig of one run (no in-trainer evaluation: the study evaluates final/ itself)."""
-    from kat_diag.rollout import SamplingConfig
-    from kat_diag.trainer import TrainConfig
+    from kat_diag.opd.config import SamplingConfig, TrainConfig
 
     return TrainConfig(
         teacher=cfg.teacher, student=cfg.student, out=str(spec.path(out)), data=cfg.data,
@@ -231,9 +230,9 @@ def evaluate_model(model_dir: str | Path, tokenizer_dir: str | Path, splits: dic
                    k: int, max_new_tokens: int, seed: int, device: str = "auto") -> dict[str, Any]:
     """k samples per problem of every split in one seeded batch: per split the per-problem correct
     counts, avg@k and pass@k (`kat_diag.evaluation`), plus their mean over splits."""
+    from kat_diag.data.grading import check_answer
     from kat_diag.evaluation import avg_at_k, generate, pass_at_k
     from kat_diag.models import load_model, load_tokenizer, resolve_device
-    from kat_diag.tasks import check_answer
 
     tok = load_tokenizer(str(tokenizer_dir), what="tokenizer")
     model = load_model(str(model_dir), what="model", device=str(resolve_device(device)))
@@ -261,7 +260,7 @@ def run_summary(run: Path) -> dict[str, Any]:
     """Training numbers of a finished run from its metrics.jsonl: mean generated / kept length,
     tokens generated and trained, training wall-clock (sum of step times: excludes model loading
     and evaluation, and is the same after a resume)."""
-    from kat_diag.trainer import METRICS_NAME
+    from kat_diag.opd.config import METRICS_NAME
 
     rows = [json.loads(ln) for ln in (run / METRICS_NAME).read_text().splitlines() if ln.strip()]
     steps = [r for r in rows if "loss" in r]
@@ -319,7 +318,7 @@ def _finished(run: Path) -> bool:
 
 
 def _remaining_steps(run: Path, steps: int) -> int:
-    from kat_diag.trainer import latest_checkpoint
+    from kat_diag.opd.checkpoint import latest_checkpoint
 
     if _finished(run):
         return 0
@@ -330,10 +329,11 @@ def _remaining_steps(run: Path, steps: int) -> int:
 def run_study(cfg: StudyConfig, out: str | Path, progress: bool = True,
               log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train, evaluate and summarise every run of `plan(cfg)` into `out` (see module doc)."""
-    from kat_diag.progress import bar as tqdm
-    from kat_diag.progress import interactive
-    from kat_diag.trainer import latest_checkpoint, load_prompts
-    from kat_diag.trainer import train as run_train
+    from kat_diag.opd.checkpoint import latest_checkpoint
+    from kat_diag.opd.trainer import load_prompts
+    from kat_diag.opd.trainer import train as run_train
+    from kat_diag.run.progress import bar as tqdm
+    from kat_diag.run.progress import interactive
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

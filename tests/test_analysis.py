@@ -16,8 +16,9 @@ from kat_diag.analysis import phase_stats as P
 from kat_diag.analysis.curves import read_metrics, rolling_mean
 from kat_diag.analysis.store import read_rollouts, sample_rows, stage_ranges
 from kat_diag.analysis.threshold import derive_tau, parse_tau, resolve_tau
-from kat_diag.detector import KATConfig
-from kat_diag.traces import TraceReader, TraceWriter
+from kat_diag.kat.config import KATConfig
+from kat_diag.traces.reader import TraceReader
+from kat_diag.traces.writer import TraceWriter
 
 runner = CliRunner()
 CFG = KATConfig(window=4, persistence=3, min_length=0)

@@ -18,10 +18,10 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
-from kat_diag import rundir
-from kat_diag.detector import KATConfig
-from kat_diag.rollout import SamplingConfig
-from kat_diag.trainer import TrainConfig, train
+from kat_diag.kat.config import KATConfig
+from kat_diag.opd.config import SamplingConfig, TrainConfig
+from kat_diag.opd.trainer import train
+from kat_diag.run import rundir
 
 runner = CliRunner()
 
@@ -52,7 +52,7 @@ def small_run(quick_world, tmp_path_factory) -> Path:
 def no_model_loads(monkeypatch):
     """Fail the test if a command gets as far as loading a model."""
     import kat_diag.models as models
-    import kat_diag.trainer as trainer
+    import kat_diag.opd.trainer as trainer
 
     def boom(*a, **k):
         raise AssertionError("a model was loaded before the options were checked")
@@ -148,7 +148,7 @@ def test_resume_restores_the_runs_config_and_says_which_checkpoint(small_run, qu
 
 def test_library_resume_refuses_a_changed_setting(small_run):
     cfg = json.loads((small_run / "config.json").read_text())
-    from kat_diag.config_io import build
+    from kat_diag.run.config_io import build
 
     changed = build(TrainConfig, {**cfg, "lr": 0.5})
     with pytest.raises(ValueError, match=r"lr 0.5 differs from the run's lr = 0.0001"):
@@ -201,7 +201,7 @@ def test_every_train_option_maps_to_a_config_field():
     from typer.main import get_command
 
     from cli.train_cmd import TRAIN_ALIASES, TRAIN_NOT_CONFIG
-    from kat_diag.config_io import option_paths
+    from kat_diag.run.config_io import option_paths
 
     cmd = get_command(app).commands["train"]
     paths = option_paths([p.name for p in cmd.params], TrainConfig, aliases=TRAIN_ALIASES,
@@ -260,7 +260,7 @@ def test_out_that_is_a_file_or_read_only(quick_world, tmp_path, no_model_loads, 
 
 
 def test_a_failed_start_removes_the_run_directory_it_created(quick_world, tmp_path, monkeypatch):
-    import kat_diag.trainer as trainer
+    import kat_diag.opd.trainer as trainer
 
     def broken(*a, **k):
         raise OSError(28, "No space left on device", "weights")
@@ -290,7 +290,7 @@ def test_config_written_before_the_paper_rule_still_loads(tmp_path):
 def test_resume_before_the_first_checkpoint_redoes_the_run_without_duplicates(quick_world, tmp_path):
     import shutil
 
-    from kat_diag.traces import TraceReader
+    from kat_diag.traces.reader import TraceReader
 
     run = tmp_path / "run"
     assert invoke("train", *_models(quick_world), "--out", run, *SMALL, "--stop-after", "1").exit_code == 0

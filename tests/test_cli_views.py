@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
-from kat_diag.traces import TraceWriter
+from kat_diag.traces.writer import TraceWriter
 
 runner = CliRunner()
 
@@ -70,10 +70,10 @@ def test_malicious_trainer_state_is_refused_and_never_runs(run, tmp_path):
     torch.save({"step": 1, "optimizer": _Payload(marker)}, state)
     res = invoke("train", "--out", victim, "--resume", "--steps", "3")
     line = _one_error_line(res)
-    assert f"refusing to load {state}" in line and "python -m kat_diag.checkpoint convert" in line
+    assert f"refusing to load {state}" in line and "python -m kat_diag.opd.checkpoint convert" in line
     assert not marker.exists()
     # the explicit, trusted conversion is the only way such a file is unpickled
-    from kat_diag.checkpoint import load_state, main
+    from kat_diag.opd.checkpoint import load_state, main
 
     assert main(["convert", str(state)]) == 2 and not marker.exists()  # needs --trust
     torch.save({"step": 1, "extra": np.arange(3)}, state)  # an old-style state with a numpy array
@@ -122,7 +122,7 @@ def _hostile_store(path: Path) -> int:
         w.append({"step": 0, "prompt_id": HOSTILE, "policy": HOSTILE, "stop_reason": HOSTILE, "text": HOSTILE,
                   "token_ids": [np.arange(4)], "kl": [np.array([0.1, 0.01, 0.02, 3.0], np.float32)],
                   "token_text": [[HOSTILE, "a", "<b>", "\x1b[0m"]], "tau": 0.05, "kept_len": 2})
-    from kat_diag.traces import TraceReader
+    from kat_diag.traces.reader import TraceReader
 
     return int(TraceReader(path).read(columns=["rollout_id"])["rollout_id"][0])
 
@@ -174,7 +174,7 @@ def test_inspect_list_and_rollout_view(run, quick_world):
     assert len(rows) == 6 and {r["step"] for r in rows} == {0, 1}
     assert set(rows[0]) >= {"rollout_id", "step", "prompt_id", "correct", "gen_len", "kept_len", "fire"}
     text = invoke("inspect", run, "--list").stdout
-    from kat_diag.world import load_world_splits
+    from kat_diag.world.paths import load_world_splits
 
     problems = {p.id: p for ps in load_world_splits(quick_world).values() for p in ps}
     first = problems[rows[0]["prompt_id"]]
@@ -248,7 +248,7 @@ def test_world_eval_table_has_every_metric_row(quick_world):
 
 
 def test_progress_in_a_log_is_a_few_lines():
-    from kat_diag.progress import bar
+    from kat_diag.run.progress import bar
 
     log = io.StringIO()  # not a terminal
     for _ in bar(range(20000), desc="x", file=log):

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from kat_diag.tasks import load_math_dataset
+from kat_diag.data.sources import load_math_dataset
 
 datasets = pytest.importorskip("datasets", reason="datasets not installed (pip install 'kat-diag[data]')")
 

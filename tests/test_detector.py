@@ -10,10 +10,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kat_diag.detector import (
+from kat_diag.kat.config import KATConfig
+from kat_diag.kat.detector import (
     KL_SCALE,
     AdaptiveThreshold,
-    KATConfig,
     StreamingDetector,
     buffer_values_of,
     kept_tokens,

@@ -14,14 +14,15 @@ from kat_diag.models import load_model
 WORKER = textwrap.dedent("""
     import sys, torch.distributed as dist
     from pathlib import Path
-    from kat_diag.detector import KATConfig
-    from kat_diag.rollout import SamplingConfig
-    from kat_diag.trainer import TrainConfig, train
+    from kat_diag.kat.config import KATConfig
+    from kat_diag.opd.config import SamplingConfig
+    from kat_diag.opd.config import TrainConfig
+    from kat_diag.opd.trainer import train
     world, out, parallel = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
     # Count FSDP all-gathers and model forwards inside each rollout (engine.run).
     import json, torch
     import torch.distributed.fsdp._fully_shard._fsdp_param_group as pg
-    from kat_diag.rollout import RolloutEngine
+    from kat_diag.opd.rollout import RolloutEngine
     calls, forwards, per_rollout = [0], [0], []
     real_ag, real_run = pg.foreach_all_gather, RolloutEngine.run
     def counting_ag(*a, **k):

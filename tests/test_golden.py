@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from kat_diag.evaluation import evaluate_split
+from kat_diag.kat.policies import make_policy
 from kat_diag.models import count_parameters, load_model, load_tokenizer
-from kat_diag.rollout import RolloutEngine, SamplingConfig, encode_prompts
-from kat_diag.termination import make_policy
-from kat_diag.world import DEFAULT_WORLD_DIR, load_world_splits, world_paths
+from kat_diag.opd.config import SamplingConfig
+from kat_diag.opd.rollout import RolloutEngine, encode_prompts
+from kat_diag.world.paths import DEFAULT_WORLD_DIR, load_world_splits, world_paths
 
 pytestmark = pytest.mark.skipif(not (DEFAULT_WORLD_DIR / "world.json").exists(), reason="no committed world")
 

@@ -144,9 +144,9 @@ def test_gradproj_and_vocab_end_to_end_on_a_two_step_run(quick_world, tmp_path):
     from typer.testing import CliRunner
 
     from cli.main import app
-    from kat_diag.rollout import SamplingConfig
-    from kat_diag.traces import TraceReader
-    from kat_diag.trainer import TrainConfig, train
+    from kat_diag.opd.config import SamplingConfig, TrainConfig
+    from kat_diag.opd.trainer import train
+    from kat_diag.traces.reader import TraceReader
 
     run = tmp_path / "run"
     train(TrainConfig(teacher=str(quick_world / "teacher"), student=str(quick_world / "student"), out=str(run),

@@ -19,8 +19,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kat_diag.detector import KATConfig, buffer_values, kat_preset, rollout_minima, threshold_of
-from kat_diag.termination import KATPolicy
+from kat_diag.kat.config import KATConfig, kat_preset
+from kat_diag.kat.detector import buffer_values, rollout_minima, threshold_of
+from kat_diag.kat.policies import KATPolicy
 
 SCALE = 2**24  # the detector's fixed point (DESIGN: O(1) running sums; exact here)
 

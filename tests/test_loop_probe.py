@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from kat_diag.loop_probe import _contexts, loop_start_rate
+from kat_diag.data.problems import Problem
 from kat_diag.models import load_model, load_tokenizer
-from kat_diag.tasks import Problem
-from kat_diag.world import load_world_splits
+from kat_diag.world.loop_probe import _contexts, loop_start_rate
+from kat_diag.world.paths import load_world_splits
 
 
 def test_contexts_are_every_step_line_repeated_once():

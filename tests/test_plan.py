@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from kat_diag.plan import GB, ModelShape, PlanConfig, memory_plan, plan
+from kat_diag.opd.plan import GB, ModelShape, PlanConfig, memory_plan, plan
 
 # Qwen3-4B / Qwen3-8B as published (config.json fields that memory depends on).
 QWEN3_4B = dict(model_type="qwen3", hidden_size=2560, num_hidden_layers=36, num_attention_heads=32,
@@ -25,7 +25,7 @@ def test_parameter_counts_match_the_world_models(quick_world):
 
 
 def test_world_plan_matches_a_hand_computation():
-    from kat_diag.world import DEFAULT_WORLD_DIR
+    from kat_diag.world.paths import DEFAULT_WORLD_DIR
 
     t = ModelShape.from_path(DEFAULT_WORLD_DIR / "teacher")  # H 128, 4 layers, 4/4 heads of 32, I 384, V 99
     s = ModelShape.from_path(DEFAULT_WORLD_DIR / "student")  # H 128, 3 layers, 4/4 heads of 32, I 384, V 99

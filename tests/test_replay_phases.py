@@ -10,10 +10,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kat_diag.analysis.phases import AGREEMENT, POST, PRE, phase_labels, phase_of, segment
-from kat_diag.analysis.replay import replay
-from kat_diag.detector import KL_SCALE, KATConfig
-from kat_diag.termination import KATPolicy
+from kat_diag.kat.config import KATConfig
+from kat_diag.kat.detector import KL_SCALE
+from kat_diag.kat.phases import AGREEMENT, POST, PRE, phase_labels, phase_of, segment
+from kat_diag.kat.policies import KATPolicy
+from kat_diag.kat.replay import replay
 
 VALUES = st.sampled_from([0.01, 0.0, 0.002, 1.0, 0.3, 5.0, math.nan, math.inf])
 TRACE = st.lists(st.tuples(VALUES, st.integers(1, 12)), max_size=8).map(

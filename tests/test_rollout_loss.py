@@ -4,12 +4,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from kat_diag.detector import KATConfig
-from kat_diag.loss import FullReverseKL, LossInputs, SampledTokenKL, TopKReverseKL, make_loss, topk_teacher_state
+from kat_diag.kat.config import KATConfig
+from kat_diag.kat.policies import make_policy
 from kat_diag.models import tiny_qwen3_config
-from kat_diag.rollout import RolloutEngine, SamplingConfig, encode_prompts, sample_next
-from kat_diag.termination import make_policy
-from kat_diag.tokenizer import build_char_tokenizer
+from kat_diag.opd.config import SamplingConfig
+from kat_diag.opd.loss import FullReverseKL, LossInputs, SampledTokenKL, TopKReverseKL, make_loss, topk_teacher_state
+from kat_diag.opd.rollout import RolloutEngine, encode_prompts, sample_next
+from kat_diag.world.tokenizer import build_char_tokenizer
 
 PROMPTS = ["12 +3 -4\n", "5 *2\n", "99 -9 -9 -9\n", "1\n", "7 +7\n", "30 -3 +8 *2 -1\n", "4 *4\n"]
 

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from kat_diag.detector import KATConfig
+from kat_diag.kat.config import KATConfig
 from kat_diag.study import (
     MAIN_METHODS,
     StudyConfig,

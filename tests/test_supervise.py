@@ -7,11 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from kat_diag.detector import KATConfig, buffer_values_of
-from kat_diag.rollout import Rollout, SamplingConfig
-from kat_diag.supervise import PhaseSupervision, parse_phases, with_supervision
-from kat_diag.termination import make_policy
-from kat_diag.trainer import TrainConfig, train
+from kat_diag.kat.config import KATConfig
+from kat_diag.kat.detector import buffer_values_of
+from kat_diag.kat.policies import make_policy
+from kat_diag.opd.config import SamplingConfig, TrainConfig
+from kat_diag.opd.rollout import Rollout
+from kat_diag.opd.supervise import PhaseSupervision, parse_phases, with_supervision
+from kat_diag.opd.trainer import train
 
 
 def small_kat(**kw) -> KATConfig:

@@ -7,19 +7,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from kat_diag.tasks import (
-    BENCHMARK_OPS,
-    check_answer,
-    check_arith,
-    check_math,
-    extract_boxed,
-    extract_gsm8k_answer,
-    generate_problems,
-    load_math_dataset,
-    read_problems,
-    world_splits,
-    write_jsonl,
-)
+from kat_diag.data.grading import check_answer, check_arith, check_math, extract_boxed, extract_gsm8k_answer
+from kat_diag.data.problems import read_problems, write_jsonl
+from kat_diag.data.sources import load_math_dataset
+from kat_diag.world.tasks import BENCHMARK_OPS, generate_problems, world_splits
 
 
 def _eval_chain(problem) -> int:
@@ -158,7 +149,7 @@ def test_check_answer_dispatches_on_kind():
 
 
 def test_sft_batches_mix_whole_batches_of_error_loops():
-    from kat_diag.tasks import LoopDocs, sft_batches
+    from kat_diag.world.tasks import LoopDocs, sft_batches
 
     stream = sft_batches(1, (2, 3), set(), 4, LoopDocs(share=0.25, length=64, context_repeats=1))
     batches = [next(stream) for _ in range(800)]
@@ -172,9 +163,9 @@ def test_sft_batches_mix_whole_batches_of_error_loops():
 def test_sft_encoding_ends_solutions_with_eos_but_not_loops():
     import random
 
-    from kat_diag.sft import encode_sft_batch
-    from kat_diag.tasks import error_loop_variant
-    from kat_diag.tokenizer import build_char_tokenizer
+    from kat_diag.world.sft import encode_sft_batch
+    from kat_diag.world.tasks import error_loop_variant
+    from kat_diag.world.tokenizer import build_char_tokenizer
 
     tok = build_char_tokenizer()
     p = generate_problems(1, 3, seed=0, prefix="e")[0]
@@ -203,8 +194,8 @@ def test_fixed_width_problems_are_the_same_chains_zero_padded():
 def test_spontaneous_loop_documents_repeat_a_correct_step_to_the_budget():
     import random
 
-    from kat_diag.tasks import LoopDocs, sft_batches, spontaneous_loop_variant
-    from kat_diag.truth import first_wrong_line, loop_start
+    from kat_diag.world.tasks import LoopDocs, sft_batches, spontaneous_loop_variant
+    from kat_diag.world.truth import first_wrong_line, loop_start
 
     rng = random.Random(0)
     for p in generate_problems(100, (2, 3, 4, 5), seed=4, prefix="s", width=2):
@@ -227,7 +218,7 @@ def test_a_world_data_file_loads_as_world_problems(tmp_path):
     probs = generate_problems(5, 3, seed=0, prefix="d", width=2)
     write_jsonl(probs, tmp_path / "ops3.jsonl")
     assert load_math_dataset(tmp_path / "ops3.jsonl") == probs  # kind and solution kept: ground truth
-    from kat_diag.preflight import check_data_file
+    from kat_diag.data.sources import check_data_file
 
     check_data_file("--data", tmp_path / "ops3.jsonl", ("question", "answer"))  # the CLI's check lets it through
     (tmp_path / "other.jsonl").write_text(json.dumps({"prompt": "1 +1\n", "answer": "2"}) + "\n")
@@ -236,7 +227,7 @@ def test_a_world_data_file_loads_as_world_problems(tmp_path):
 
 
 def test_sft_batches_mix_several_kinds_of_loop_documents_with_their_shares():
-    from kat_diag.tasks import LoopDocs, sft_batches
+    from kat_diag.world.tasks import LoopDocs, sft_batches
 
     kinds = (LoopDocs(0.3, 40, spontaneous=True), LoopDocs(0.1, 90, spontaneous=True))
     stream = sft_batches(5, (2, 3), set(), 2, kinds, width=2)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from kat_diag.detector import KATConfig
-from kat_diag.termination import (
+from kat_diag.kat.config import KATConfig
+from kat_diag.kat.policies import (
     POLICY_NAMES,
     KATPolicy,
     RandomPolicy,
@@ -277,7 +277,7 @@ def run_engine_like(policy: TerminationPolicy, step: int, natural: torch.Tensor,
 
 
 def test_survival_and_stop_probability_match_closed_forms():
-    from kat_diag.termination import stop_prob_for_mean_kept, survival
+    from kat_diag.kat.policies import stop_prob_for_mean_kept, survival
 
     # Lengths 2, 4 (ended) and 3 (cut): S(1)=S(2)=1, S(3)=2/3, S(4)=2/3 * (1 - 1/1)=... at t=4 one at risk, dies.
     s = survival([2, 3, 4], [True, False, True], horizon=5)

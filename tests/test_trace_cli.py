@@ -14,7 +14,8 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
-from kat_diag.traces import TraceWriter, make_rollout_id
+from kat_diag.traces.schema import make_rollout_id
+from kat_diag.traces.writer import TraceWriter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_traces import TOP_N, make_batch, write_store  # noqa: E402
@@ -122,7 +123,7 @@ def test_inspect_html_escapes_and_colours(store, tmp_path: Path) -> None:
     first_kl = float(re.search(r"KL=([0-9.e+-]+)", html_lib.unescape(spans[0][1])).group(1))
     assert first_kl == pytest.approx(float(b["kl"][1][0]), rel=1e-3)
     # higher KL never gets a colour from lower on the ramp
-    from kat_diag.trace_view import ANSI_RAMP, ansi_rgb
+    from kat_diag.views.colors import ANSI_RAMP, ansi_rgb
 
     ramp = ["#{:02x}{:02x}{:02x}".format(*ansi_rgb(i)) for i in ANSI_RAMP]
     pos = [ramp.index(c) for c, _, _ in spans]
@@ -185,7 +186,7 @@ def simulate_online_kat(run: Path, cfg, chunk: int, n_steps: int = 9, per_step: 
     chunk generated after it are discarded), the buffer fed with the stored rollouts' KL."""
     import torch
 
-    from kat_diag.termination import KATPolicy
+    from kat_diag.kat.policies import KATPolicy
 
     rng = np.random.default_rng(seed)
     policy = KATPolicy(cfg)
@@ -230,7 +231,7 @@ def _kat_args(cfg) -> list[str]:
 
 @pytest.fixture(scope="module", params=["rollout_min", "windows"])
 def kat_run(tmp_path_factory: pytest.TempPathFactory, request):
-    from kat_diag.detector import KATConfig
+    from kat_diag.kat.config import KATConfig
 
     if request.param == "windows":
         cfg = KATConfig(window=4, persistence=3, min_length=8, warmup_steps=2, buffer_size=60, min_fill=1,
@@ -247,7 +248,7 @@ def kat_run(tmp_path_factory: pytest.TempPathFactory, request):
 def test_replay_reproduces_online_decisions(kat_run, tau_mode: str, tmp_path: Path) -> None:
     import pyarrow.parquet as pq
 
-    from kat_diag.traces import TraceReader
+    from kat_diag.traces.reader import TraceReader
 
     run, cfg, taus = kat_run
     out = tmp_path / "rows.parquet"
@@ -293,10 +294,11 @@ def test_replay_under_the_other_statistic_differs(kat_run) -> None:
 
 
 def test_replay_fixed_tau_on_an_opd_store(tmp_path: Path) -> None:
-    from kat_diag.analysis.phases import phase_labels, segment
-    from kat_diag.analysis.replay import replay
-    from kat_diag.detector import KATConfig, kept_tokens
-    from kat_diag.traces import Ragged
+    from kat_diag.kat.config import KATConfig
+    from kat_diag.kat.detector import kept_tokens
+    from kat_diag.kat.phases import phase_labels, segment
+    from kat_diag.kat.replay import replay
+    from kat_diag.traces.ragged import Ragged
 
     rng = np.random.default_rng(3)
     kls = [[_synthetic_kl(rng) for _ in range(8)] for _ in range(4)]
@@ -342,7 +344,7 @@ def test_replay_bad_options(kat_run) -> None:
 
 
 def test_inspect_marks_phases_of_a_fired_rollout(kat_run) -> None:
-    from kat_diag.traces import TraceReader
+    from kat_diag.traces.reader import TraceReader
 
     run, _, _ = kat_run
     rec = TraceReader(run).read(["rollout_id", "fire", "onset"])

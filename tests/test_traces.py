@@ -17,15 +17,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from kat_diag.traces import (
-    SCHEMA_VERSION,
-    Ragged,
-    TraceReader,
-    TraceStoreError,
-    TraceWriter,
-    make_rollout_id,
-    split_rollout_id,
-)
+from kat_diag.traces.ragged import Ragged
+from kat_diag.traces.reader import TraceReader
+from kat_diag.traces.schema import SCHEMA_VERSION, TraceStoreError, make_rollout_id, split_rollout_id
+from kat_diag.traces.writer import TraceWriter
 
 REPO = Path(__file__).resolve().parents[1]
 TOP_N = 3
@@ -208,7 +203,7 @@ _CHILD = textwrap.dedent(
     sys.path.insert(0, {repo!r})
     sys.path.insert(0, {tests!r})
     from test_traces import make_batch, TOP_N
-    from kat_diag import traces
+    from kat_diag.traces import writer as traces
     run, mode = sys.argv[1], sys.argv[2]
     flushes = 0
     if mode != "loop":

@@ -8,10 +8,10 @@ import textwrap
 
 import pytest
 
-from kat_diag.detector import KATConfig
-from kat_diag.rollout import SamplingConfig
-from kat_diag.tracking import parse_report_to
-from kat_diag.trainer import TrainConfig, train
+from kat_diag.kat.config import KATConfig
+from kat_diag.opd.config import SamplingConfig, TrainConfig
+from kat_diag.opd.tracking import parse_report_to
+from kat_diag.opd.trainer import train
 
 
 def _cfg(world, out, **kw) -> TrainConfig:
@@ -69,7 +69,7 @@ TRACKIO_WORKER = textwrap.dedent("""
     from pathlib import Path
     sys.path.insert(0, sys.argv[3])
     from test_tracking import _cfg
-    from kat_diag.trainer import train
+    from kat_diag.opd.trainer import train
     world, run = Path(sys.argv[1]), Path(sys.argv[2])
     train(_cfg(world, run, report_to=("trackio",), tracker_project="katdiag-test", max_steps_this_run=1))
     train(_cfg(world, run, report_to=("trackio",), tracker_project="katdiag-test"), resume=True)

@@ -10,11 +10,12 @@ import textwrap
 import pytest
 import torch
 
-from kat_diag.detector import KATConfig
+from kat_diag.kat.config import KATConfig
 from kat_diag.models import load_model
-from kat_diag.rollout import SamplingConfig
-from kat_diag.traces import TraceReader
-from kat_diag.trainer import TrainConfig, latest_checkpoint, prompt_indices, train
+from kat_diag.opd.checkpoint import latest_checkpoint
+from kat_diag.opd.config import SamplingConfig, TrainConfig
+from kat_diag.opd.trainer import prompt_indices, train
+from kat_diag.traces.reader import TraceReader
 
 
 def _cfg(world, out, **kw) -> TrainConfig:
@@ -53,7 +54,7 @@ def test_training_changes_parameters_and_writes_the_run(quick_world, tmp_path):
     # Offline replay reproduces every online decision, from the recorded thresholds in force and
     # from the thresholds it derives itself step by step.
     from kat_diag.analysis.replay import replay_store
-    from kat_diag.trace_view import kat_config
+    from kat_diag.views.rollout import kat_config
 
     assert (cols["fire"] >= 0).any()  # not vacuous
     kat = kat_config(reader.config)
@@ -98,9 +99,10 @@ def test_prompt_schedule_is_a_partition_per_epoch():
 WORKER = textwrap.dedent("""
     import sys, torch, torch.distributed as dist
     from pathlib import Path
-    from kat_diag.detector import KATConfig
-    from kat_diag.rollout import SamplingConfig
-    from kat_diag.trainer import TrainConfig, train
+    from kat_diag.kat.config import KATConfig
+    from kat_diag.opd.config import SamplingConfig
+    from kat_diag.opd.config import TrainConfig
+    from kat_diag.opd.trainer import train
     world, out = Path(sys.argv[1]), Path(sys.argv[2])
     cfg = TrainConfig(teacher=str(world / "teacher"), student=str(world / "student"), out=str(out), steps=3,
                       batch_size=3, micro_batch=2, lr=3e-3, warmup_steps=1, device="cpu", progress=False,
@@ -190,7 +192,7 @@ def test_cli_reports_user_errors_in_one_line(quick_world, tmp_path):
 
 
 def test_record_writes_full_traces_without_training(quick_world, tmp_path):
-    from kat_diag.record import RecordConfig, record
+    from kat_diag.opd.record import RecordConfig, record
 
     before = load_model(quick_world / "student", device="cpu").state_dict()
     out = record(RecordConfig(teacher=str(quick_world / "teacher"), student=str(quick_world / "student"),
@@ -207,8 +209,8 @@ def test_record_writes_full_traces_without_training(quick_world, tmp_path):
     after = load_model(quick_world / "student", device="cpu").state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     # ground truth of every world rollout, recomputed from its text and problem
-    from kat_diag.truth import rollout_truth
-    from kat_diag.world import load_world_splits
+    from kat_diag.world.paths import load_world_splits
+    from kat_diag.world.truth import rollout_truth
 
     t = TraceReader(tmp_path / "rec").read(columns=["text", "prompt_id", "first_error", "loop_start", "verdict"])
     probs = {p.id: p for p in load_world_splits(quick_world)["ops3"]}

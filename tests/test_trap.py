@@ -13,10 +13,21 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from kat_diag.analysis.trap import step_taus, trap_report, trap_stats
-from kat_diag.detector import KATConfig, rollout_minima
-from kat_diag.tasks import Problem, error_loop_variant, make_problem
-from kat_diag.traces import UNKNOWN_POSITION, TraceReader, TraceWriter
-from kat_diag.truth import first_departure, first_wrong_line, loop_start, rollout_truth, token_starts_of, truth_columns
+from kat_diag.data.problems import Problem
+from kat_diag.kat.config import KATConfig
+from kat_diag.kat.detector import rollout_minima
+from kat_diag.traces.reader import TraceReader
+from kat_diag.traces.schema import UNKNOWN_POSITION
+from kat_diag.traces.writer import TraceWriter
+from kat_diag.world.tasks import error_loop_variant, make_problem
+from kat_diag.world.truth import (
+    first_departure,
+    first_wrong_line,
+    loop_start,
+    rollout_truth,
+    token_starts_of,
+    truth_columns,
+)
 
 P = Problem(id="p", prompt="23 +7 -5 *2\n", answer="50", solution="23+7=30\n30-5=25\n25*2=50\n#50")
 

@@ -95,7 +95,7 @@ def test_vocab_end_to_end_with_planted_phases(tmp_path):
     from typer.testing import CliRunner
 
     from cli.main import app
-    from kat_diag.traces import TraceWriter
+    from kat_diag.traces.writer import TraceWriter
 
     rng = np.random.default_rng(0)
     n, L, W, T = 30, 40, 4, 3
@@ -141,7 +141,7 @@ def test_vocab_needs_a_tau_when_none_is_recorded(tmp_path):
     from typer.testing import CliRunner
 
     from cli.main import app
-    from kat_diag.traces import TraceWriter
+    from kat_diag.traces.writer import TraceWriter
 
     run = tmp_path / "run"
     with TraceWriter(run) as w:
@@ -153,7 +153,8 @@ def test_vocab_needs_a_tau_when_none_is_recorded(tmp_path):
 
 def test_tau_options(tmp_path):
     from kat_diag.analysis.phase_sample import parse_tau, resolve_tau
-    from kat_diag.traces import TraceReader, TraceWriter
+    from kat_diag.traces.reader import TraceReader
+    from kat_diag.traces.writer import TraceWriter
 
     assert parse_tau("recorded") is None and parse_tau("0.25") == 0.25 and parse_tau("q0.7") == "q0.7"
     for bad in ("q1.5", "qx", "nan", "abc"):

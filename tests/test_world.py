@@ -10,9 +10,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kat_diag.evaluation import avg_at_k, evaluate_split, generate, pass_at_k
 from kat_diag.models import check_compatible, load_model, load_tokenizer
-from kat_diag.tasks import generate_problems, world_splits
-from kat_diag.tokenizer import save_char_tokenizer
-from kat_diag.world import WorldConfig, build_world, load_world_splits
+from kat_diag.world.build import WorldConfig, build_world
+from kat_diag.world.paths import load_world_splits
+from kat_diag.world.tasks import generate_problems, world_splits
+from kat_diag.world.tokenizer import save_char_tokenizer
 
 
 def test_tokenizer_round_trip_on_every_problem(tmp_path):
@@ -54,7 +55,7 @@ def test_world_build_is_reproducible(quick_world, tmp_path):
 def test_stage1_from_gives_the_full_build(quick_world, tmp_path):
     from dataclasses import replace
 
-    from kat_diag.sft import SFTConfig
+    from kat_diag.world.sft import SFTConfig
 
     full = WorldConfig.quick()
     stage1 = replace(full, teacher=replace(full.teacher, loop_sft=SFTConfig(steps=0)),

@@ -30,7 +30,8 @@ class Analysis:
 
 
 def _no_traces(run_dir: Path) -> str | None:
-    from kat_diag.traces import TraceReader, TraceStoreError
+    from kat_diag.traces.reader import TraceReader
+    from kat_diag.traces.schema import TraceStoreError
 
     try:
         if TraceReader(run_dir).num_rows == 0:
@@ -56,7 +57,7 @@ def _phase_tau(run_dir: Path) -> str:
     """tau for gradproj / vocab: each rollout's recorded threshold when the run recorded any (a KAT
     run), else the run's tau quantile of the store's rollout minima (plain OPD: no tau recorded)."""
     from kat_diag.analysis.phase_sample import kat_config_of, run_config
-    from kat_diag.traces import TraceReader
+    from kat_diag.traces.reader import TraceReader
 
     taus = TraceReader(run_dir).read(["tau"])["tau"]
     if np.isfinite(np.asarray(taus, dtype=np.float64)).any():

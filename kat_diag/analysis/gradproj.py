@@ -3,7 +3,7 @@
 For every 2-D weight W (m x n) of the student, delta = W_final - W_init and its top-k singular
 subspaces U_k (m x k), V_k (n x k) are the directions training actually moved the weight in. For
 each phase (pre-agreement, agreement, post-agreement) the OPD loss (full-vocabulary reverse KL, the
-trainer's `kat_diag.loss.FullReverseKL`) is differentiated on an equal number N of that phase's
+trainer's `kat_diag.opd.loss.FullReverseKL`) is differentiated on an equal number N of that phase's
 tokens, sampled from stored rollouts: g = (1/N) sum_t grad d_t, one backward per phase sample. Then
 
     one-sided  rho_k = ||U_k^T g||_F^2 / ||g||_F^2          (isotropic expectation k/m)
@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kat_diag.analysis.phases import PHASE_NAMES
+from kat_diag.kat.phases import PHASE_NAMES
 
 DEFAULT_KS: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
 EXACT_SVD_MAX = 1 << 24  # m * n up to this: exact torch.linalg.svd ("auto"); above: torch.svd_lowrank
@@ -415,7 +415,7 @@ def phase_gradients(student, teacher, sequences: Sequence[tuple[Sequence[int], S
     same forward. The student is in eval mode (no dropout) so the gradient is deterministic.
     Yields one PhaseGradient at a time, so a caller can reduce it before the next is computed.
     """
-    from kat_diag.loss import FullReverseKL, LossInputs
+    from kat_diag.opd.loss import FullReverseKL, LossInputs
 
     loss_fn = FullReverseKL()
     device = next(student.parameters()).device
@@ -496,7 +496,7 @@ def _reservoir_rollouts(reader, tau_fixed: float | None, cfg, n_rollouts: int, s
     """Up to n_rollouts rollouts per phase that contain that phase, uniformly sampled over the store
     (seeded random keys, smallest kept), read lazily batch by batch. Returns (batch, labels)."""
     from kat_diag.analysis.phase_sample import label_tokens, rollout_tau
-    from kat_diag.traces import TraceBatch
+    from kat_diag.traces.ragged import TraceBatch
 
     cols = ["rollout_id", "step", "prompt_id", "tau", "kl", "token_ids"]
     rng = np.random.default_rng(seed)
@@ -531,7 +531,8 @@ def _reservoir_rollouts(reader, tau_fixed: float | None, cfg, n_rollouts: int, s
 
 
 def _prompt_lookup(config: dict[str, Any]) -> dict[str, str]:
-    from kat_diag.trainer import TrainConfig, load_prompts
+    from kat_diag.opd.config import TrainConfig
+    from kat_diag.opd.trainer import load_prompts
 
     keys = ("data", "question_field", "answer_field", "answer_format")
     tcfg = TrainConfig(teacher=str(config.get("teacher", "")), student=str(config.get("student", "")),
@@ -574,8 +575,8 @@ def run_gradproj(run_dir: str | Path, out_dir: str | Path, init: str | Path | No
 
     from kat_diag.analysis.phase_sample import kat_config_of, parse_tau, resolve_tau, run_config
     from kat_diag.models import check_compatible, load_model
-    from kat_diag.rollout import encode_prompts
-    from kat_diag.traces import TraceReader
+    from kat_diag.opd.rollout import encode_prompts
+    from kat_diag.traces.reader import TraceReader
 
     run = Path(run_dir)
     out = Path(out_dir)

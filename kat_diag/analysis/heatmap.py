@@ -31,8 +31,8 @@ import numpy as np
 from kat_diag.analysis import store as S
 from kat_diag.analysis.phase_stats import batch_phases
 from kat_diag.analysis.threshold import needs_derived, resolve_tau, store_tau
-from kat_diag.detector import KATConfig
-from kat_diag.traces import TraceReader
+from kat_diag.kat.config import KATConfig
+from kat_diag.traces.reader import TraceReader
 
 SORT_KEYS = ("length", "onset", "correct", "none")
 GROUPS = ("right", "wrong")
@@ -364,7 +364,7 @@ def run_heatmap(run_dir: str | Path, out_dir: str | Path, *, cfg: KATConfig | No
     Returns the JSON-ready summary with the written paths. ``options``: those of `heatmap`."""
     from kat_diag.analysis import style
     from kat_diag.analysis.output import clean, write_csv, write_parquet
-    from kat_diag.trace_view import kat_config
+    from kat_diag.views.rollout import kat_config
 
     reader = TraceReader(run_dir)
     out = Path(out_dir)

@@ -4,7 +4,7 @@ Gradient geometry and the teacher vocabulary shift both need the same thing from
 which tokens of each rollout are pre-agreement, agreement and post-agreement (DESIGN §3), under the
 run's own KAT parameters and the tau each rollout was recorded with (or one fixed tau for runs
 where KAT was inactive, e.g. plain OPD). This module reads the run's config, resolves tau and labels
-the tokens of one store batch with `kat_diag.analysis.phases`, the detector code the online run used.
+the tokens of one store batch with `kat_diag.kat.phases`, the detector code the online run used.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from kat_diag.analysis.phases import phase_labels, segment
-from kat_diag.detector import KATConfig, rollout_minima
+from kat_diag.kat.config import KATConfig
+from kat_diag.kat.detector import rollout_minima
+from kat_diag.kat.phases import phase_labels, segment
 
 CONFIG_FILES: tuple[str, ...] = ("config.json", "record_config.json")
 

@@ -1,7 +1,7 @@
 """Per-phase statistics of a trace store, and the paper's heatmap findings as numbers.
 
 DESIGN §3 splits every rollout into pre-agreement, agreement and post-agreement
-(`kat_diag.analysis.phases.segment`, the detector replayed with hindsight). The paper shows heatmaps and
+(`kat_diag.kat.phases.segment`, the detector replayed with hindsight). The paper shows heatmaps and
 reads three findings off them; this module measures them instead:
 
 1. the share of rollouts with an *extended low-KL segment*: a run of at least T consecutive low
@@ -32,11 +32,12 @@ from typing import Any
 import numpy as np
 
 from kat_diag.analysis import store as S
-from kat_diag.analysis.phases import phase_labels, segment
-from kat_diag.analysis.replay import replay
 from kat_diag.analysis.threshold import needs_derived, resolve_tau, store_tau
-from kat_diag.detector import KATConfig
-from kat_diag.traces import Ragged, TraceReader
+from kat_diag.kat.config import KATConfig
+from kat_diag.kat.phases import phase_labels, segment
+from kat_diag.kat.replay import replay
+from kat_diag.traces.ragged import Ragged
+from kat_diag.traces.reader import TraceReader
 
 PHASES = ("pre", "agreement", "post")
 SEGMENT_PARTS = ("before", "inside", "after")
@@ -367,7 +368,6 @@ def phase_report(reader: TraceReader, cfg: KATConfig, tau: str | float = "auto",
                                     for k, v in run_lengths.items()})
 
 
-
 # --------------------------------------------------------------------------------------------------
 # Plot
 
@@ -479,7 +479,7 @@ def run_phases(run_dir: str | Path, out_dir: str | Path, *, cfg: KATConfig | Non
     with the written paths. ``options``: those of `phase_report`."""
     from kat_diag.analysis import style
     from kat_diag.analysis.output import clean, write_csv, write_parquet
-    from kat_diag.trace_view import kat_config
+    from kat_diag.views.rollout import kat_config
 
     reader = TraceReader(run_dir)
     out = Path(out_dir)

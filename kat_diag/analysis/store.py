@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from kat_diag.traces import TraceBatch, TraceReader
+from kat_diag.traces.ragged import TraceBatch
+from kat_diag.traces.reader import TraceReader
 
 
 def scan_scalars(reader: TraceReader, columns: Sequence[str], **filters: Any) -> dict[str, np.ndarray]:

@@ -11,7 +11,7 @@ NaN there. The rule used everywhere (`resolve_tau`):
 
 `derive_tau` applies the run's KAT rule to the rollouts at hand as one buffer: tau = the
 ``cfg.tau_quantile`` quantile of what they would push into KAT's buffer
-(`kat_diag.detector.buffer_values`: each rollout's minimum window mean under the paper's rule, or
+(`kat_diag.kat.detector.buffer_values`: each rollout's minimum window mean under the paper's rule, or
 its stride-W window means under the `windows` statistic), over the whole sample rather than a FIFO
 of the last B, and without the online B_min warm-up guard (offline, the sample is the buffer; with no
 usable window at all tau is NaN and nothing is low). One tau for the whole store, rather than the
@@ -26,8 +26,9 @@ import math
 
 import numpy as np
 
-from kat_diag.detector import KATConfig, buffer_values, threshold_of
-from kat_diag.traces import TraceReader
+from kat_diag.kat.config import KATConfig
+from kat_diag.kat.detector import buffer_values, threshold_of
+from kat_diag.traces.reader import TraceReader
 
 TAU_MODES = ("auto", "derived")
 

@@ -5,7 +5,7 @@ state the teacher follows) rather than benign agreement (a correct path). Given 
 rollouts (e.g. `kat-diag record`, policy none), this replays the paper's rule (DESIGN §2) at a
 given configuration and reports accuracy, fire rates on right vs wrong rollouts, the share of
 tokens it would cut, the longest low-KL span, and — when the store carries the embedded world's
-ground truth (`kat_diag.truth`) — whether the onsets fall at or after the first error.
+ground truth (`kat_diag.world.truth`) — whether the onsets fall at or after the first error.
 
 The threshold: tau = the `tau_quantile` of the KAT buffer (with the paper's statistic, the rollout
 minima: per rollout the minimum window mean over usable windows). A store of one step (no
@@ -21,14 +21,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from kat_diag.detector import KATConfig
+    from kat_diag.kat.config import KATConfig
 
 
 def step_taus(kl_values: np.ndarray, offsets: np.ndarray, steps: np.ndarray, cfg: KATConfig) -> np.ndarray:
     """Per rollout tau. A store of one step: the threshold of all its rollouts' buffer values (no
     history: the store is its own buffer; warm-up K does not apply). Several steps: the FIFO
     buffer (capacity B) of the values of earlier steps, NaN before step K or below B_min values."""
-    from kat_diag.detector import buffer_values, threshold_of
+    from kat_diag.kat.detector import buffer_values, threshold_of
 
     steps = np.asarray(steps)
     offs = np.asarray(offsets, dtype=np.int64)
@@ -77,8 +77,8 @@ def trap_stats(kl_values: np.ndarray, offsets: np.ndarray, correct: np.ndarray, 
                loop_start: np.ndarray | None = None) -> dict[str, float]:
     """The trap report of ragged per-token KL (see the module docstring). first_error / loop_start:
     ground-truth token indices per rollout (-1 none), or None when unknown (real data)."""
-    from kat_diag.analysis.replay import check_ragged, replay
-    from kat_diag.detector import rollout_minima
+    from kat_diag.kat.detector import rollout_minima
+    from kat_diag.kat.replay import check_ragged, replay
 
     values, offs = check_ragged(kl_values, offsets)
     correct = np.asarray(correct, dtype=bool)
@@ -126,7 +126,8 @@ def trap_stats(kl_values: np.ndarray, offsets: np.ndarray, correct: np.ndarray, 
 
 def trap_report(store, cfg: KATConfig) -> dict[str, float]:
     """`trap_stats` of a trace store (a run directory or store path readable by `TraceReader`)."""
-    from kat_diag.traces import UNKNOWN_POSITION, TraceReader
+    from kat_diag.traces.reader import TraceReader
+    from kat_diag.traces.schema import UNKNOWN_POSITION
 
     b = TraceReader(store).read(columns=["kl", "correct", "step", "first_error", "loop_start"])
     err, loop = np.asarray(b["first_error"]), np.asarray(b["loop_start"])

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from kat_diag.analysis.phases import PHASE_NAMES
+from kat_diag.kat.phases import PHASE_NAMES
 
 DEFAULT_LEXICON: tuple[str, ...] = (*"0123456789", "+", "-", "*", "=")
 _VISIBLE = {"\n": "\\n", "\t": "\\t", "\r": "\\r", " ": "·"}
@@ -360,7 +360,7 @@ def run_vocab(run_dir: str | Path, out_dir: str | Path, *, traces: str | Path | 
     import matplotlib.pyplot as plt
 
     from kat_diag.analysis.phase_sample import kat_config_of, parse_tau, resolve_tau, run_config
-    from kat_diag.traces import TraceReader
+    from kat_diag.traces.reader import TraceReader
 
     if weight not in ("count", "prob"):
         raise ValueError(f"--weight must be count or prob, got {weight!r}")

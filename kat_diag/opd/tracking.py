@@ -1,0 +1,228 @@
+"""Experiment trackers behind one small interface: `--report-to tensorboard|trackio|wandb|none`.
+
+Why it exists: users watch runs in a tracker, but the trainer must not grow a branch per backend.
+The trainer calls one `Tracker` next to where it writes metrics.jsonl (same dicts, same steps),
+logs a few rollouts with their per-token KL at each evaluation, and closes it at the end. Each
+backend is an optional extra and imported only when selected; a missing one is a one-line error.
+
+Resume continues the same tracker run: the run's identity (wandb id, trackio name, tensorboard log
+directory) is kept in RUN/tracking.json and reused. Offline use: tensorboard writes event files in
+RUN/tensorboard; trackio writes its local SQLite store (TRACKIO_DIR, default
+~/.cache/huggingface/trackio, one `{project}.db` per project); wandb honours WANDB_MODE=offline
+(the run is then synced later with `wandb sync RUN/wandb/offline-run-*`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+BACKENDS = ("tensorboard", "trackio", "wandb")
+STATE_NAME = "tracking.json"
+ROLLOUTS_LOGGED = 3  # rollouts shown per evaluation
+
+
+def parse_report_to(values: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
+    """Transformers' `report_to` convention: names (repeatable or comma-separated), `none` for none,
+    `all` for every backend."""
+    if values is None:
+        return ()
+    items = [values] if isinstance(values, str) else list(values)
+    names = [n.strip().lower() for v in items for n in str(v).split(",") if n.strip()]
+    if names in ([], ["none"]):
+        return ()
+    if names == ["all"]:
+        return BACKENDS
+    bad = [n for n in names if n not in BACKENDS]
+    if bad:
+        raise ValueError(f"--report-to {bad[0]!r}: expected one or more of {', '.join(BACKENDS)}, all or none")
+    return tuple(dict.fromkeys(names))
+
+
+def scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    """The numeric, finite entries of a metrics dict (NaN, e.g. tau before warm-up, is left out)."""
+    out = {}
+    for k, v in metrics.items():
+        if k == "step" or isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if math.isfinite(float(v)):
+            out[k] = float(v)
+    return out
+
+
+def rollout_rows(rollouts: list[Any], tokenizer: Any, step: int, tau: float, policy: str,
+                 n: int = ROLLOUTS_LOGGED) -> list[dict[str, Any]]:
+    """The first `n` rollouts of a step as rows in the trace-store format `trace_view` renders."""
+    rows = []
+    for r in rollouts[:n]:
+        ids = r.token_ids.tolist()
+        rows.append({
+            "rollout_id": f"step{step}-{r.index}", "step": step, "policy": policy, "tau": tau,
+            "onset": r.onset, "fire": r.fire, "stop_reason": r.stop_reason, "gen_len": r.gen_len,
+            "kept_len": r.keep, "token_ids": np.asarray(ids), "token_text": tokenizer.batch_decode([[t] for t in ids]),
+            "text": tokenizer.decode(ids, skip_special_tokens=True),
+            **{k: getattr(r, k).float().cpu().numpy() for k in ("kl", "kl_sampled", "student_logprob",
+                                                                 "teacher_logprob", "student_entropy")},
+            "teacher_top_ids": r.teacher_top_ids.cpu().numpy(), "teacher_top_probs": r.teacher_top_probs.cpu().numpy(),
+        })
+    return rows
+
+
+class Tracker:
+    """One backend. Metrics are plain dicts at a step; rollouts are trace rows."""
+
+    name = "none"
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        pass
+
+    def log_rollouts(self, rows: list[dict[str, Any]], step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class MultiTracker(Tracker):
+    """Fans out to every selected backend (an empty one does nothing: `--report-to none`)."""
+
+    def __init__(self, trackers: list[Tracker]):
+        self.trackers = trackers
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        for t in self.trackers:
+            t.log(metrics, step)
+
+    def log_rollouts(self, rows: list[dict[str, Any]], step: int) -> None:
+        if rows:
+            for t in self.trackers:
+                t.log_rollouts(rows, step)
+
+    def close(self) -> None:
+        for t in self.trackers:
+            t.close()
+
+
+def _require(module: str, extra: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ValueError(f"--report-to {extra} needs the {extra} package: pip install 'kat-diag[{extra}]'") from None
+
+
+def _rollout_text(row: dict[str, Any]) -> str:
+    from kat_diag.views.terminal import render_terminal
+
+    return render_terminal(row, color=False)
+
+
+def _rollout_html(row: dict[str, Any]) -> str:
+    from kat_diag.views.html import render_html
+
+    return render_html(row)
+
+
+class TensorBoardTracker(Tracker):
+    """Event files in RUN/tensorboard (torch's SummaryWriter); rollouts as text (TB shows no HTML)."""
+
+    name = "tensorboard"
+
+    def __init__(self, run: Path, state: dict[str, Any], start_step: int):
+        _require("tensorboard", "tensorboard")
+        from torch.utils.tensorboard import SummaryWriter
+
+        logdir = run / state.setdefault("logdir", "tensorboard")  # relative to the run: the run dir may move
+        # purge_step: on resume, events of the steps being redone are hidden, like metrics.jsonl's truncation.
+        self.writer = SummaryWriter(str(logdir), purge_step=start_step if start_step > 0 else None)
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        for k, v in scalars(metrics).items():
+            self.writer.add_scalar(k, v, step)
+        self.writer.flush()
+
+    def log_rollouts(self, rows: list[dict[str, Any]], step: int) -> None:
+        for i, row in enumerate(rows):
+            # Markdown: a 4-space indent keeps the token separators and line breaks verbatim.
+            text = "\n".join("    " + ln for ln in _rollout_text(row).splitlines())
+            self.writer.add_text(f"rollouts/{i}", text, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class TrackioTracker(Tracker):
+    """trackio's local store (no server is started); rollouts as `trackio.Html` (the inspect page)."""
+
+    name = "trackio"
+
+    def __init__(self, run: Path, state: dict[str, Any], config: dict[str, Any], project: str):
+        self.trackio = _require("trackio", "trackio")
+        state.setdefault("project", project)
+        state.setdefault("name", f"{run.name}-{secrets.token_hex(3)}")
+        self.run = self.trackio.init(project=state["project"], name=state["name"], config=config, resume="allow",
+                                     embed=False, auto_log_gpu=False, auto_log_cpu=False)
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        self.run.log(scalars(metrics), step=step)
+
+    def log_rollouts(self, rows: list[dict[str, Any]], step: int) -> None:
+        self.run.log({f"rollouts/{i}": self.trackio.Html(_rollout_html(row)) for i, row in enumerate(rows)},
+                     step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class WandbTracker(Tracker):
+    """Weights & Biases; offline with WANDB_MODE=offline. Rollouts as `wandb.Html`."""
+
+    name = "wandb"
+
+    def __init__(self, run: Path, state: dict[str, Any], config: dict[str, Any], project: str):
+        self.wandb = _require("wandb", "wandb")
+        state.setdefault("project", project)
+        state.setdefault("id", secrets.token_hex(4))
+        self.run = self.wandb.init(project=state["project"], id=state["id"], name=run.name, resume="allow",
+                                   dir=str(run), config=config)
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        self.run.log(scalars(metrics), step=step)
+
+    def log_rollouts(self, rows: list[dict[str, Any]], step: int) -> None:
+        self.run.log({f"rollouts/{i}": self.wandb.Html(_rollout_html(row)) for i, row in enumerate(rows)},
+                     step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def make_tracker(report_to: tuple[str, ...], run: Path, config: dict[str, Any], *, resumed: bool,
+                 start_step: int = 0, project: str = "kat-diag") -> Tracker:
+    """The trackers of a run; on resume, each reattaches to the run recorded in RUN/tracking.json."""
+    names = parse_report_to(list(report_to))
+    if not names:
+        return MultiTracker([])
+    path = run / STATE_NAME
+    saved = json.loads(path.read_text()) if resumed and path.exists() else {}
+    state = {n: dict(saved.get(n, {})) for n in names}
+    trackers: list[Tracker] = []
+    for n in names:
+        if n == "tensorboard":
+            trackers.append(TensorBoardTracker(run, state[n], start_step))
+        elif n == "trackio":
+            trackers.append(TrackioTracker(run, state[n], config, project))
+        else:
+            trackers.append(WandbTracker(run, state[n], config, project))
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({**saved, **state}, indent=2))
+    os.replace(tmp, path)
+    return MultiTracker(trackers)
