@@ -63,6 +63,30 @@ def test_online_chunked_scoring_equals_posthoc_forward(models, chunk, slots):
         assert stats.teacher_forwards < stats.student_forwards
 
 
+@pytest.mark.parametrize("micro_batch", [1, 3, 16])
+def test_teacher_forced_scoring_reproduces_the_engine(models, micro_batch):
+    """`score_completions` (one padded forward per micro-batch, no generation) gives every per-token
+    number the engine computed online for the same tokens, rows of different lengths batched."""
+    from kat_diag.opd.scoring import score_completions
+
+    tok, student, teacher = models
+    eng = RolloutEngine(student, teacher, tok.eos_token_id, tok.pad_token_id,
+                        SamplingConfig(max_new_tokens=29, chunk_size=4, slots=3))
+    policy = make_policy("none", kat=KATConfig(), prefix_len=None, random_target=None, seed=0)
+    policy.begin_step(0)
+    rollouts, _ = eng.run(encode_prompts(tok, PROMPTS), policy, torch.Generator().manual_seed(3))
+    scored = score_completions(student, teacher, [r.prompt_ids.tolist() for r in rollouts],
+                               [r.token_ids.tolist() for r in rollouts], pad_token_id=tok.pad_token_id,
+                               top_n=5, micro_batch=micro_batch)
+    assert len({r.gen_len for r in rollouts}) > 1  # ragged rows really were padded together
+    for r, s in zip(rollouts, scored, strict=True):
+        for key in ("kl", "kl_sampled", "student_logprob", "teacher_logprob", "student_entropy", "teacher_top_probs"):
+            torch.testing.assert_close(s[key], getattr(r, key), atol=1e-5, rtol=0, msg=key)
+        assert torch.equal(s["teacher_top_ids"], r.teacher_top_ids)
+    with pytest.raises(ValueError, match="prompts but"):
+        score_completions(student, teacher, [[1]], [], pad_token_id=tok.pad_token_id)
+
+
 def test_rollouts_are_a_function_of_the_generator_seed(models):
     """Same seed and config -> identical rollouts (what exact resume relies on); another seed differs."""
     tok, student, teacher = models

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from kat_diag.data.grading import check_answer
@@ -43,6 +42,7 @@ from kat_diag.opd.config import CONFIG_NAME, METRICS_NAME, RESUME_MUTABLE, STATE
 from kat_diag.opd.loss import LossInputs, make_loss
 from kat_diag.opd.rollout import Rollout, RolloutEngine, encode_prompts
 from kat_diag.opd.supervise import select_training_tokens, with_supervision
+from kat_diag.opd.trace_rows import trace_batch
 from kat_diag.opd.tracking import make_tracker, rollout_rows
 from kat_diag.run import rundir
 from kat_diag.run.config_io import check_resumed
@@ -179,42 +179,6 @@ def _teacher_inputs(micro: list[Rollout], state: str, device) -> dict[str, torch
               "topk": {"topk_ids_NK": "topk_ids", "teacher_topk_logprobs_NK": "teacher_topk_logprobs",
                        "teacher_tail_logprob_N": "teacher_tail_logprob"}}.get(state, {})
     return {arg: torch.cat([getattr(r, attr) for r in micro]).to(device) for arg, attr in fields.items()}
-
-
-def trace_batch(rollouts: list[Rollout], problems: list[Problem], texts: list[str], tokenizer, step: int,
-                rank: int, policy_name: str, tau: float, correct: list[bool]) -> dict[str, Any]:
-    """Columns of the trace store for one step's rollouts (format of `traces.TraceWriter.append`)."""
-    from kat_diag.traces.schema import make_rollout_id
-    from kat_diag.world.truth import truth_columns
-
-    def np_list(attr: str) -> list[np.ndarray]:
-        return [getattr(r, attr).cpu().numpy() for r in rollouts]
-
-    token_text = [tokenizer.batch_decode([[t] for t in r.token_ids.tolist()]) for r in rollouts]
-    return {
-        "step": step,
-        "rollout_id": [make_rollout_id(step, rank, r.index) for r in rollouts],
-        "prompt_id": [p.id for p in problems],
-        "policy": policy_name,
-        "tau": tau,
-        "onset": [r.onset for r in rollouts],
-        "fire": [r.fire for r in rollouts],
-        "stop_reason": [r.stop_reason for r in rollouts],
-        "gen_len": [r.gen_len for r in rollouts],
-        "kept_len": [r.keep for r in rollouts],
-        "text": texts,
-        "correct": correct,
-        "token_ids": [a.astype(np.int32) for a in np_list("token_ids")],
-        "student_logprob": np_list("student_logprob"),
-        "teacher_logprob": np_list("teacher_logprob"),
-        "kl": np_list("kl"),
-        "kl_sampled": np_list("kl_sampled"),
-        "student_entropy": np_list("student_entropy"),
-        "teacher_top_ids": [a.astype(np.int32) for a in np_list("teacher_top_ids")],
-        "teacher_top_probs": np_list("teacher_top_probs"),
-        "token_text": token_text,
-        **truth_columns(problems, texts, token_text),  # ground truth (embedded world only)
-    }
 
 
 # ---------------------------------------------------------------------------------------------
