@@ -633,10 +633,13 @@ def run_gradproj(run_dir: str | Path, out_dir: str | Path, init: str | Path | No
     out.mkdir(parents=True, exist_ok=True)
     write_csv(result, out / f"{name}.csv")
     fig = plot_gradproj(result)
+    from kat_diag.analysis.store import mark_estimator
+
+    mark_estimator(fig, reader)  # the phases come from the kl column: say which estimator it is
     fig.savefig(out / f"{name}.png", dpi=110)
     plt.close(fig)
-    summary = {"run": str(run), "traces": str(reader.dir), "init": str(init_p), "final": str(final_p),
-               "model": model, "teacher": str(teacher_p),
+    summary = {"run": str(run), "traces": str(reader.dir), "kl_source": reader.kl_source, "init": str(init_p),
+               "final": str(final_p), "model": model, "teacher": str(teacher_p),
                "tau": "recorded" if tau_fixed is None else tau_fixed, "tau_option": str(tau),
                "tokens_per_phase": n_tok, "rollouts_sampled": batch.num_rows,
                "files": {"png": str(out / f"{name}.png"), "csv": str(out / f"{name}.csv"),

@@ -370,7 +370,9 @@ def run_heatmap(run_dir: str | Path, out_dir: str | Path, *, cfg: KATConfig | No
     out = Path(out_dir)
     cfg = cfg or kat_config(reader.config)
     result = heatmap(reader, cfg, tau, **options)
-    png = style.save(plot(result), out / "heatmap.png")
+    fig = plot(result)
+    S.mark_estimator(fig, reader)  # a sampled-estimator store (k1 / k3) says so on the figure
+    png = style.save(fig, out / "heatmap.png")
     csv_path = write_csv(out / "heatmap.csv", result.long_table())
     rows = {k: np.concatenate([getattr(s, k) for s in result.stages])
             for k in ("rollout_id", "step", "length", "onset", "fire", "correct")}
@@ -378,4 +380,4 @@ def run_heatmap(run_dir: str | Path, out_dir: str | Path, *, cfg: KATConfig | No
     rows["row"] = np.concatenate([np.arange(s.rollout_id.shape[0]) for s in result.stages])
     rows["kl_binned"] = [r for s in result.stages for r in s.kl_RC]
     pq_path = write_parquet(out / "heatmap_rows.parquet", rows)
-    return clean({**result.as_dict(), "files": [str(png), str(csv_path), str(pq_path)]})
+    return clean({**result.as_dict(), "kl_source": reader.kl_source, "files": [str(png), str(csv_path), str(pq_path)]})
