@@ -76,14 +76,27 @@ def test_parse_students():
         parse_students(["5=a", "5=b"])
 
 
-def test_text_completions_reproduce_the_recorded_store(recorded, rows, quick_world, tmp_path):
-    # Text only (prompt, completion) plus vLLM's finish_reason, which restores the EOS the text lost.
-    comp = _foreign_runs().write_completions(rows, tmp_path / "completions.jsonl")
-    res = score(_cfg(quick_world, comp, tmp_path / "s", data="world", fields=(("stop_reason", "finish_reason"),),
+def _lossless_text(ids: np.ndarray) -> bool:
+    """Decoded text gives these ids back: no <pad> (0) or <unk> (2), EOS (1) only at the end. The quick
+    world's student is nearly random and samples special tokens, which decoding drops."""
+    return not np.isin(ids, [0, 2]).any() and not (ids[:-1] == 1).any()
+
+
+def _ids_rows(rows: list[dict], path: Path) -> Path:
+    path.write_text("".join(json.dumps({"prompt_ids": [int(t) for t in r["prompt_ids"]], "step": r["step"],
+                                        "completion_ids": [int(t) for t in r["token_ids"]],
+                                        "prompt_id": r["prompt_id"],
+                                        "stop_reason": "stop" if r["eos"] else "length"}) + "\n" for r in rows))
+    return path
+
+
+def test_completions_reproduce_the_recorded_store(recorded, rows, quick_world, tmp_path):
+    # Token ids: lossless, so every rollout must come back with the engine's online numbers.
+    res = score(_cfg(quick_world, _ids_rows(rows, tmp_path / "ids.jsonl"), tmp_path / "ids", data="world",
                      batch_size=5, micro_batch=2))
     assert res["rollouts"] == 16 and res["scored_now"] == 16
     a, ia = _by_id(recorded)
-    b, ib = _by_id(tmp_path / "s")
+    b, ib = _by_id(tmp_path / "ids")
     assert np.array_equal(a["rollout_id"][ia], b["rollout_id"][ib])
     for x, y in zip(ia, ib, strict=True):
         assert np.array_equal(a["token_ids"][x], b["token_ids"][y])
@@ -92,14 +105,30 @@ def test_text_completions_reproduce_the_recorded_store(recorded, rows, quick_wor
         np.testing.assert_allclose(b["teacher_top_probs"][y], a["teacher_top_probs"][x], atol=1e-5)
     for col in ("step", "prompt_id", "correct", "first_error", "loop_start", "verdict", "stop_reason", "text"):
         assert list(a[col][ia]) == list(b[col][ib]), col
+    # Text only (prompt, completion) plus vLLM's finish_reason, which restores the EOS the text lost:
+    # the same, for every rollout whose text is lossless
+    comp = _foreign_runs().write_completions(rows, tmp_path / "completions.jsonl")
+    score(_cfg(quick_world, comp, tmp_path / "text", data="world", fields=(("stop_reason", "finish_reason"),),
+               batch_size=5, micro_batch=2))
+    t, it = _by_id(tmp_path / "text")
+    lossless = 0
+    for x, y in zip(ia, it, strict=True):
+        if _lossless_text(a["token_ids"][x]):
+            lossless += 1
+            assert np.array_equal(a["token_ids"][x], t["token_ids"][y])
+            np.testing.assert_allclose(t["kl"][y], a["kl"][x], atol=1e-4, rtol=1e-5)
+            assert (a["correct"][x], a["verdict"][x]) == (t["correct"][y], t["verdict"][y])
+        else:
+            assert not np.array_equal(a["token_ids"][x], t["token_ids"][y])
+    assert lossless >= 3
     cfg = KATConfig(window=4, persistence=2, min_length=8, warmup_steps=0, min_fill=4)
-    ra, rb = trap_report(recorded, cfg), trap_report(tmp_path / "s", cfg)
-    assert {k: ra[k] for k in DISCRETE} == {k: rb[k] for k in DISCRETE}
+    ra, rb = trap_report(recorded, cfg), trap_report(tmp_path / "ids", cfg)
+    assert json.dumps({k: ra[k] for k in DISCRETE}) == json.dumps({k: rb[k] for k in DISCRETE})  # NaN == NaN
     for k in ("tau", "min_mean_right", "min_mean_wrong"):  # continuous: equal to fp32 noise
         assert rb[k] == pytest.approx(ra[k], rel=1e-4, nan_ok=True)
-    manifest = TraceReader(tmp_path / "s").manifest
+    manifest = TraceReader(tmp_path / "ids").manifest
     assert manifest["kl_source"] == "full" and manifest["config"]["kind"] == "score"
-    assert not (tmp_path / "s" / "traces_partial").exists()
+    assert not (tmp_path / "ids" / "traces_partial").exists()
 
 
 def test_a_verl_rollout_dump_through_the_cli(recorded, rows, quick_world, tmp_path):
@@ -120,14 +149,18 @@ def test_a_verl_rollout_dump_through_the_cli(recorded, rows, quick_world, tmp_pa
     by_text = {}
     for i in range(a.num_rows):
         by_text.setdefault(a["text"][i], i)
-    eos = 1
+    eos, lossless = 1, 0
     for j in range(b.num_rows):  # matched by text: verl's dump has no rollout ids
         i = by_text[b["text"][j]]
+        assert b["correct"][j] == a["correct"][i]
         ta = a["token_ids"][i]
+        if not _lossless_text(ta):
+            continue
+        lossless += 1
         ta = ta[:-1] if len(ta) and ta[-1] == eos else ta  # the dump's text lost the EOS
         assert np.array_equal(b["token_ids"][j], ta)
         np.testing.assert_allclose(b["kl"][j], a["kl"][i][: len(ta)], atol=1e-4, rtol=1e-5)
-        assert b["correct"][j] == a["correct"][i]
+    assert lossless >= 3
     assert sorted(set(b["step"].tolist())) == [0, 1]
     assert set(b["verdict"].tolist()) == {None}  # no --data: no world ground truth
     same_prompt = {}
@@ -261,10 +294,10 @@ def test_chat_messages_get_the_student_tokenizers_template(quick_world, tmp_path
     score(cfg)
     b = TraceReader(tmp_path / "s").read()
     kl = {int(s): b["kl"][i] for i, s in enumerate(b["step"])}
-    assert np.array_equal(kl[0], kl[1])  # messages -> the template's text, exactly
-    assert not np.array_equal(kl[0], kl[2])  # a text prompt is used as is (TRL's rule)
+    np.testing.assert_allclose(kl[0], kl[1], atol=1e-6)  # messages -> the template's text
+    assert not np.allclose(kl[0], kl[2], atol=1e-4)  # a text prompt is used as is (TRL's rule)
     on = ScoreConfig(**{**cfg.__dict__, "out": str(tmp_path / "on"), "chat_template": "on"})
     score(on)
     b2 = TraceReader(tmp_path / "on").read()
     kl2 = {int(s): b2["kl"][i] for i, s in enumerate(b2["step"])}
-    assert np.array_equal(kl2[2], kl[0])  # --chat-template on: the text prompt becomes a user message
+    np.testing.assert_allclose(kl2[2], kl[0], atol=1e-6)  # --chat-template on: a text prompt is one user message
