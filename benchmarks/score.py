@@ -9,6 +9,8 @@
 3. Agreement of the two stores, rollout by rollout: token ids, per-token KL (max |difference|, share
    of tokens over 1e-5, max relative difference), every other column, and `trap_report` (the
    numbers of `kat-diag trap --json`) at the world preset, key by key.
+4. The noise floor: the first `--fp64-rollouts` rollouts rescored with both models in float64; how far
+   each fp32 store's KL is from it (neither fp32 path is exact, so neither is the reference).
 
     .venv/bin/python benchmarks/score.py [--rollouts 400] [--out DIR]
 
@@ -84,11 +86,43 @@ def compare_trap(a_dir: Path, b_dir: Path) -> dict[str, object]:
             "json_identical": json.dumps(ra, sort_keys=True) == json.dumps(rb, sort_keys=True)}
 
 
+def fp64_reference(record_dir: Path, score_dir: Path, world: Path, n: int) -> dict[str, object]:
+    """How far each store's fp32 KL is from the same models run in float64 on the first ``n`` rollouts
+    (the noise floor any fp32 comparison of the two paths sits on)."""
+    import torch
+
+    from kat_diag.models import load_model, load_tokenizer
+    from kat_diag.opd.rollout import encode_prompts
+    from kat_diag.opd.scoring import score_completions
+    from kat_diag.traces.reader import TraceReader
+    from kat_diag.world.paths import load_world_splits
+
+    tok = load_tokenizer(world / "student")
+    problems = {p.id: p for split in load_world_splits(world).values() for p in split}
+    a, b = TraceReader(record_dir).read(), TraceReader(score_dir).read()
+    ia, ib = np.argsort(a["rollout_id"])[:n], np.argsort(b["rollout_id"])[:n]
+    prompts = [encode_prompts(tok, [problems[a["prompt_id"][i]].prompt])[0] for i in ia]
+    comps = [a["token_ids"][i].tolist() for i in ia]
+    student = load_model(world / "student", device="cpu").to(torch.float64).eval()
+    teacher = load_model(world / "teacher", device="cpu").to(torch.float64).eval()
+    ref = np.concatenate([o["kl"].numpy() for o in score_completions(student, teacher, prompts, comps,
+                                                                     pad_token_id=tok.pad_token_id)])
+    rec = np.concatenate([a["kl"][i] for i in ia]).astype(np.float64)
+    sco = np.concatenate([b["kl"][i] for i in ib]).astype(np.float64)
+    return {"rollouts": int(len(ia)), "tokens": int(ref.size),
+            "record_vs_fp64_max_abs_diff": float(np.abs(rec - ref).max()),
+            "score_vs_fp64_max_abs_diff": float(np.abs(sco - ref).max()),
+            "record_share_over_1e-5": float((np.abs(rec - ref) > 1e-5).mean()),
+            "score_share_over_1e-5": float((np.abs(sco - ref) > 1e-5).mean())}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rollouts", type=int, default=400, help="Rollouts recorded and rescored.")
     ap.add_argument("--batch-size", type=int, default=64, help="score --batch-size.")
     ap.add_argument("--micro-batch", type=int, default=16, help="score --micro-batch.")
+    ap.add_argument("--fp64-rollouts", type=int, default=40, help="Rollouts rescored in float64 as the reference "
+                    "both fp32 stores are compared with (0: skip).")
     ap.add_argument("--out", type=Path, default=None, help="Keep the stores here (default: a temporary directory).")
     args = ap.parse_args()
 
@@ -124,6 +158,8 @@ def main() -> None:
             "agreement": compare_stores(root / "record", root / "score"),
             "trap": compare_trap(root / "record", root / "score"),
         }
+        if args.fp64_rollouts > 0:
+            result["fp64_reference"] = fp64_reference(root / "record", root / "score", world, args.fp64_rollouts)
     finally:
         if args.out is None:
             shutil.rmtree(root, ignore_errors=True)

@@ -75,7 +75,13 @@ def score(
                       top_n=top_n, kat=preset(kat_preset), trust_remote_code=trust_remote_code, progress=progress)
     preflight(cfg)
     with rundir.owned(out, resume=resume, overwrite=overwrite, owns_runs=False):
-        result = run_score(cfg, resume=resume)
+        try:
+            result = run_score(cfg, resume=resume)
+        except KeyboardInterrupt:
+            if (out / "traces_partial").is_dir():
+                typer.echo(f"interrupted: the batches scored so far are in {out / 'traces_partial'}; run the same "
+                           "command with --resume to finish", err=True)
+            raise
     typer.echo(strict_json(result))
 
 

@@ -370,10 +370,48 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _tokenizer(cfg: ScoreConfig) -> tuple[Any, Any]:
+    """The student tokenizer (of the last checkpoint) and the teacher's, after checking that every
+    checkpoint has the same token ids: they decide the ids of text rows, so before any row is read."""
+    kw = {"trust_remote_code": cfg.trust_remote_code}
+    tok = load_tokenizer(cfg.students[-1][1], what="student tokenizer", **kw)
+    t_tok = load_tokenizer(cfg.teacher, what="teacher tokenizer", **kw)
+    for _, path in cfg.students:
+        s_tok = load_tokenizer(path, what="student tokenizer", **kw)
+        for other, name in ((t_tok, f"--teacher {cfg.teacher}"), (tok, f"--student {cfg.students[-1][1]}")):
+            if len(other) != len(s_tok) or other.get_vocab() != s_tok.get_vocab():
+                raise ValueError(f"tokenizer mismatch: --student {path} has {len(s_tok)} tokens, {name} has "
+                                 f"{len(other)} (or their token ids differ); scoring needs one tokenizer")
+    return tok, t_tok
+
+
+def _check_rows(cfg: ScoreConfig, reader: RowReader, done: set[int]) -> tuple[dict[int, int], int]:
+    """Pass 1: every row read, tokenized and checked (raises on the first bad one). Returns the rows to
+    score per student (by its first step) and their tokens."""
+    todo: dict[int, int] = {}
+    tokens = 0
+    seen: set[int] = set()
+    for row in bar(reader.rows(), desc="check", unit=" rows", disable=not cfg.progress):
+        if row.rollout_id in seen:
+            raise ValueError(f"{row.where}: rollout id {row.rollout_id} appears twice")
+        seen.add(row.rollout_id)
+        if row.rollout_id not in done:
+            s = reader.student_step(row.step, row.where)
+            todo[s] = todo.get(s, 0) + 1
+            tokens += len(row.completion_ids)
+    if not seen:
+        raise ValueError(f"{cfg.completions}: no rows to score")
+    if done - seen:
+        raise ValueError(f"--resume: the stored rollouts of {staging_dir(cfg.out)} are not rows of {cfg.completions}")
+    return todo, tokens
+
+
 def score(cfg: ScoreConfig, *, resume: bool = False) -> dict[str, Any]:
     """Score every row of ``cfg.completions`` into ``OUT/traces`` (see the module docstring); returns a
     summary (rollouts, tokens, tokens/s, accuracy where graded)."""
     import time
+
+    from kat_diag.traces.reader import TraceReader
 
     preflight(cfg)
     out = Path(cfg.out)
@@ -385,50 +423,23 @@ def score(cfg: ScoreConfig, *, resume: bool = False) -> dict[str, Any]:
         raise ValueError(f"--out {out} already holds a trace store; pass --overwrite to replace it")
     if resume:
         _check_resume(out, data)
-
-    # tokenizers first: they decide token ids, so they must match before any row is read
-    tok = load_tokenizer(cfg.students[-1][1], what="student tokenizer", trust_remote_code=cfg.trust_remote_code)
-    t_tok = load_tokenizer(cfg.teacher, what="teacher tokenizer", trust_remote_code=cfg.trust_remote_code)
-    for _, path in cfg.students:
-        s_tok = load_tokenizer(path, what="student tokenizer", trust_remote_code=cfg.trust_remote_code)
-        for other, name in ((t_tok, f"--teacher {cfg.teacher}"), (tok, f"--student {cfg.students[-1][1]}")):
-            if len(other) != len(s_tok) or other.get_vocab() != s_tok.get_vocab():
-                raise ValueError(f"tokenizer mismatch: --student {path} has {len(s_tok)} tokens, {name} has "
-                                 f"{len(other)} (or their token ids differ); scoring needs one tokenizer")
+    tok, t_tok = _tokenizer(cfg)
     vocab = min(v for v in [model_vocab(cfg.teacher, "--teacher"), len(tok),
                             *[model_vocab(p, "--student") for _, p in cfg.students]] if v is not None)
     t_ctx = _context(cfg.teacher)
     contexts = {s: min((c for c in (t_ctx, _context(p)) if c is not None), default=None) for s, p in cfg.students}
-    problems = _Problems(cfg.data, cfg.students[-1][1])
-    reader = RowReader(cfg, tok, problems, vocab, contexts)
-
-    # pass 1: every row checked before anything is written
+    reader = RowReader(cfg, tok, _Problems(cfg.data, cfg.students[-1][1]), vocab, contexts)
     stage = staging_dir(out)
-    done = _stored_ids(stage) if resume else set()
     if not resume and stage.exists():
         import shutil
 
         shutil.rmtree(stage)
-    todo: dict[int, int] = {}  # student step -> rows to score
-    tokens_todo = n_rows = 0
-    seen: set[int] = set()
-    for row in bar(reader.rows(), desc="check", unit=" rows", disable=not cfg.progress):
-        if row.rollout_id in seen:
-            raise ValueError(f"{row.where}: rollout id {row.rollout_id} appears twice")
-        seen.add(row.rollout_id)
-        n_rows += 1
-        if row.rollout_id not in done:
-            s = reader.student_step(row.step, row.where)
-            todo[s] = todo.get(s, 0) + 1
-            tokens_todo += len(row.completion_ids)
-    if n_rows == 0:
-        raise ValueError(f"{cfg.completions}: no rows to score")
-    if done - seen:
-        raise ValueError(f"--resume: the stored rollouts of {stage} are not rows of {cfg.completions}")
+    done = _stored_ids(stage)
+    todo, tokens_todo = _check_rows(cfg, reader, done)
     out.mkdir(parents=True, exist_ok=True)  # only now: a row that fails the checks leaves nothing behind
     _write_atomic(out / CONFIG_NAME, json.dumps(data, indent=2))
 
-    # pass 2: score, one student checkpoint at a time
+    # pass 2: score, one student checkpoint at a time; each batch is flushed (a crash loses only it)
     teacher = load_model(cfg.teacher, what="teacher", dtype=cfg.dtype, device=cfg.device,
                          trust_remote_code=cfg.trust_remote_code).eval()
     n_tok = n_scored = 0
@@ -443,28 +454,18 @@ def score(cfg: ScoreConfig, *, resume: bool = False) -> dict[str, Any]:
             student = load_model(path, what="student", dtype=cfg.dtype, device=cfg.device,
                                  trust_remote_code=cfg.trust_remote_code).eval()
             check_compatible(teacher, student, t_tok, tok)
-            batch: list[ScoreRow] = []
             rows = (r for r in reader.rows() if r.step >= first and (last is None or r.step <= last)
                     and r.rollout_id not in done)
-            for row in rows:
-                batch.append(row)
-                if len(batch) == cfg.batch_size:
-                    n_tok += _score_batch(batch, student, teacher, tok, writer, cfg)
-                    n_scored += len(batch)
-                    progress.update(sum(len(r.completion_ids) for r in batch))
-                    batch = []
-            if batch:
-                n_tok += _score_batch(batch, student, teacher, tok, writer, cfg)
-                n_scored += len(batch)
-                progress.update(sum(len(r.completion_ids) for r in batch))
+            for batch in _batches(rows, cfg.batch_size):
+                n = _score_batch(batch, student, teacher, tok, writer, cfg)
+                n_tok, n_scored = n_tok + n, n_scored + len(batch)
+                progress.update(n)
             del student
         writer.close()
     finally:
         progress.close()
     seconds = time.perf_counter() - t0
     store = publish_staged(out)
-    from kat_diag.traces.reader import TraceReader
-
     b = TraceReader(store).read(["correct", "gen_len"])
     graded = b["correct"] >= 0
     return {"store": str(store), "rollouts": int(b.num_rows), "tokens": int(b["gen_len"].sum()),
@@ -472,6 +473,17 @@ def score(cfg: ScoreConfig, *, resume: bool = False) -> dict[str, Any]:
             "tokens_per_s": n_tok / seconds if seconds > 0 else None,
             "graded": int(graded.sum()),
             "accuracy": float((b["correct"][graded] == 1).mean()) if graded.any() else None}
+
+
+def _batches(rows: Iterator[ScoreRow], size: int) -> Iterator[list[ScoreRow]]:
+    batch: list[ScoreRow] = []
+    for row in rows:
+        batch.append(row)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def _score_batch(batch: list[ScoreRow], student: Any, teacher: Any, tok: Any, writer: TraceWriter,

@@ -496,9 +496,8 @@ def import_file(path: str | os.PathLike[str], out: str | os.PathLike[str], *, kl
         for b in writers.values():
             b.flush()
             b.writer.close()
+        # per-token columns no row had: they read as NaN / -1 / null, and analyses that need them refuse
         absent = [c for c in (*TOKEN_COLUMNS, *TOP_COLUMNS, "token_text") if c not in present]
-        absent += [c for c in ("tau", "onset", "fire", "correct", "first_error", "loop_start", "verdict")
-                   if c not in present]
         update_manifest(stage, absent_columns=absent,
                         imported={"from": str(path), "format_version": FORMAT_VERSION, "fields": fmap.map})
         store = publish_staged(out)
