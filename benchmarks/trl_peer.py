@@ -10,7 +10,8 @@ reverse-KL loss, temperature 1, fp32, gradient checkpointing off, no traces:
     katdiag_none   `kat-diag train --termination none --loss full`
     katdiag_kat    `kat-diag train --termination kat --loss full`
 
-at each prompts-per-step value, `--repeats` times (methods interleaved within a repeat). Per run: wall
+at each prompts-per-step value, `--repeats` times (methods interleaved within a repeat; repeat r uses seed r
+for prompts and sampling in every method, so the repeats also differ in what is sampled). Per run: wall
 seconds per step (time between consecutive step ends, so everything a step does counts) over the steps
 from K (KAT's warm-up; the "active" window) and over steps 1..N-1 ("all"), and generated tokens/s (tokens
 sampled / seconds spent generating: TRL's `generate`; the engine's rollout, teacher scoring included).
@@ -44,14 +45,14 @@ from kat_diag.opd.trainer import prompt_indices, train  # noqa: E402
 from kat_diag.world.paths import load_world_splits  # noqa: E402
 
 METHODS = ("trl", "trl_kat_online", "trl_kat_posthoc", "katdiag_none", "katdiag_kat")
-LR, WARMUP, SEED = 1e-4, 5, 0
+LR, WARMUP = 1e-4, 5
 
 
 def _window(values: list[float], lo: int) -> list[float]:
     return values[lo:]
 
 
-def run_trl(world: Path, method: str, batch: int, steps: int, budget: int, out: Path) -> dict[str, Any]:
+def run_trl(world: Path, method: str, batch: int, steps: int, budget: int, out: Path, seed: int) -> dict[str, Any]:
     import transformers
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -60,7 +61,7 @@ def run_trl(world: Path, method: str, batch: int, steps: int, budget: int, out: 
     from kat_diag.integrations.trl import KATDistillationTrainer
 
     problems = load_world_splits(world)["train"]
-    order = [i for s in range(steps) for i in prompt_indices(s, batch, 0, 1, len(problems), SEED)]
+    order = [i for s in range(steps) for i in prompt_indices(s, batch, 0, 1, len(problems), seed)]
     ds = Dataset.from_list([problems[i].to_json() for i in order])
     tok = AutoTokenizer.from_pretrained(world / "student")
     student = AutoModelForCausalLM.from_pretrained(world / "student")
@@ -69,7 +70,7 @@ def run_trl(world: Path, method: str, batch: int, steps: int, budget: int, out: 
         output_dir=str(out), bf16=False, use_cpu=True, per_device_train_batch_size=batch, max_steps=steps,
         max_completion_length=budget, learning_rate=LR, lr_scheduler_type="constant_with_warmup",
         warmup_steps=WARMUP, adam_beta2=0.95, weight_decay=0.0, max_grad_norm=1.0, report_to="none",
-        logging_steps=1, save_strategy="no", gradient_checkpointing=False, shuffle_dataset=False, seed=SEED,
+        logging_steps=1, save_strategy="no", gradient_checkpointing=False, shuffle_dataset=False, seed=seed,
         disable_tqdm=True)
     base = DistillationTrainer if method == "trl" else KATDistillationTrainer
     gen_s: list[float] = []
@@ -105,12 +106,13 @@ def run_trl(world: Path, method: str, batch: int, steps: int, budget: int, out: 
             "gen_len_mean": [h.get("kat/gen_len_mean", h.get("completions/mean_length")) for h in logs]}
 
 
-def run_katdiag(world: Path, method: str, batch: int, steps: int, budget: int, out: Path) -> dict[str, Any]:
+def run_katdiag(world: Path, method: str, batch: int, steps: int, budget: int, out: Path,
+                seed: int) -> dict[str, Any]:
     cfg = TrainConfig(teacher=str(world / "teacher"), student=str(world / "student"), out=str(out), steps=steps,
                       batch_size=batch, micro_batch=batch, lr=LR, warmup_steps=WARMUP, schedule="constant",
                       loss="full", termination="none" if method == "katdiag_none" else "kat", kat=KATConfig(),
                       sampling=SamplingConfig(max_new_tokens=budget, chunk_size=16), eval_n=0, ckpt_every=0,
-                      trace_every=0, progress=False, seed=SEED, device="cpu")
+                      trace_every=0, progress=False, seed=seed, device="cpu")
     ends: list[float] = []
     rows: list[dict[str, Any]] = []
 
@@ -145,7 +147,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="Runs of every method per prompts-per-step value.")
     ap.add_argument("--prompts", default="16,32", help="Prompts per step, comma-separated.")
     ap.add_argument("--budget", type=int, default=192, help="Generation budget (tokens).")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads.")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steady on a shared machine).")
     ap.add_argument("--quick", action="store_true", help="Smoke run: 7 steps, 1 repeat, 8 prompts.")
     a = ap.parse_args()
     if a.quick:
@@ -160,7 +162,7 @@ def main() -> None:
                 for m in METHODS:
                     out = Path(tmp) / f"{m}-{b}-{rep}"
                     fn = run_trl if m.startswith("trl") else run_katdiag
-                    raw = fn(a.world, m, b, a.steps, a.budget, out)
+                    raw = fn(a.world, m, b, a.steps, a.budget, out, rep)
                     res = {"active": summarise(raw, K), "all": summarise(raw, 1)}
                     runs[str(b)][m].append(res)
                     print(json.dumps({"repeat": rep, "prompts": b, "method": m, **res}), flush=True)

@@ -269,9 +269,9 @@ def test_fired_rows_are_masked_and_unfired_rows_train_as_plain_trl(world, tmp_pa
 def test_posthoc_cuts_masks_and_keeps_plain_loss_on_unfired_rows(world, tmp_path):
     """Post-hoc: TRL's own completions stay whole, their masks are cut at the kept length, num_items is
     recomputed; every row's loss is plain DistillationTrainer's over its kept tokens."""
-    tr = make(world, tmp_path / "kat", termination="kat", kat=KAT_NOW, mode="posthoc", budget=128,
+    tr = make(world, tmp_path / "kat", termination="kat", kat=KAT_NOW, mode="posthoc", budget=96,
               score_micro_batch=3)
-    plain = make(world, tmp_path / "plain", plain=True, budget=128)
+    plain = make(world, tmp_path / "plain", plain=True, budget=96)
     gen_batch(tr, 0, 16)
     kept = []
     orig = tr._score_posthoc
@@ -305,7 +305,7 @@ def test_posthoc_cuts_masks_and_keeps_plain_loss_on_unfired_rows(world, tmp_path
     ("random", {"random_target": 10.0}), ("none", {"supervise": "agreement+post"}),
 ])
 def test_every_policy_in_both_modes(world, tmp_path, mode, termination, extra):
-    tr = make(world, tmp_path / "run", termination=termination, kat=KAT_NOW, mode=mode, **extra)
+    tr = make(world, tmp_path / "run", termination=termination, kat=KAT_NOW, mode=mode, budget=64, **extra)
     gen_batch(tr, 0)
     batch = gen_batch(tr, 8)
     loss_mask = batch["completion_mask"] * batch.get("tool_mask", 1)
@@ -342,30 +342,30 @@ def test_resume_restores_kat_state_bit_identically(world, tmp_path):
     run = tmp_path / "run"
     ref: list = []
     snap = _Snapshots(ref)
-    a = make(world, run, steps=6, save_steps=3, termination="kat", kat=KAT_TRAIN, record_traces=True,
+    a = make(world, run, steps=4, save_steps=2, termination="kat", kat=KAT_TRAIN, record_traces=True,
              callbacks=[snap])
     ref.append(a)
     a.train()
-    assert (run / "checkpoint-3" / "kat_state-rank00000.pt").is_file()
+    assert (run / "checkpoint-2" / "kat_state-rank00000.pt").is_file()
     ref2: list = []
     snap2 = _Snapshots(ref2)
-    b = make(world, run, steps=6, save_steps=3, termination="kat", kat=KAT_TRAIN, record_traces=True,
+    b = make(world, run, steps=4, save_steps=2, termination="kat", kat=KAT_TRAIN, record_traces=True,
              callbacks=[snap2])
     ref2.append(b)
-    b.train(resume_from_checkpoint=str(run / "checkpoint-3"))
-    restored, at3 = snap2.first["threshold"], snap.states[3]["threshold"]
-    assert restored["buffer"].numel() > 0 and torch.equal(restored["buffer"], at3["buffer"])
-    assert restored["step"] == at3["step"] and restored["tau"] == at3["tau"]
+    b.train(resume_from_checkpoint=str(run / "checkpoint-2"))  # as if the run had died after step 2
+    restored, at2 = snap2.first["threshold"], snap.states[2]["threshold"]
+    assert restored["buffer"].numel() > 0 and torch.equal(restored["buffer"], at2["buffer"])
+    assert restored["step"] == at2["step"] and restored["tau"] == at2["tau"]
     # the resumed steps redo exactly the same thresholds and buffer
-    for step in (4, 5, 6):
+    for step in (3, 4):
         x, y = snap.states[step]["threshold"], snap2.states[step]["threshold"]
         assert torch.equal(x["buffer"], y["buffer"])
         assert x["tau"] == y["tau"] or (math.isnan(x["tau"]) and math.isnan(y["tau"]))
-    # the store holds each step once: the first run's files of steps 3-5 were moved aside
+    # the store holds each step once: the first run's files of steps 2-3 were moved aside
     from kat_diag.traces.reader import TraceReader
 
     steps = TraceReader(run).read(["step"])["step"]
-    assert sorted(steps.tolist()) == sorted([s for s in range(6) for _ in range(8)])
+    assert sorted(steps.tolist()) == sorted([s for s in range(4) for _ in range(8)])
     assert any((run / "traces_discarded").glob("*.parquet"))
 
 
