@@ -305,6 +305,12 @@ def test_posthoc_cuts_masks_and_keeps_plain_loss_on_unfired_rows(world, tmp_path
     ("random", {"random_target": 10.0}), ("none", {"supervise": "agreement+post"}),
 ])
 def test_every_policy_in_both_modes(world, tmp_path, mode, termination, extra):
+    from kat_diag.integrations.trl.trainer import _loss_reads_tool_mask
+
+    if extra.get("supervise") and not _loss_reads_tool_mask():  # TRL 1.10: refused, not silently wrong
+        with pytest.raises(ValueError, match="reads tool_mask"):
+            make(world, tmp_path / "run", termination=termination, kat=KAT_NOW, mode=mode, **extra)
+        return
     tr = make(world, tmp_path / "run", termination=termination, kat=KAT_NOW, mode=mode, budget=64, **extra)
     gen_batch(tr, 0)
     batch = gen_batch(tr, 8)

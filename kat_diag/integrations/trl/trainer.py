@@ -34,6 +34,7 @@ Evaluation (`trainer.evaluate()`) runs TRL's plain path: no policy, no traces.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import os
 import time
@@ -55,7 +56,7 @@ from kat_diag.opd.checkpoint import _discard_traces_after, load_state, save_stat
 from kat_diag.opd.config import METRICS_NAME, SamplingConfig
 from kat_diag.opd.rollout import Rollout, RolloutEngine
 from kat_diag.opd.scoring import score_completions
-from kat_diag.opd.supervise import PhaseSupervision, with_supervision
+from kat_diag.opd.supervise import PhaseSupervision, parse_phases, with_supervision
 from kat_diag.opd.trace_rows import trace_batch
 from kat_diag.opd.trainer import MetricsSink, step_generator
 
@@ -132,6 +133,12 @@ class KATDistillationTrainer(DistillationTrainer):
             raise ValueError("KATDistillationTrainer supports text-only models (a vision processor was given)")
         if self.teacher_model is None:
             raise ValueError("KATDistillationTrainer needs a teacher_model: KAT reads the teacher's per-token KL")
+        if supervise and parse_phases(supervise)[0] > 0 and not _loss_reads_tool_mask():
+            # tokens before the span stay as context, out of the loss: that is TRL's tool_mask
+            raise ValueError(f"supervise={supervise!r} needs a TRL whose DistillationTrainer loss reads tool_mask "
+                             f"(TRL {_trl_version()} does not): upgrade TRL, or supervise phases from 'pre'")
+        # Every id that ends a completion (TRL >= 1.11 keeps the model's list; 1.10 the tokenizer's EOS).
+        self.kat_eos_ids = list(getattr(self, "eos_token_ids", None) or [self._tokenizer.eos_token_id])
         self._rank = self.accelerator.process_index
         device = self.accelerator.device
         gather: Callable[[Any], Any] = lambda v: D.all_gather_values(v, device)  # noqa: E731
@@ -227,11 +234,13 @@ class KATDistillationTrainer(DistillationTrainer):
     def _models_for_rollout(self):
         """The unwrapped student (parameters gathered under ZeRO-3 / FSDP) and teacher, both in eval
         mode (no dropout in the KL the policy reads), the student's mode restored afterwards."""
-        with (unwrap_model_for_generation(self.model_wrapped, self.accelerator,
-                                          gather_deepspeed3_params=self.args.ds3_gather_for_generation,
-                                          generation_kwargs=self.generation_kwargs,
-                                          gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs)
-              as student, torch.no_grad(), self._dist.summon_full_params(self.model_wrapped, recurse=False)):
+        kwargs = {"gather_deepspeed3_params": self.args.ds3_gather_for_generation,
+                  "generation_kwargs": self.generation_kwargs,
+                  "gradient_checkpointing_kwargs": self.args.gradient_checkpointing_kwargs}
+        accepted = inspect.signature(unwrap_model_for_generation).parameters  # TRL 1.10 lacks the last one
+        kwargs = {k: v for k, v in kwargs.items() if k in accepted}
+        with (unwrap_model_for_generation(self.model_wrapped, self.accelerator, **kwargs) as student,
+              torch.no_grad(), self._dist.summon_full_params(self.model_wrapped, recurse=False)):
             teacher = self.accelerator.unwrap_model(self.teacher_model)
             was_training = student.training
             student.eval()
@@ -241,13 +250,13 @@ class KATDistillationTrainer(DistillationTrainer):
             finally:
                 student.train(was_training)
 
-    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, has_tool_images=False):
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, *args: Any, **kwargs: Any):
         if self.kat_mode != "online" or not self.model.training:
-            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, has_tool_images)
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, *args, **kwargs)
         device = self.accelerator.device
         gen = step_generator(self.args.seed, self.state.global_step, self._rank, device)
         with self._models_for_rollout() as (student, teacher):
-            engine = RolloutEngine(student, teacher, self.eos_token_ids, self._tokenizer.pad_token_id, self.sampling)
+            engine = RolloutEngine(student, teacher, self.kat_eos_ids, self._tokenizer.pad_token_id, self.sampling)
             rollouts, stats = engine.run(prompt_ids, self.kat_policy, gen)
         self._online = (rollouts, stats.generated_tokens)
         # The kept prefix (at least one token, so TRL's bookkeeping sees a completion; a row that keeps
@@ -260,7 +269,7 @@ class KATDistillationTrainer(DistillationTrainer):
             scored = score_completions(student, teacher, prompts, completions,
                                        pad_token_id=self._tokenizer.pad_token_id, top_n=self.sampling.top_n,
                                        micro_batch=self.score_micro_batch)
-        rollouts = B.posthoc_rollouts(self.kat_policy, prompts, completions, scored, self.eos_token_ids,
+        rollouts = B.posthoc_rollouts(self.kat_policy, prompts, completions, scored, self.kat_eos_ids,
                                       self.max_completion_length)
         return rollouts, sum(len(c) for c in completions)
 
@@ -332,6 +341,21 @@ class KATDistillationTrainer(DistillationTrainer):
             line.update({new: logs[old] for old, new in _CURVE_KEYS.items() if old in logs})
             line.update({k: v for k, v in logs.items() if k.startswith("kat/")})
             self._sink.write(line)
+
+
+def _trl_version() -> str:
+    import trl
+
+    return trl.__version__
+
+
+def _loss_reads_tool_mask() -> bool:
+    """Whether this TRL's distillation loss honours `tool_mask` (the loss-only mask `--supervise` spans
+    that start after the first token need); TRL 1.10's does not."""
+    try:
+        return "tool_mask" in inspect.getsource(DistillationTrainer._compute_loss)
+    except (OSError, TypeError):  # no source available: assume a current TRL
+        return True
 
 
 def _check_online_sampling(args: DistillationConfig) -> None:
