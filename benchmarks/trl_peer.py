@@ -14,7 +14,9 @@ at each prompts-per-step value, `--repeats` times (methods interleaved within a 
 for prompts and sampling in every method, so the repeats also differ in what is sampled). Per run: wall
 seconds per step (time between consecutive step ends, so everything a step does counts) over the steps
 from K (KAT's warm-up; the "active" window) and over steps 1..N-1 ("all"), and generated tokens/s (tokens
-sampled / seconds spent generating: TRL's `generate`; the engine's rollout, teacher scoring included).
+sampled / seconds spent generating: TRL's `generate`; the engine's rollout, teacher scoring included;
+tokens a chunk sampled past a fire count as generated). gen_len_mean: tokens sampled per rollout;
+kept_len_mean: tokens trained on per rollout.
 Reported: the median over repeats of each number and of each run's ratio to the same repeat's plain TRL.
 
 Usage: python benchmarks/trl_peer.py [--steps 15] [--repeats 3] [--prompts 16,32] [--quick]
@@ -101,9 +103,10 @@ def run_trl(world: Path, method: str, batch: int, steps: int, budget: int, out: 
     tr.train()
     logs = [h for h in tr.state.log_history if "loss" in h]
     return {"step_ends": ends, "gen_seconds": gen_s, "gen_tokens": gen_tok,
-            "kept_len_mean": [h.get("completions/mean_length") for h in logs],
+            # post-hoc: TRL's completions/* are the whole completions; kat/kept_len_mean is what is trained on
+            "kept_len_mean": [h.get("kat/kept_len_mean", h.get("completions/mean_length")) for h in logs],
             "fired_share": [h.get("kat/fired_share", 0.0) for h in logs],
-            "gen_len_mean": [h.get("kat/gen_len_mean", h.get("completions/mean_length")) for h in logs]}
+            "gen_len_mean": [t / batch for t in gen_tok]}  # tokens sampled per rollout
 
 
 def run_katdiag(world: Path, method: str, batch: int, steps: int, budget: int, out: Path,
@@ -124,7 +127,7 @@ def run_katdiag(world: Path, method: str, batch: int, steps: int, budget: int, o
     return {"step_ends": ends, "gen_seconds": [m["rollout_time"] for m in rows],
             "gen_tokens": [int(round(m["tokens_per_s"] * m["rollout_time"])) for m in rows],
             "kept_len_mean": [m["kept_len_mean"] for m in rows], "fired_share": [m["fired_share"] for m in rows],
-            "gen_len_mean": [m["gen_len_mean"] for m in rows]}
+            "gen_len_mean": [m["tokens_per_s"] * m["rollout_time"] / batch for m in rows]}
 
 
 def summarise(raw: dict[str, Any], lo: int) -> dict[str, float]:
