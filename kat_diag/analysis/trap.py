@@ -143,12 +143,13 @@ def trap_stats(kl_values: np.ndarray, offsets: np.ndarray, correct: np.ndarray, 
     return out
 
 
-def trap_report(store, cfg: KATConfig) -> dict[str, float]:
-    """`trap_stats` of a trace store (a run directory or store path readable by `TraceReader`)."""
+def trap_report(store, cfg: KATConfig, *, allow_foreign: bool = False) -> dict[str, float]:
+    """`trap_stats` of a trace store (a run directory or store path readable by `TraceReader`;
+    allow_foreign: read files of other runs, see `TraceReader`)."""
     from kat_diag.traces.reader import TraceReader
     from kat_diag.traces.schema import UNKNOWN_POSITION
 
-    b = TraceReader(store).read(columns=["kl", "correct", "step", "first_error", "loop_start", "rollout_id"])
+    b = TraceReader(store, allow_foreign=allow_foreign).read(columns=["kl", "correct", "step", "first_error", "loop_start", "rollout_id"])
     err, loop = np.asarray(b["first_error"]), np.asarray(b["loop_start"])
     known = err != UNKNOWN_POSITION
     if not known.any():  # real data (or a schema-1 store): no ground truth
