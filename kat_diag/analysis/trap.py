@@ -149,7 +149,8 @@ def trap_report(store, cfg: KATConfig, *, allow_foreign: bool = False) -> dict[s
     from kat_diag.traces.reader import TraceReader
     from kat_diag.traces.schema import UNKNOWN_POSITION
 
-    b = TraceReader(store, allow_foreign=allow_foreign).read(columns=["kl", "correct", "step", "first_error", "loop_start", "rollout_id"])
+    columns = ["kl", "correct", "step", "first_error", "loop_start", "rollout_id"]
+    b = TraceReader(store, allow_foreign=allow_foreign).read(columns=columns)
     err, loop = np.asarray(b["first_error"]), np.asarray(b["loop_start"])
     known = err != UNKNOWN_POSITION
     if not known.any():  # real data (or a schema-1 store): no ground truth

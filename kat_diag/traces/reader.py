@@ -288,7 +288,8 @@ class TraceReader:
         elif mine != self.run_identity and not allow_foreign:
             raise TraceStoreError(
                 f"{path}: written by another run ({mine!r}; this store is run {self.run_identity!r}): a trace "
-                f"file copied in from elsewhere? Move it out of {self.dir}, or pass --allow-foreign (allow_foreign=True) to read it")
+                f"file copied in from elsewhere? Move it out of {self.dir}, or pass --allow-foreign "
+                "(allow_foreign=True) to read it")
 
     def _check_unique_ids(self) -> None:
         """Rollout ids are unique across the store; duplicates (a file copied in twice, two runs'
