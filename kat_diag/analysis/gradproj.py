@@ -588,8 +588,10 @@ def run_gradproj(run_dir: str | Path, out_dir: str | Path, init: str | Path | No
         raise ValueError(f"--teacher not given and {run} has no config naming the teacher")
     if model not in ("init", "final") and not Path(model).exists():
         raise ValueError(f"--model must be init, final or a checkpoint path, got {model!r}")
-    if rollouts < 1 or tokens < 1 or micro_batch < 1:
-        raise ValueError("--rollouts, --tokens and --micro-batch must be >= 1")
+    from kat_diag.run.preflight import check_range
+
+    for option, value in (("--rollouts", rollouts), ("--tokens", tokens), ("--micro-batch", micro_batch)):
+        check_range(option, value, lo=1)
     tau_fixed = parse_tau(tau)
     cfg = kat_config_of(config, **dict(kat or {}))
     reader = TraceReader(traces if traces is not None else run)

@@ -38,6 +38,8 @@ def check_range(option: str, value: float | None, *, lo: float | None = None, lo
 def model_vocab(path: str | Path, option: str) -> int | None:
     """The output vocabulary of a checkpoint directory from its config.json (None if not stated)."""
     p = Path(path)
+    if p.is_file():
+        raise FileNotFoundError(f"{option} {p}: a file, not a checkpoint directory")
     if not p.is_dir():
         raise FileNotFoundError(f"{option} {p}: no such checkpoint directory")
     cfg_path = p / "config.json"
@@ -53,10 +55,11 @@ def model_vocab(path: str | Path, option: str) -> int | None:
     return int(vocab) if isinstance(vocab, int) else None
 
 
-def check_models(teacher: str, student: str) -> None:
-    vt, vs = model_vocab(teacher, "--teacher"), model_vocab(student, "--student")
+def check_models(teacher: str, student: str, names: tuple[str, str] = ("--teacher", "--student")) -> None:
+    """Both checkpoints exist and share the vocabulary; `names` are what the messages call them."""
+    vt, vs = model_vocab(teacher, names[0]), model_vocab(student, names[1])
     if vt is not None and vs is not None and vt != vs:
-        raise ValueError(f"vocabulary mismatch: --teacher {teacher} has {vt} tokens, --student {student} has {vs}; "
+        raise ValueError(f"vocabulary mismatch: {names[0]} {teacher} has {vt} tokens, {names[1]} {student} has {vs}; "
                          "on-policy distillation needs a shared vocabulary")
 
 

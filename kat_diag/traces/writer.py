@@ -132,7 +132,7 @@ class TraceWriter:
         if not 0 <= rank < 1 << _ID_RANK_BITS:
             raise ValueError(f"rank must be in [0, {1 << _ID_RANK_BITS})")
         if top_n < 1:
-            raise ValueError("top_n must be >= 1")
+            raise ValueError(f"top_n must be >= 1, got {top_n}")
         self.run_dir = Path(run_dir)
         self.dir = self.run_dir / TRACES_DIRNAME
         self.rank = int(rank)
