@@ -52,8 +52,8 @@ def generate(
     """Batched completions (left-padded), decoded without special tokens.
 
     A prompt that does not fit the model's context with `max_new_tokens` is an error naming it
-    (`kat_diag.models.fit_prompts`), or with `truncate_prompts` keeps its last tokens."""
-    from kat_diag.models import context_length
+    (`kat_diag.run.preflight.fit_prompts`), or with `truncate_prompts` keeps its last tokens."""
+    from kat_diag.run.preflight import context_length
 
     device = next(model.parameters()).device
     limit = context_length(model)
@@ -84,7 +84,7 @@ def generate(
 def _encode_fitting(tokenizer, chunk: list[str], start: int, max_new_tokens: int, limit: int | None,
                     truncate: bool) -> dict:
     """The batch encoding of `chunk`, each prompt checked against the context (see `generate`)."""
-    from kat_diag.models import fit_prompts
+    from kat_diag.run.preflight import fit_prompts
 
     if limit is not None:
         ids = tokenizer(chunk, add_special_tokens=False)["input_ids"]

@@ -385,11 +385,12 @@ def run_study(cfg: StudyConfig, out: str | Path, progress: bool = True,
             resume = latest_checkpoint(run) is not None if run.exists() else False
             if run.exists() and not resume:
                 shutil.rmtree(run)  # a run that never reached a checkpoint starts over cleanly
-            status(f"train {key}")
-            with warnings.catch_warnings():  # a step with nothing to train skips opt.step (supervise)
-                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
-                run_train(tcfg, resume=resume, on_step=lambda step, m: bar.update(1),
-                          resume_hint="run the same `kat-diag study` command again to continue")
+            if not (run / "final").is_dir():  # final/: trained, only its evaluation is missing
+                status(f"train {key}")
+                with warnings.catch_warnings():  # a step with nothing to train skips opt.step (supervise)
+                    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+                    run_train(tcfg, resume=resume, on_step=lambda step, m: bar.update(1),
+                              resume_hint="run the same `kat-diag study` command again to continue")
             status(f"eval {key}")
             ev = evaluate_model(run / "final", tok_dir, splits, cfg.eval_k, cfg.max_new_tokens, spec.seed, cfg.device)
             _write_json(run / "eval.json", ev)
@@ -432,9 +433,10 @@ def check_study(cfg: StudyConfig) -> None:
 
 def _check_prompt_lengths(cfg: StudyConfig, train: Sequence[Any], splits: dict[str, Sequence[Any]]) -> None:
     """Every training and evaluation prompt fits the models' context with the rollout budget, before
-    any evaluation or training (`kat_diag.models.fit_prompts`; the study never truncates)."""
-    from kat_diag.models import context_limit, fit_prompts, load_tokenizer
+    any evaluation or training (`kat_diag.run.preflight.fit_prompts`; the study never truncates)."""
+    from kat_diag.models import load_tokenizer
     from kat_diag.opd.rollout import encode_prompts
+    from kat_diag.run.preflight import context_limit, fit_prompts
 
     limit = context_limit(cfg.teacher, cfg.student)
     if limit is None:

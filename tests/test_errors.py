@@ -87,6 +87,28 @@ def test_the_writer_refuses_a_repeated_rollout_id(tmp_path: Path) -> None:
     assert TraceReader(tmp_path).num_rows == 4
 
 
+def test_ranks_starting_their_writers_at_once_agree_on_one_run_id(tmp_path: Path) -> None:
+    """Every rank of a run creates its TraceWriter at the same moment: one manifest must win."""
+    import threading
+
+    for attempt in range(10):
+        run = tmp_path / f"r{attempt}"
+        barrier = threading.Barrier(4)
+        ids: list[str] = []
+
+        def start(rank: int, run: Path = run, barrier: threading.Barrier = barrier, ids: list[str] = ids) -> None:
+            barrier.wait()
+            ids.append(TraceWriter(run, rank=rank, top_n=TOP_N).run_id)
+
+        threads = [threading.Thread(target=start, args=(r,)) for r in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        manifest = json.loads((run / "traces" / "_manifest.json").read_text())
+        assert set(ids) == {manifest["run_id"]}, attempt
+
+
 def test_stores_of_several_ranks_and_old_stores_still_read(tmp_path: Path) -> None:
     """Ranks' id ranges overlap (the id check then reads the ids): still one store, no error. A store
     written before run ids (manifest and parts without them) reads by its run name."""
@@ -189,7 +211,7 @@ def test_a_prompt_that_does_not_fit_the_context_is_refused_or_truncated_on_reque
 
 
 def test_fit_prompts_against_a_plain_reference():
-    from kat_diag.models import context_length, fit_prompts
+    from kat_diag.run.preflight import context_length, fit_prompts
 
     prompts = [[1] * 3, [2] * 10, [3] * 6]
     assert fit_prompts(prompts, ["a", "b", "c"], 4, None) == (prompts, 0)  # no stated context: unchecked

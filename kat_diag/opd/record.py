@@ -15,11 +15,12 @@ from pathlib import Path
 from kat_diag.data.grading import check_answer
 from kat_diag.kat.config import KATConfig
 from kat_diag.kat.policies import make_policy
-from kat_diag.models import check_compatible, context_limit, fit_prompts, load_model, load_tokenizer
+from kat_diag.models import check_compatible, load_model, load_tokenizer
 from kat_diag.opd.config import SamplingConfig, TrainConfig
 from kat_diag.opd.rollout import RolloutEngine, encode_prompts
 from kat_diag.opd.trace_rows import trace_batch
 from kat_diag.opd.trainer import load_prompts, step_generator
+from kat_diag.run.preflight import context_limit, fit_prompts
 from kat_diag.run.progress import bar as tqdm  # few lines in a log, live on a terminal
 from kat_diag.traces.writer import TraceWriter
 

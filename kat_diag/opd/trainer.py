@@ -33,14 +33,7 @@ from kat_diag.data.grading import check_answer
 from kat_diag.data.problems import Problem
 from kat_diag.data.sources import load_math_dataset
 from kat_diag.kat.policies import make_policy
-from kat_diag.models import (
-    check_compatible,
-    context_limit,
-    fit_prompts,
-    load_model,
-    load_tokenizer,
-    resolve_device,
-)
+from kat_diag.models import check_compatible, load_model, load_tokenizer, resolve_device
 from kat_diag.opd import checkpoint as ckpt_io
 from kat_diag.opd import distributed as D
 from kat_diag.opd import fsdp as FS
@@ -53,6 +46,7 @@ from kat_diag.opd.trace_rows import trace_batch
 from kat_diag.opd.tracking import check_report_to, make_tracker, rollout_rows
 from kat_diag.run import rundir
 from kat_diag.run.config_io import check_resumed
+from kat_diag.run.preflight import context_limit, fit_prompts
 from kat_diag.run.progress import bar as progress_bar
 
 # ---------------------------------------------------------------------------------------------

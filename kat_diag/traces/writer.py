@@ -85,6 +85,29 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def _create_exclusive(path: Path, data: bytes) -> bool:
+    """Write `path` atomically unless it exists; False if it did. The ranks of a run start their
+    writers at once: exactly one manifest (one run id) must win, and nobody may read half of it."""
+    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.link(tmp, path)  # atomic, and fails if path exists
+    except FileExistsError:
+        return False
+    except OSError:  # a filesystem without hard links: last writer wins (one process per store there)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        return True
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+    return True
+
+
 def _to_numpy(x: Any, dtype: Any = None) -> np.ndarray:
     if hasattr(x, "detach"):  # torch tensor, without importing torch here
         x = x.detach().cpu().numpy()
@@ -184,7 +207,8 @@ class TraceWriter:
             "loss": {"estimator": (config or {}).get("loss"), "topk": (config or {}).get("topk")},
             "columns": {f.name: str(f.type) for f in schema(self.top_n)},
         }
-        _atomic_write_bytes(path, json.dumps(manifest, indent=2, default=str).encode())
+        if not _create_exclusive(path, json.dumps(manifest, indent=2, default=str).encode()):
+            return self._write_manifest(config)  # another rank created it first: use its run id
         return run_id
 
     def _next_seq(self) -> int:
