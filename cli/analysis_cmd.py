@@ -145,6 +145,11 @@ def phases(
     typer.echo("wrote " + ", ".join(res["files"]))
 
 
+def _files(res: dict[str, Any]) -> list[str]:
+    f = res.get("files", [])
+    return [str(v) for v in (f.values() if isinstance(f, dict) else f)]
+
+
 def figures(
     runs: list[Path] | None = typer.Argument(None, help="Run directories; training curves are overlaid, per-run "
                                              "figures go into OUT/<run name>/ when there are several."),
@@ -180,7 +185,7 @@ def figures(
     for label, per in res["analyses"].items():
         for name, r in per.items():
             what = (f"skipped ({r['skipped']})" if "skipped" in r else f"FAILED ({r['error']})" if "error" in r
-                    else f"{r['seconds']:.1f} s: " + ", ".join(r.get("files", [])))
+                    else f"{r['seconds']:.1f} s: " + ", ".join(_files(r)))
             typer.echo(f"{label}/{name}: {what}")
     typer.echo(f"summary: {res['summary']}")
     if any("error" in r for per in res["analyses"].values() for r in per.values()):

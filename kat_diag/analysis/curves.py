@@ -165,7 +165,7 @@ def plot(runs: list[RunCurves], fig: Any = None, smooth: int = 9) -> Any:
                 continue
             v = r.eval[key]
             a_eval.plot(x, v, color=c, linestyle=ls, marker=mk, markersize=3.5, markerfacecolor=c if ls == "-"
-                        else "white")
+                        else style.PAPER)
             lo, hi = wilson(v * n, n)
             if np.isfinite(lo).any():
                 a_eval.fill_between(x, lo, hi, color=c, alpha=0.12, linewidth=0)
@@ -191,12 +191,12 @@ def plot(runs: list[RunCurves], fig: Any = None, smooth: int = 9) -> Any:
         key = _eval_metric(runs, kind)
         if key:
             metric_handles.append(Line2D([], [], color=style.INK, linestyle=ls, marker=mk, markersize=3.5,
-                                         markerfacecolor=style.INK if ls == "-" else "white",
+                                         markerfacecolor=style.INK if ls == "-" else style.PAPER,
                                          label=key.split("/")[-1]))
     fig.legend(handles=run_handles + metric_handles, loc="lower center", ncol=len(run_handles) + len(metric_handles),
                fontsize=7, bbox_to_anchor=(0.5, 0.0))
-    fig.suptitle(f"Training curves (faint: per step; solid: trailing {smooth}-step mean; eval bands: 95 % Wilson "
-                 "over problems)")
+    fig.suptitle(f"Training curves\nfaint: per step; solid: trailing {smooth}-step mean; eval: 0 = untrained "
+                 "student, bands 95 % Wilson over problems", fontsize=8.5)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     return fig
 

@@ -514,7 +514,7 @@ def plot_gradproj(result: GradProjResult, fig: Any = None, loss: str = "") -> An
             bc = np.array([a.get(key + "_bc", np.nan) for a in rows])
             ax.plot(ks, np.where(np.isfinite(bc), bc, plug), "o-", color=c, markersize=3, label=ph)
             if np.isfinite(bc).any():
-                ax.plot(ks, plug, "o", color=c, markerfacecolor="white", markersize=2.5, linewidth=0)
+                ax.plot(ks, plug, "o", color=c, markerfacecolor=style.PAPER, markersize=2.5, linewidth=0)
             lo, hi = np.array([a[key + "_lo"] for a in rows]), np.array([a[key + "_hi"] for a in rows])
             floor = 0.5 * min(a[key + "_iso"] for a in rows)  # a lower bound of 0 reaches the axis floor
             if np.isfinite(lo).any():
@@ -532,8 +532,8 @@ def plot_gradproj(result: GradProjResult, fig: Any = None, loss: str = "") -> An
         ax.grid(True, which="both", alpha=0.3)
     handles = [Line2D([], [], color=style.PHASE_COLORS.get(ph, style.INK), marker="o", markersize=3,
                       label=f"{ph} (N={stats[ph]['tokens']}, {stats[ph]['rollouts']} rollouts)") for ph in phases]
-    handles += [Line2D([], [], color=style.INK, marker="o", markerfacecolor="white", markersize=2.5, linestyle="none",
-                       label="plug-in (line: bias-corrected)"),
+    handles += [Line2D([], [], color=style.INK, marker="o", markerfacecolor=style.PAPER, markersize=2.5,
+                       linestyle="none", label="plug-in (line: bias-corrected)"),
                 Line2D([], [], color=style.INK, linestyle=":", label="random subspace (same phase)"),
                 Line2D([], [], color=style.MARK_COLORS["reference"], linestyle="--", label="isotropic expectation")]
     axes[0, 0].legend(handles=handles, fontsize=6, loc="lower right")
@@ -569,7 +569,7 @@ def plot_gradproj(result: GradProjResult, fig: Any = None, loss: str = "") -> An
         if np.isfinite(p.get("grad_norm_lo", math.nan)):
             ax.plot([p["grad_norm_lo"], p["grad_norm_hi"]], [i, i], color=c, linewidth=1.6)
             ax.plot([p["grad_norm_bc"]], [i], "o", color=c, markersize=5)
-            ax.plot([p["grad_norm_per_token"]], [i], "o", color=c, markerfacecolor="white", markersize=3.5)
+            ax.plot([p["grad_norm_per_token"]], [i], "o", color=c, markerfacecolor=style.PAPER, markersize=3.5)
         else:
             ax.plot([p["grad_norm_per_token"]], [i], "o", color=c, markersize=5)
         ax.text(0.98, i - 0.28, f"N={p['tokens']}, {p['rollouts']} rollouts, loss/token {p['loss_per_token']:.3g}",

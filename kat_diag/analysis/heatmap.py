@@ -367,8 +367,8 @@ def plot(result: HeatmapResult, fig: Any = None, kl_range: tuple[float, float] |
     if fig is None:
         fig, _ = style.figure(size=(style.TEXT_WIDTH, 7.6))
         fig.clf()
-    gs = fig.add_gridspec(2, 6, height_ratios=[1.55, 1.0], hspace=0.55, wspace=1.3, top=0.9, bottom=0.08,
-                          left=0.07, right=0.9)
+    gs = fig.add_gridspec(2, 6, height_ratios=[1.55, 1.0], hspace=0.62, wspace=1.3, top=0.9, bottom=0.07,
+                          left=0.1, right=0.86)
     cmap = style.kl_cmap()
     xmax = x_limit(result)
     span = 6 // max(n_st, 1)
@@ -401,17 +401,18 @@ def plot(result: HeatmapResult, fig: Any = None, kl_range: tuple[float, float] |
                      fontsize=8)
         ax.set_xlabel(f"token position{'' if result.width == 1 else f' ({result.width} per column)'}"
                       + (f"; {longer} rows run past {xmax}" if longer else ""))
-        ax.set_ylabel("row (heatmap_rows.csv)", labelpad=12)
+        if i == 0:
+            ax.set_ylabel("row (see heatmap_rows.csv)", labelpad=12)
         ax.grid(False)
         step_tick = 50 if n > 120 else 20 if n > 40 else 5
         ax.set_yticks(np.arange(0, n, step_tick) + 0.5, [str(t) for t in range(0, n, step_tick)])
         ax.tick_params(axis="y", pad=9, labelsize=6)
     if im is not None:
-        cax = fig.add_axes((0.925, 0.55, 0.014, 0.33))
+        cax = fig.add_axes((0.885, 0.5, 0.014, 0.4))
         cb = fig.colorbar(im, cax=cax)
-        cb.set_label(f"{result.estimator} (nats, log)", fontsize=7)
         taus = [t for t in (_stage_tau(s) for s in result.stages) if t is not None]
-        style.mark_tau(cb, float(np.median(taus)) if taus else None)
+        extra = style.mark_tau(cb, float(np.median(taus)) if taus else None)
+        cb.set_label(f"{result.estimator} (nats, log){extra}", fontsize=6.5)
     present = [v for v in style.VERDICTS if any((s.verdict == v).any() for s in result.stages)]
     handles = [Patch(facecolor=style.VERDICT_COLORS[v], label=style.VERDICT_LABELS[v]) for v in present]
     from matplotlib.lines import Line2D
@@ -419,8 +420,9 @@ def plot(result: HeatmapResult, fig: Any = None, kl_range: tuple[float, float] |
     handles += [Line2D([], [], marker="|", linestyle="none", color=style.MARK_COLORS["onset"], label="onset"),
                 Line2D([], [], marker="x", linestyle="none", color=style.MARK_COLORS["fire"], label="fire"),
                 Patch(facecolor="none", edgecolor=style.CUT_SHADE, hatch="/////", label="[onset, fire]: discarded")]
-    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.955), ncol=min(len(handles), 5),
-               fontsize=6.5, handlelength=1.2, columnspacing=1.0, title="stripe: verdict", title_fontsize=6.5)
+    fig.legend(handles=handles, loc="center", bbox_to_anchor=(0.47, 0.395), ncol=min(len(handles), 4),
+               fontsize=6.5, handlelength=1.2, columnspacing=1.0, title="left stripe: verdict; marks",
+               title_fontsize=6.5)
 
     ax1 = fig.add_subplot(gs[1, 0:2])
     ax2 = fig.add_subplot(gs[1, 2:4])

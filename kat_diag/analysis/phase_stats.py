@@ -468,12 +468,14 @@ def phase_report(reader: TraceReader, cfg: KATConfig, tau: str | float = "auto",
 def _dots(ax: Any, ys: np.ndarray, vals: np.ndarray, cis: list[tuple[float, float]], colors: list[str],
           markers: list[str] | None = None, filled: list[bool] | None = None, label: list[str] | None = None) -> None:
     """Horizontal dot plot: a dot per value with its CI as a line (NaN values are skipped)."""
+    from kat_diag.analysis import style
+
     for i, (y, v, (lo, hi), c) in enumerate(zip(ys, vals, cis, colors, strict=True)):
         if not np.isfinite(v):
             continue
         if np.isfinite(lo) and np.isfinite(hi):
             ax.plot([lo, hi], [y, y], color=c, linewidth=1.4, solid_capstyle="butt")
-        face = c if filled is None or filled[i] else "white"
+        face = c if filled is None or filled[i] else style.PAPER
         ax.plot([v], [y], marker=(markers or ["o"] * len(vals))[i], color=c, markerfacecolor=face, markersize=4.5,
                 linestyle="none", label=None if label is None else label[i])
 
@@ -538,8 +540,9 @@ def plot(report: PhaseReport, fig: Any = None) -> Any:
     a_ent.set_xlabel("mean entropy (nats)")
     a_ent.set_title("entropy per phase")
     a_ent.legend(handles=[Line2D([], [], marker="o", color=style.INK, linestyle="none", label="student"),
-                          Line2D([], [], marker="D", color=style.INK, markerfacecolor="white", linestyle="none",
-                                 label="teacher (lower bound)")], fontsize=6, loc="best")
+                          Line2D([], [], marker="D", color=style.INK, markerfacecolor=style.PAPER, linestyle="none",
+                                 label="teacher (lower bound)")], fontsize=6, loc="upper center",
+                 bbox_to_anchor=(0.5, -0.22), ncol=2)
 
     # (d) accuracy with vs without a trap
     if all(s.policy_artefact or (s.graded_trap + s.graded_no_trap) == 0 for s in stages):
@@ -554,6 +557,9 @@ def plot(report: PhaseReport, fig: Any = None) -> Any:
             ys = x + (k - 0.5) * 0.3
             for y, s in zip(ys, stages, strict=True):
                 if s.policy_artefact:
+                    if k == 0:
+                        a_acc.text(0.5, y + 0.15, f"n/a: the policy cut\n{s.cut_trap} trap rollouts at fire",
+                                   ha="center", va="center", fontsize=6, color=style.MUTED)
                     continue
                 v = s.accuracy_no_trap if key == "no_trap" else s.accuracy_trap
                 n = s.graded_no_trap if key == "no_trap" else s.graded_trap
@@ -562,7 +568,7 @@ def plot(report: PhaseReport, fig: Any = None) -> Any:
                     a_acc.text(1.02, y, f"n={n}", va="center", fontsize=6, transform=a_acc.get_yaxis_transform())
             a_acc.plot([], [], marker=mk, color=color, linestyle="none", label=label)
         a_acc.set_yticks(x, [s.stage for s in stages])
-        a_acc.invert_yaxis()
+        a_acc.set_ylim(len(stages) - 0.5, -0.5)
         a_acc.set_xlim(0, 1)
         a_acc.set_xlabel("accuracy (share correct)")
         a_acc.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, fontsize=6)
@@ -595,10 +601,11 @@ def plot(report: PhaseReport, fig: Any = None) -> Any:
     a_seg.set_title("KL around the first segment")
     a_seg.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=3, fontsize=6)
     tau = report.tau
-    fig.suptitle(f"Phases (DESIGN §3): tau {tau['mode']}"
+    fig.suptitle(f"Phases with hindsight (DESIGN §3): tau {tau['mode']}"
                  + (f", derived {tau['derived']:.3g}" if tau.get("derived") else "")
                  + (f", median {tau['median']:.3g} nats" if tau.get("median") else "")
-                 + f"; W={report.cfg.window}, T={report.cfg.persistence}, L0={report.cfg.min_length}; 95 % CIs")
+                 + f"; W={report.cfg.window}, T={report.cfg.persistence}, L0={report.cfg.min_length}\n"
+                 "95 % CIs: bootstrap over rollouts for means, Wilson for shares", fontsize=8.5)
     fig.tight_layout()
     return fig
 

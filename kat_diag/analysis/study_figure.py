@@ -113,7 +113,7 @@ def plot_study(results: dict[str, Any], fig: Any = None) -> Any:
             row = nums["methods"][m][key]
             s = np.asarray(row["seeds"]) * 100
             ax.plot(s, i + rng.uniform(-0.12, 0.12, s.size), "o", color=c, markersize=3, alpha=0.6,
-                    markerfacecolor="white")
+                    markerfacecolor=style.PAPER)
             if len(s) > 1:
                 ax.plot([row["mean"] * 100 - row["sd"] * 100, row["mean"] * 100 + row["sd"] * 100], [i, i], color=c,
                         linewidth=1.6)

@@ -131,15 +131,17 @@ def outline(width: float = 1.6) -> list[Any]:
     return [patheffects.withStroke(linewidth=width, foreground=MARK_COLORS["outline"])]
 
 
-def mark_tau(colorbar: Any, tau: float | None, label: str = "tau") -> None:
-    """Mark tau on a KL colour bar: a line across it and a label (nothing when tau is undefined)."""
+def mark_tau(colorbar: Any, tau: float | None, label: str = "tau") -> str:
+    """Mark tau on a KL colour bar: a line across it with a triangle at its left edge. Returns the
+    text to add to the bar's label ('' when tau is undefined)."""
     if tau is None or not tau == tau or tau <= 0:
-        return
+        return ""
     ax = colorbar.ax
-    ax.axhline(tau, color=MARK_COLORS["tau"], linewidth=1.4)
+    ax.axhline(tau, color=MARK_COLORS["tau"], linewidth=1.6)
     ax.axhline(tau, color=MARK_COLORS["outline"], linewidth=0.5)
-    ax.text(-0.25, tau, f"{label} {tau:.2g} ", transform=ax.get_yaxis_transform(), ha="right", va="center",
-            fontsize=6.5, color=INK)
+    ax.plot([-0.15], [tau], marker=">", color=MARK_COLORS["tau"], markersize=5, clip_on=False,
+            transform=ax.get_yaxis_transform())
+    return f"; ▶ {label} {tau:.2g}"
 
 
 def no_panel(ax: Any, message: str) -> None:

@@ -297,11 +297,13 @@ def compute_vocab(counts_RV: Mapping[str, sp.csr_matrix], names: Sequence[str], 
 
 def _dot(ax: Any, y: float, v: float, lo: float, hi: float, color: str, marker: str = "o",
          hollow: bool = False) -> None:
+    from kat_diag.analysis import style
+
     if np.isfinite(lo) and np.isfinite(hi):
         ax.plot([lo, hi], [y, y], color=color, linewidth=1.4)
     if np.isfinite(v):
-        ax.plot([v], [y], marker=marker, color=color, markerfacecolor="white" if hollow else color, markersize=4.5,
-                linestyle="none")
+        ax.plot([v], [y], marker=marker, color=color, markerfacecolor=style.PAPER if hollow else color,
+                markersize=4.5, linestyle="none")
 
 
 def plot_vocab(result: VocabResult, fig: Any = None, top: int = 8) -> Any:
@@ -318,11 +320,11 @@ def plot_vocab(result: VocabResult, fig: Any = None, top: int = 8) -> Any:
     clouds = not character_level(result.names, result.counts) and len(phases) > 0
     ncol = 3
     if fig is None:
-        fig = style.figure(size=(style.TEXT_WIDTH, 7.8 if clouds else 6.2))[0]
+        fig = style.figure(size=(style.TEXT_WIDTH, 7.2 if clouds else 5.0))[0]
         fig.clf()
     rows = ([1.0] if clouds else []) + [1.25, 0.9]
-    gs = fig.add_gridspec(len(rows), 6, height_ratios=rows, hspace=0.75, wspace=2.2, left=0.1, right=0.97, top=0.9,
-                          bottom=0.08)
+    gs = fig.add_gridspec(len(rows), 6, height_ratios=rows, hspace=0.55, wspace=2.4, left=0.14, right=0.97, top=0.9,
+                          bottom=0.1)
     r0 = 0
     if clouds:
         from wordcloud import WordCloud
@@ -375,8 +377,9 @@ def plot_vocab(result: VocabResult, fig: Any = None, top: int = 8) -> Any:
     ax.set_xlabel("JS divergence (nats; max ln 2)")
     ax.set_title("JS between phases", fontsize=8)
     ax.legend(handles=[Line2D([], [], marker="o", linestyle="none", color=style.INK, label="bias-corrected"),
-                       Line2D([], [], marker="o", linestyle="none", color=style.INK, markerfacecolor="white",
-                              label="plug-in")], fontsize=6, loc="lower right")
+                       Line2D([], [], marker="o", linestyle="none", color=style.INK, markerfacecolor=style.PAPER,
+                              label="plug-in")], fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.25),
+              ncol=2)
     # bottom row: over-represented tokens (one small panel per phase), reasoning share, entropy
     ax = fig.add_subplot(gs[r0 + 1, 0:2])
     for i, ph in enumerate(phases):
@@ -405,7 +408,7 @@ def plot_vocab(result: VocabResult, fig: Any = None, top: int = 8) -> Any:
         toks = result.top_tokens(ph, top, min_share=MIN_SHARE)
         pos = [t for t in toks if t["z"] > 1.96][:5]
         lines.append((ph, ", ".join(f"{t['token']} ({t['z']:.0f})" for t in pos) or "none with z > 1.96"))
-    ax.set_title("over-represented (log-odds z)", fontsize=8)
+    ax.set_title("over-represented (z)", fontsize=8)
     for i, (ph, text) in enumerate(lines):
         ax.text(0.0, 0.85 - 0.3 * i, f"{ph}: {text}", transform=ax.transAxes, fontsize=6.5,
                 color=style.PHASE_COLORS.get(ph, style.INK), wrap=True)

@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 
-from kat_diag.views.palette import KL_RANGE, KL_STOPS, NONFINITE, hex_rgb, rgb_hex
+from kat_diag.views.palette import INK, KL_RANGE, KL_STOPS, NONFINITE, PAPER, hex_rgb, rgb_hex
 
 DEFAULT_KL_RANGE = KL_RANGE
 GLYPHS = "▁▂▃▄▅▆▇█"  # low -> high KL in --no-color output
@@ -121,7 +121,7 @@ def ansi_params(level: float, depth: str = "256", background: bool = True) -> st
 def contrast_params(level: float, depth: str = "256") -> str:
     """Foreground (black or white) that reads on the background of this scale position."""
     rgb = level_rgb(level) if depth == "truecolor" else ansi_rgb(ansi_index(level))
-    return "38;5;231" if dark(rgb) else "38;5;16"
+    return ansi_color(PAPER if dark(rgb) else INK, depth)
 
 
 def legend_levels(n: int = ANSI_LEVELS) -> list[float]:

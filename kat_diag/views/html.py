@@ -32,7 +32,7 @@ from kat_diag.views.palette import (
     PAPER,
     PHASE_COLORS,
 )
-from kat_diag.views.rollout import _header, rollout_marks, token_strings
+from kat_diag.views.rollout import _header, id_namer, rollout_marks, token_strings
 from kat_diag.views.text import _visible
 from kat_diag.views.track import MARK_NAMES, MARK_ORDER, Track, departures, teacher_ranks
 
@@ -171,7 +171,7 @@ def _finite_segments(v: np.ndarray) -> list[range]:
 
 
 def departures_html(row: dict[str, Any], strings: list[str] | None, tokenizer: Any = None, limit: int = 40) -> str:
-    decode = (lambda i: tokenizer.decode([i])) if tokenizer is not None else None
+    decode = id_namer(row, tokenizer)
     if teacher_ranks(row) is None:
         return '<p class="note">teacher alternatives: not stored (no teacher_top_ids)</p>'
     deps = departures(row, strings, decode)
@@ -216,8 +216,7 @@ def render_html(
 
     top_ids, top_probs = row.get("teacher_top_ids"), row.get("teacher_top_probs")
 
-    def name_of(tid: int) -> str:
-        return tokenizer.decode([int(tid)]) if tokenizer is not None else f"⟨{int(tid)}⟩"
+    name_of = id_namer(row, tokenizer)
 
     kept = int(row.get("kept_len", len(ids)))
     spans: list[str] = []

@@ -28,6 +28,18 @@ def token_strings(row: dict[str, Any], tokenizer: Any = None) -> list[str] | Non
     return None if len(ids) else []
 
 
+def id_namer(row: dict[str, Any], tokenizer: Any = None) -> Any:
+    """``name(id) -> text`` for the teacher's alternatives: the tokenizer's decoding, else the text of
+    the same id among the rollout's own stored tokens, else ``⟨id⟩``."""
+    if tokenizer is not None:
+        return lambda i: tokenizer.decode([int(i)])
+    seen: dict[int, str] = {}
+    text = row.get("token_text")
+    if text is not None and len(text) == len(row["token_ids"]):
+        seen = {int(t): str(s) for t, s in zip(row["token_ids"], text, strict=True)}
+    return lambda i: seen.get(int(i), f"⟨{int(i)}⟩")
+
+
 def rollout_marks(row: dict[str, Any], phases: tuple[int, int] | None = None) -> dict[int, list[str]]:
     """Labels to draw *before* token position p: onset, end of the fire token, kept end, phases.
 

@@ -36,7 +36,7 @@ from kat_diag.views.colors import (
     tau_cell,
 )
 from kat_diag.views.palette import MARK_COLORS, PHASE_COLORS
-from kat_diag.views.rollout import _header, rollout_marks, token_strings
+from kat_diag.views.rollout import _header, id_namer, rollout_marks, token_strings
 from kat_diag.views.text import _printable
 from kat_diag.views.track import MARK_GLYPHS, MARK_NAMES, MARK_ORDER, Track, departures, teacher_ranks
 
@@ -171,8 +171,7 @@ def track_summary(track: Track) -> list[str]:
 def departures_table(row: dict[str, Any], strings: list[str] | None, tokenizer: Any = None, limit: int = 15
                      ) -> list[str]:
     """Tokens that left the teacher's top-1: position, token, p_T, rank, the teacher's alternatives."""
-    decode = (lambda i: tokenizer.decode([i])) if tokenizer is not None else None
-    deps = departures(row, strings, decode)
+    deps = departures(row, strings, id_namer(row, tokenizer))
     ranks = teacher_ranks(row)
     if ranks is None:
         return ["teacher alternatives: not stored (no teacher_top_ids)"]
