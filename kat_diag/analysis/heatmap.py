@@ -462,6 +462,10 @@ def plot(result: HeatmapResult, fig: Any = None, kl_range: tuple[float, float] |
     ax2.set_yscale("log")
     ax2.set_ylabel("share of runs >= length")
     ax2.legend(fontsize=6)
+    taus = [t for t in (_stage_tau(s) for s in result.stages) if t is not None]
+    if taus:  # tau on every KL scale
+        ax3.axhline(float(np.median(taus)), color=style.MARK_COLORS["tau"], linestyle="--", linewidth=0.8,
+                    label="tau")
     ax3.set_title("mean KL by relative position", fontsize=8)
     ax3.set_xlabel("position / rollout length")
     ax3.set_ylabel("mean KL (nats, log)")

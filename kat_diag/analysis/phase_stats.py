@@ -520,6 +520,11 @@ def plot(report: PhaseReport, fig: Any = None) -> Any:
         v = np.array([s.phase_kl[i] for s in stages], dtype=float)
         cis = [s.ci.get("kl", ((math.nan, math.nan),) * 3)[i] for s in stages]
         _dots(a_kl, x + offs[i], np.where(v > 0, v, np.nan), cis, [style.PHASE_COLORS[ph]] * len(stages))
+    tau_med = report.tau.get("median")
+    for ax in (a_kl, a_seg):  # tau on every KL scale
+        if tau_med:
+            ax.axvline(tau_med, color=style.MARK_COLORS["tau"], linestyle="--", linewidth=0.8)
+            ax.text(tau_med, 1.0, " tau", transform=ax.get_xaxis_transform(), fontsize=6, va="bottom")
     a_kl.set_xscale("log")
     a_kl.set_yticks(x, [s.stage for s in stages])
     a_kl.invert_yaxis()
@@ -571,7 +576,7 @@ def plot(report: PhaseReport, fig: Any = None) -> Any:
         a_acc.set_ylim(len(stages) - 0.5, -0.5)
         a_acc.set_xlim(0, 1)
         a_acc.set_xlabel("accuracy (share correct)")
-        a_acc.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, fontsize=6)
+        a_acc.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=2, fontsize=6)
     a_acc.set_title("accuracy: trap vs no trap")
 
     # (e) extended low-KL segment share with Wilson CI
@@ -599,7 +604,7 @@ def plot(report: PhaseReport, fig: Any = None) -> Any:
     a_seg.invert_yaxis()
     a_seg.set_xlabel("mean reverse KL (nats, log)")
     a_seg.set_title("KL around the first segment")
-    a_seg.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=3, fontsize=6)
+    a_seg.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=3, fontsize=6)
     tau = report.tau
     fig.suptitle(f"Phases with hindsight: tau {tau['mode']}"
                  + (f", derived {tau['derived']:.3g}" if tau.get("derived") else "")

@@ -38,7 +38,7 @@ from kat_diag.views.track import MARK_NAMES, MARK_ORDER, Track, departures, teac
 
 _HTML_STYLE = f"""
 body {{ font-family: system-ui, sans-serif; margin: 2em; color: {INK}; background: {PAPER}; }}
-table.meta td {{ padding: 0 1em 0 0; vertical-align: top; }} table.meta td:first-child {{ color: {MUTED}; }}
+table.meta td {{ padding: 0 0.6em 0 0; vertical-align: top; }} table.meta td.k {{ color: {MUTED}; }}
 .tokens {{ font-family: ui-monospace, monospace; white-space: pre-wrap; line-height: 2.6; margin-top: 1em; }}
 .tok {{ border-radius: 2px; }}
 ruby rt {{ font-size: 62%; color: {MUTED}; }}
@@ -80,7 +80,7 @@ def track_svg(track: Track, kl_range: tuple[float, float] = DEFAULT_KL_RANGE, wi
     if n == 0:
         return ""
     lo, hi = kl_range
-    left, right, top = 46, 12, 18
+    left, right, top = 46, 12, 30
     plot_h, strip_h, count_h = 130, 12, 34
     w = max(width, left + right + 2 * n)
     cw = (w - left - right) / n  # px per token
@@ -99,16 +99,11 @@ def track_svg(track: Track, kl_range: tuple[float, float] = DEFAULT_KL_RANGE, wi
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w:.0f}" height="{h}" '
              f'style="font: 11px system-ui, sans-serif; background:{PAPER}">']
     parts.append(f'<rect x="{left}" y="{top}" width="{w - left - right:.1f}" height="{plot_h}" fill="{NO_DATA}"/>')
-    # low windows: a window ending at t covers the tokens t-W+1..t; shade the tokens of low windows
-    cover = np.zeros(n + 1, dtype=np.int64)
-    for t in np.flatnonzero(track.low):
-        cover[max(0, t - track.window + 1)] += 1
-        cover[t + 1] -= 1
-    in_low = np.cumsum(cover[:-1]) > 0
-    for s, e in _runs(in_low):
+    # low windows, at the token where each ends (where z_t is below tau)
+    for s, e in _runs(track.low):
         parts.append(f'<rect x="{x(s):.1f}" y="{top}" width="{(e - s) * cw:.1f}" height="{plot_h}" '
-                     f'fill="{PHASE_COLORS["agreement"]}" fill-opacity="0.22"><title>tokens of low windows '
-                     f'[{s}, {e})</title></rect>')
+                     f'fill="{PHASE_COLORS["agreement"]}" fill-opacity="0.25"><title>windows ending at '
+                     f'[{s}, {e}) are below tau</title></rect>')
     if 0 <= track.kept < n:
         parts.append(f'<rect x="{x(track.kept):.1f}" y="{top}" width="{(n - track.kept) * cw:.1f}" '
                      f'height="{plot_h}" fill="{CUT_SHADE}" fill-opacity="0.08"><title>cut: tokens [{track.kept}, {n}) '
@@ -127,16 +122,22 @@ def track_svg(track: Track, kl_range: tuple[float, float] = DEFAULT_KL_RANGE, wi
         parts.append(f'<line x1="{left}" x2="{w - right}" y1="{y(track.tau):.1f}" y2="{y(track.tau):.1f}" '
                      f'stroke="{MARK_COLORS["tau"]}" stroke-dasharray="5,3"/><text x="{w - right - 2}" '
                      f'y="{y(track.tau) - 3:.1f}" text-anchor="end">tau {track.tau:.3g}</text>')
+    at: dict[int, list[str]] = {}
     for name in MARK_ORDER:
         pos = track.marks.get(name)
         if pos is None:
             continue
+        at.setdefault(pos, []).append(name)
         color = MARK_COLORS.get(name, MARK_COLORS["reference"])
         dash = ' stroke-dasharray="2,2"' if name in ("L0", "kept_end") else ""
         parts.append(f'<line x1="{x(pos):.1f}" x2="{x(pos):.1f}" y1="{top}" y2="{y_count + count_h}" '
                      f'stroke="{color}" stroke-width="1.2"{dash}><title>{MARK_NAMES[name]} {pos}</title></line>')
-        parts.append(f'<text x="{x(pos) + 2:.1f}" y="{top - 5 + 11 * (MARK_ORDER.index(name) % 2)}" '
-                     f'fill="{color}">{MARK_NAMES[name]} {pos}</text>')
+    for j, (pos, names) in enumerate(sorted(at.items())):  # one label per position, rows alternate
+        label = " · ".join(f"{MARK_NAMES[nm]} {pos}" for nm in names)
+        color = MARK_COLORS.get(names[0], MARK_COLORS["reference"]) if len(names) == 1 else INK
+        anchor = "end" if x(pos) > w - right - 8 * len(label) else "start"
+        parts.append(f'<text x="{x(pos) + (2 if anchor == "start" else -2):.1f}" y="{top - 16 + 11 * (j % 2)}" '
+                     f'text-anchor="{anchor}" fill="{color}">{label}</text>')
     parts.append(f'<text x="4" y="{top + 10}" fill="{MUTED}">KL</text>')
     # per-token KL colour strip
     lv = kl_level(track.kl, lo, hi)
@@ -246,7 +247,9 @@ def render_html(
             alt = name_of(int(top_ids[i][0]))
             span = f"<ruby>{span}<rt>{esc(repr(alt)[1:-1])} {float(top_probs[i][0]):.2f}</rt></ruby>"
         spans.append(span)
-    meta = "".join(f"<tr><td>{esc(k)}</td><td>{esc(v)}</td></tr>" for k, v in _header(row, phases))
+    items = _header(row, phases)
+    cells = [f'<td class="k">{esc(k)}</td><td>{esc(v)}</td>' for k, v in items]
+    meta = "".join("<tr>" + "".join(cells[i:i + 4]) + "</tr>" for i in range(0, len(cells), 4))
     page_title = title or f"rollout {row.get('rollout_id')}"
     tau = track.tau if track is not None else row.get("tau")
     tau = None if tau is None or not math.isfinite(float(tau)) else float(tau)
@@ -258,8 +261,9 @@ def render_html(
             + ("undefined: KAT inactive for this rollout" if track.tau is None
                else f"{track.tau:.4g} ({track.tau_source})")
             + f"; min window mean {'-' if math.isnan(mw) else f'{mw:.4g} at t={track.min_window_at}'})</h3>"
-            '<p class="note">grey: per-token KL; black: window mean z<sub>t</sub>; orange bands: tokens of windows '
-            "below tau; bars: consecutive low windows (fires at T after L0); dashed lines: L0 and kept end.</p>"
+            '<p class="note">grey: per-token KL; black: window mean z<sub>t</sub> (at the token where the window '
+            "ends); orange: windows below tau; strip: per-token KL colour; bars: consecutive low windows (fires at T "
+            "after L0); dashed lines: L0 and kept end; grey area: cut (generated, not trained on).</p>"
             + track_svg(track, kl_range))
     full_text = f"<h3>text</h3><pre>{esc(str(row['text']))}</pre>" if row.get("text") else ""
     return (

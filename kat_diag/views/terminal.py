@@ -98,7 +98,7 @@ def render_track(track: Track, strings: list[str] | None, ranks: np.ndarray | No
     for name in ("kept_end", "L0", "onset", "fire", "loop_start", "first_error"):
         if name in track.marks and track.marks[name] < n:
             (truth_at if name in ("first_error", "loop_start") else kat_at)[track.marks[name]] = MARK_GLYPHS[name]
-    low_params = ansi_color(PHASE_COLORS["agreement"], depth, background=True)
+    low_params = "1;" + ansi_color(PHASE_COLORS["agreement"], depth)  # bold orange squares
     mark_params = ansi_color(MARK_COLORS["first_error"], depth)
     T = track.persistence
     lines: list[str] = []
