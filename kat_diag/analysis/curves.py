@@ -195,8 +195,8 @@ def plot(runs: list[RunCurves], fig: Any = None, smooth: int = 9) -> Any:
                                          label=key.split("/")[-1]))
     fig.legend(handles=run_handles + metric_handles, loc="lower center", ncol=len(run_handles) + len(metric_handles),
                fontsize=7, bbox_to_anchor=(0.5, 0.0))
-    fig.suptitle(f"Training curves\nfaint: per step; solid: trailing {smooth}-step mean; eval: 0 = untrained "
-                 "student, bands 95 % Wilson over problems", fontsize=8.5)
+    fig.suptitle(f"Training curves\nfaint: per step; solid: trailing {smooth}-step mean; eval at 0: untrained "
+                 "student; bands: 95 % Wilson", fontsize=8.5)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     return fig
 

@@ -559,6 +559,9 @@ def plot_gradproj(result: GradProjResult, fig: Any = None, loss: str = "") -> An
     ax.set_yticks(y, kind_names)
     ax.invert_yaxis()
     ax.set_xscale("log")
+    from matplotlib.ticker import NullFormatter
+
+    ax.xaxis.set_minor_formatter(NullFormatter())  # decades only: minor labels collide at this width
     ax.set_xlabel(f"one-sided ratio at k = {kref} (| random subspace)")
     ax.set_title(f"per matrix type (mean over layers), k = {kref}")
 
