@@ -963,13 +963,16 @@ def run_gradproj(run_dir: str | Path, out_dir: str | Path, init: str | Path | No
     write_csv(result, out / f"{name}.csv")
     loss_label = loss_label_of(loss_name)
     style.save(plot_gradproj(result, loss=loss_label), out / f"{name}.png")
-    summary = {"run": str(run), "traces": str(reader.dir), "init": str(init_p), "final": str(final_p),
-               "model": model, "teacher": str(teacher_p), "loss": loss_name, "loss_label": loss_label,
+    from kat_diag.analysis.output import shown_path
+
+    summary = {"run": shown_path(run), "traces": shown_path(reader.dir), "init": shown_path(init_p),
+               "final": shown_path(final_p), "model": model if model in ("init", "final") else shown_path(model),
+               "teacher": shown_path(teacher_p), "loss": loss_name, "loss_label": loss_label,
                "tau": "recorded" if tau_fixed is None else tau_fixed, "tau_option": str(tau),
                "tokens_per_phase": n_tok, "rollouts_per_phase": {p: bt.num_rows for p, (bt, _) in per_phase.items()},
                "sampling": "each phase: its own rollouts, then N of its tokens; bootstrap over rollout groups",
-               "files": {"png": str(out / f"{name}.png"), "csv": str(out / f"{name}.csv"),
-                         "json": str(out / f"{name}.json")},
+               "files": {"png": shown_path(out / f"{name}.png"), "csv": shown_path(out / f"{name}.csv"),
+                         "json": shown_path(out / f"{name}.json")},
                **result.to_dict()}
     (out / f"{name}.json").write_text(json.dumps(summary, indent=2, default=float))
     return summary

@@ -594,7 +594,9 @@ def run_vocab(run_dir: str | Path, out_dir: str | Path, *, traces: str | Path | 
     out.mkdir(parents=True, exist_ok=True)
     write_csv(result, out / f"{name}.csv")
     style.save(plot_vocab(result), out / f"{name}.png")
-    summary = {"run": str(run), "traces": str(reader.dir), "tau_option": str(tau),
+    from kat_diag.analysis.output import shown_path
+
+    summary = {"run": shown_path(run), "traces": shown_path(reader.dir), "tau_option": str(tau),
                "tau": "recorded" if tau_fixed is None else tau_fixed,
                "top": top, "weight": weight,
                "lexicon": "default (digits, + - * =)" if lexicon is None else str(lexicon),
