@@ -44,6 +44,8 @@ def register(app: typer.Typer) -> None:
         warmup_steps: int = typer.Option(None, help="K: steps without KAT (stores of several steps)."),
         keep: str = typer.Option(None, help="Tokens kept of a fired rollout: onset | fire."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+        allow_foreign: bool = typer.Option(False, "--allow-foreign", help="Read trace files written by another "
+                                           "run instead of refusing them (rollout ids must stay unique)."),
     ) -> None:
         """Replay KAT on a store and report the trap: fire rates right vs wrong, tokens cut, low-KL
         spans, and (embedded world) onsets against the first error."""
@@ -53,11 +55,11 @@ def register(app: typer.Typer) -> None:
         cfg = kat_preset(preset, window=window, persistence=persistence,
                          min_length=min_length, tau_quantile=tau_quantile, statistic=statistic,
                          buffer_size=buffer_size, min_fill=min_fill, warmup_steps=warmup_steps, keep=keep)
-        res = trap_report(store, cfg)
+        res = trap_report(store, cfg, allow_foreign=allow_foreign)
         from kat_diag.analysis.store import kl_note
         from kat_diag.traces.reader import TraceReader
 
-        reader = TraceReader(store)
+        reader = TraceReader(store, allow_foreign=allow_foreign)
         note = kl_note(reader)  # an imported k1 / k3 store: the detector saw an estimate, not the full KL
         if as_json:
             res = {**res, "kl_source": reader.kl_source, **({"kl_note": note} if note else {})}

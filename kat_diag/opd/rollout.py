@@ -31,7 +31,7 @@ import torch
 
 from kat_diag.opd import kvcache
 from kat_diag.opd.config import SamplingConfig
-from kat_diag.opd.loss import topk_teacher_state
+from kat_diag.opd.loss import p_log_ratio, topk_teacher_state
 
 _TEACHER_STATES = ("none", "full", "topk")
 
@@ -88,8 +88,7 @@ def token_stats(
     s_logp_BCV: torch.Tensor, t_logp_BCV: torch.Tensor, tokens_BC: torch.Tensor, top_n: int
 ) -> dict[str, torch.Tensor]:
     """Per-token reverse KL (full and sampled), logprobs, student entropy, teacher top-n."""
-    p_s = s_logp_BCV.exp()
-    kl = (p_s * (s_logp_BCV - t_logp_BCV)).sum(-1)
+    kl = p_log_ratio(s_logp_BCV, t_logp_BCV).sum(-1)  # 0, not NaN, where the student's p is 0
     s_lp = s_logp_BCV.gather(-1, tokens_BC[..., None]).squeeze(-1)
     t_lp = t_logp_BCV.gather(-1, tokens_BC[..., None]).squeeze(-1)
     out = {
@@ -97,7 +96,8 @@ def token_stats(
         "kl_sampled": s_lp - t_lp,
         "student_logprob": s_lp,
         "teacher_logprob": t_lp,
-        "student_entropy": -(p_s * s_logp_BCV).sum(-1),
+        "student_entropy": -p_log_ratio(s_logp_BCV, torch.zeros((), dtype=s_logp_BCV.dtype,
+                                                                 device=s_logp_BCV.device)).sum(-1),
     }
     n = min(top_n, t_logp_BCV.shape[-1])
     top_lp, top_i = t_logp_BCV.topk(n, dim=-1)
@@ -141,11 +141,16 @@ class _Model:
 class RolloutEngine:
     """Generates and scores rollouts for a list of prompts under a termination policy."""
 
-    def __init__(self, student, teacher, eos_token_id: int, pad_token_id: int, cfg: SamplingConfig):
+    def __init__(self, student, teacher, eos_token_id: int | Sequence[int], pad_token_id: int, cfg: SamplingConfig):
+        """eos_token_id: one id, or every id that ends a rollout (chat models declare several)."""
         self.student, self.teacher = student, teacher
-        self.eos, self.pad = eos_token_id, pad_token_id
+        eos_ids = [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(i) for i in eos_token_id]
+        if not eos_ids:
+            raise ValueError("eos_token_id: at least one end-of-sequence id is needed")
+        self.eos, self.pad = eos_ids[0], pad_token_id
         self.cfg = cfg
         self.device = next(student.parameters()).device
+        self._eos_ids = torch.tensor(eos_ids, dtype=torch.long, device=self.device)
 
     # -- batch surgery -------------------------------------------------------------------------
 
@@ -262,7 +267,7 @@ class RolloutEngine:
                 tok_B = torch.where(valid_BC[:, c], tok_B, torch.full_like(tok_B, self.pad))
                 toks_BC[:, c] = tok_B
                 s_logp.append(logp_BV)
-                ended_B |= tok_B == self.eos
+                ended_B |= torch.isin(tok_B, self._eos_ids)
                 # The student's distribution for the next token (also needed after the chunk).
                 pos = (self.T - self.start)[:, None]
                 self.s.next_logp_BV = self.s.forward(tok_B[:, None], self._mask(1), pos)[:, -1]
