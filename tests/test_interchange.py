@@ -313,7 +313,7 @@ def test_a_tinker_style_k1_log_through_import_heatmap_phases_trap_and_inspect(re
     assert json.loads(invoke("inspect", run, "--json").stdout)["kl_source"] == "k1"
     vocab = invoke("vocab", run, "--out", tmp_path / "an")
     assert vocab.exit_code == 2 and vocab.output.strip().splitlines()[-1].startswith(
-        "error: vocab needs the teacher_top_ids column")
+        "error: vocab needs the teacher_top_ids")
     from kat_diag.analysis.figures import make_figures
 
     figs = make_figures([run], tmp_path / "figs", analyses=["heatmap", "vocab"], curves=False)
