@@ -51,6 +51,15 @@ def _ranges(early: str | None, late: str | None) -> dict[str, Any]:
         raise typer.BadParameter(str(e)) from e
 
 
+def _estimator_note(res: dict[str, Any]) -> None:
+    """A sampled-estimator store (k1 / k3, imported) says so before its numbers."""
+    from kat_diag.traces.schema import KL_SOURCE_LABELS
+
+    source = res.get("kl_source", "full")
+    if source != "full":
+        typer.echo(f"note: KL here is {KL_SOURCE_LABELS[source]} (kl_source {source}), not the full-vocabulary KL")
+
+
 def _num(v: Any, fmt: str = ".3g") -> str:
     return "-" if v is None else format(v, fmt)
 
@@ -88,6 +97,7 @@ def heatmap(
     if as_json:
         typer.echo(json.dumps(res, allow_nan=False))
         return
+    _estimator_note(res)
     for s in res["stages"]:
         typer.echo(f"{s['stage']:>5} steps {s['steps'][0]}-{s['steps'][1]}: {s['rollouts']} rollouts, "
                    f"{s['sampled']} sampled, tau {_num(s['tau_median'])}, extended low-KL "
@@ -119,6 +129,7 @@ def phases(
     if as_json:
         typer.echo(json.dumps(res, allow_nan=False))
         return
+    _estimator_note(res)
     typer.echo(f"tau: {res['tau']['mode']} (derived {_num(res['tau']['derived'])}, recorded for "
                f"{_num(res['tau']['recorded_share'], '.0%')} of rollouts)")
     typer.echo(f"{'stage':>6} {'phase':>10} {'tokens':>8} {'share':>7} {'mean KL':>9} {'H student':>9} "

@@ -21,8 +21,10 @@ from cli import (  # noqa: E402
     analysis_cmd,
     geometry_cmd,
     plan_cmd,
+    score_cmd,
     study_cmd,
     trace_cmd,
+    traces_cmd,
     train_cmd,
     trap_cmd,
     world_cmd,
@@ -48,7 +50,8 @@ def _root(
     """On-policy distillation with KAT, and diagnostics of the KL agreement trap."""
 
 
-for module in (world_cmd, train_cmd, trace_cmd, trap_cmd, analysis_cmd, geometry_cmd, plan_cmd, study_cmd):
+for module in (world_cmd, train_cmd, score_cmd, trace_cmd, traces_cmd, trap_cmd, analysis_cmd, geometry_cmd, plan_cmd,
+               study_cmd):
     module.register(app)
 
 

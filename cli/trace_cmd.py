@@ -207,6 +207,11 @@ def _inspect(run: Path, rollout: int | None, html: Path | None, as_json: bool, l
     from kat_diag.views.track import window_track
 
     reader = _open(run, skip_corrupt, allow_foreign)
+    from kat_diag.analysis.store import kl_note
+
+    note = kl_note(reader)  # label a sampled-estimator store (k1 / k3) in every view
+    if note and not as_json:
+        typer.echo(f"note: {note}")
     if list_rollouts:
         config, source = _settings(reader)
         try:
@@ -224,6 +229,8 @@ def _inspect(run: Path, rollout: int | None, html: Path | None, as_json: bool, l
         return
     if rollout is None:
         summary = summarize(reader, **filters)
+        if as_json:
+            summary = {**summary, "kl_source": reader.kl_source}
         typer.echo(_json(summary) if as_json else format_summary(summary))
         return
 
@@ -252,6 +259,7 @@ def _inspect(run: Path, rollout: int | None, html: Path | None, as_json: bool, l
         return
     if as_json:
         out = rollout_json(row, phases)
+        out["kl_source"] = reader.kl_source
         alts = teacher_alternatives(row, tok)
         out["teacher_top_text"] = None if alts is None else [[t for t, _ in a] for a in alts]
         if track is not None:
@@ -346,12 +354,20 @@ def replay(
                                     keep=keep)
         result = store_replay.replay_store(reader, cfg, tau_value, per_rollout=out is not None, progress=True,
                                          **filters)
+        from kat_diag.analysis.store import kl_note
+
+        note = kl_note(reader)  # an imported k1 / k3 store: the detector saw an estimate, not the full KL
+        result["kl_source"] = reader.kl_source
+        if note:
+            result["kl_note"] = note
     if out is not None:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         rows = result.pop("rows")
         pq.write_table(pa.table({k: pa.array(v) for k, v in rows.items()}), out)
+    if note and not as_json:
+        typer.echo(f"note: {note}")
     typer.echo(_json(result) if as_json else store_replay.format_replay(result))
     if out is not None and not as_json:
         typer.echo(f"per-rollout results: {out}", err=True)

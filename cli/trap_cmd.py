@@ -56,10 +56,18 @@ def register(app: typer.Typer) -> None:
                          min_length=min_length, tau_quantile=tau_quantile, statistic=statistic,
                          buffer_size=buffer_size, min_fill=min_fill, warmup_steps=warmup_steps, keep=keep)
         res = trap_report(store, cfg, allow_foreign=allow_foreign)
+        from kat_diag.analysis.store import kl_note
+        from kat_diag.traces.reader import TraceReader
+
+        reader = TraceReader(store, allow_foreign=allow_foreign)
+        note = kl_note(reader)  # an imported k1 / k3 store: the detector saw an estimate, not the full KL
         if as_json:
+            res = {**res, "kl_source": reader.kl_source, **({"kl_note": note} if note else {})}
             typer.echo(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v)
                                    for k, v in res.items()}))
             return
+        if note:
+            typer.echo(f"note: {note}")
         for key, label, fmt in _LABELS:
             if key in res:
                 v = res[key]

@@ -65,6 +65,12 @@ def _phase_tau(run_dir: Path) -> str:
     return f"q{kat_config_of(run_config(run_dir)).tau_quantile}"
 
 
+def _lacks(run_dir: Path, columns: list[str], analysis: str) -> str | None:
+    from kat_diag.analysis.store import lacks_columns
+
+    return lacks_columns(run_dir, columns, analysis)  # an imported store may not have every column
+
+
 def _needs_checkpoints(run_dir: Path) -> str | None:
     from kat_diag.analysis.gradproj import trained_checkpoints
 
@@ -89,7 +95,8 @@ REGISTRY: dict[str, Analysis] = {
     "heatmap": Analysis("heatmap", "KL dynamics heatmap", _heatmap, _no_traces),
     "phases": Analysis("phases", "Phases and the heatmap findings", _phases, _no_traces),
     "gradproj": Analysis("gradproj", "Gradient geometry per phase", _gradproj, _needs_checkpoints),
-    "vocab": Analysis("vocab", "Teacher vocabulary shift per phase", _vocab, _no_traces),
+    "vocab": Analysis("vocab", "Teacher vocabulary shift per phase", _vocab,
+                      lambda run: _no_traces(run) or _lacks(run, ["teacher_top_ids"], "vocab")),
 }
 
 

@@ -987,10 +987,15 @@ def run_gradproj(run_dir: str | Path, out_dir: str | Path, init: str | Path | No
     out.mkdir(parents=True, exist_ok=True)
     write_csv(result, out / f"{name}.csv")
     loss_label = loss_label_of(loss_name)
-    style.save(plot_gradproj(result, loss=loss_label), out / f"{name}.png")
+    fig = plot_gradproj(result, loss=loss_label)
+    from kat_diag.analysis.store import mark_estimator
+
+    mark_estimator(fig, reader)  # the phases come from the kl column: say which estimator it is
+    style.save(fig, out / f"{name}.png")
     from kat_diag.analysis.output import shown_path
 
-    summary = {"run": shown_path(run), "traces": shown_path(reader.dir), "init": shown_path(init_p),
+    summary = {"run": shown_path(run), "traces": shown_path(reader.dir), "kl_source": reader.kl_source,
+               "init": shown_path(init_p),
                "final": shown_path(final_p), "model": model if model in ("init", "final") else shown_path(model),
                "teacher": shown_path(teacher_p), "loss": loss_name, "loss_label": loss_label,
                "tau": "recorded" if tau_fixed is None else tau_fixed, "tau_option": str(tau),

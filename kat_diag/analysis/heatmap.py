@@ -515,7 +515,9 @@ def run_heatmap(run_dir: str | Path, out_dir: str | Path, *, cfg: KATConfig | No
     out = Path(out_dir)
     cfg = cfg or kat_config(reader.config)
     result = heatmap(reader, cfg, tau, **options)
-    png = style.save(plot(result), out / "heatmap.png")
+    fig = plot(result)
+    S.mark_estimator(fig, reader)  # a sampled-estimator store (k1 / k3) says so on the figure
+    png = style.save(fig, out / "heatmap.png")
     csv_path = write_csv(out / "heatmap.csv", result.long_table())
     table = rows_table(result)
     rows_csv = write_csv(out / "heatmap_rows.csv", table)
@@ -526,5 +528,5 @@ def run_heatmap(run_dir: str | Path, out_dir: str | Path, *, cfg: KATConfig | No
     rows["row"] = np.concatenate([np.arange(s.rollout_id.shape[0]) for s in result.stages])
     rows["kl_binned"] = [r for s in result.stages for r in s.kl_RC]
     pq_path = write_parquet(out / "heatmap_rows.parquet", rows)
-    return clean({**result.as_dict(), "x_limit": x_limit(result),
+    return clean({**result.as_dict(), "kl_source": reader.kl_source, "x_limit": x_limit(result),
                   "files": [str(png), str(csv_path), str(rows_csv), str(pq_path)]})

@@ -629,7 +629,9 @@ def run_phases(run_dir: str | Path, out_dir: str | Path, *, cfg: KATConfig | Non
     cfg = cfg or kat_config(reader.config)
     rows: list[dict[str, np.ndarray]] = []
     report = phase_report(reader, cfg, tau, rows=rows, **options)
-    png = style.save(plot(report), out / "phases.png")
+    fig = plot(report)
+    S.mark_estimator(fig, reader)  # a sampled-estimator store (k1 / k3) says so on the figure
+    png = style.save(fig, out / "phases.png")
     csv_path = write_csv(out / "phases.csv", report.table())
     pq_path = write_parquet(out / "phases_rollouts.parquet", {k: np.concatenate([r[k] for r in rows]) for k in rows[0]})
-    return clean({**report.as_dict(), "files": [str(png), str(csv_path), str(pq_path)]})
+    return clean({**report.as_dict(), "kl_source": reader.kl_source, "files": [str(png), str(csv_path), str(pq_path)]})

@@ -1,9 +1,15 @@
-"""Lazy access patterns the analyses share: a cheap scalar pass, stage ranges, seeded samples.
+"""Lazy access patterns the analyses share: a cheap scalar pass, stage ranges, seeded samples, and
+what a store's KL column holds.
 
 A real store holds millions of rollouts of thousands of tokens, so no analysis loads it whole:
 a first pass reads only per-rollout scalar columns (a few bytes per rollout), the analysis picks
 the rollouts it needs from them (a step range, a seeded sample), and a second pass reads the
 per-token columns of those rollouts only, one row group at a time (`TraceReader.iter_batches`).
+
+A store imported from another trainer (`kat_diag.traces.interchange`) may hold a sampled-token
+estimate in its ``kl`` column (kl_source k1 / k3) and lack columns it never logged. Every analysis
+that reads ``kl`` works on such a store and says which estimator it shows (`kl_note`,
+`mark_estimator`); one that needs a column the store lacks refuses in one line (`require_columns`).
 """
 
 from __future__ import annotations
@@ -16,6 +22,51 @@ import numpy as np
 
 from kat_diag.traces.ragged import TraceBatch
 from kat_diag.traces.reader import TraceReader
+from kat_diag.traces.schema import KL_SOURCE_LABELS
+
+# --------------------------------------------------------------------------------------------------
+# What the kl column holds
+
+
+def kl_note(reader: TraceReader) -> str | None:
+    """One line for the output of an analysis of a store whose ``kl`` is a sampled-token estimate
+    (None for the full-vocabulary KL)."""
+    source = reader.kl_source
+    if source == "full":
+        return None
+    return (f"KL here is {KL_SOURCE_LABELS[source]} (kl_source {source}, imported), not the full-vocabulary KL: "
+            f"window means, tau and fires of the detector on {source} differ from those on full KL")
+
+
+def mark_estimator(fig: Any, reader: TraceReader) -> None:
+    """Label a figure of a sampled-estimator store with the estimator it shows (nothing for full KL)."""
+    if reader.kl_source != "full":
+        fig.text(0.005, 0.003, f"KL = {KL_SOURCE_LABELS[reader.kl_source]} (kl_source {reader.kl_source})",
+                 fontsize=8, color="#B00020", ha="left", va="bottom")
+
+
+def require_columns(reader: TraceReader, columns: Sequence[str], analysis: str) -> None:
+    """Refuse (ValueError, one line naming the column) when the store never received a column the
+    analysis needs, e.g. `vocab` on a store imported without the teacher's top-n tokens."""
+    missing = [c for c in columns if c in reader.absent_columns]
+    if missing:
+        raise ValueError(f"{analysis} needs the {', '.join(missing)} column{'s' if len(missing) > 1 else ''}, which "
+                         f"the store {reader.dir} (imported, kl_source {reader.kl_source}) does not have")
+
+
+def lacks_columns(run_dir: Any, columns: Sequence[str], analysis: str) -> str | None:
+    """`require_columns` as a reason string for `figures` (None when the store has them or is unreadable:
+    the analysis itself reports that)."""
+    from kat_diag.traces.schema import TraceStoreError
+
+    try:
+        require_columns(TraceReader(run_dir), columns, analysis)
+    except ValueError as e:
+        return str(e)
+    except TraceStoreError:
+        return None
+    return None
+
 
 
 def scan_scalars(reader: TraceReader, columns: Sequence[str], **filters: Any) -> dict[str, np.ndarray]:

@@ -545,6 +545,9 @@ def run_vocab(run_dir: str | Path, out_dir: str | Path, *, traces: str | Path | 
             raise FileNotFoundError(f"--lexicon file does not exist: {p}")
         lex = [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
     reader = TraceReader(traces if traces is not None else run)
+    from kat_diag.analysis.store import mark_estimator, require_columns
+
+    require_columns(reader, ["teacher_top_ids"] + (["teacher_top_probs"] if weight == "prob" else []), "vocab")
     tau_fixed = resolve_tau(tau_fixed, reader, cfg.window, steps)
     top = min(top, reader.top_n)
     tok_path = tokenizer or config.get("student")
@@ -596,10 +599,13 @@ def run_vocab(run_dir: str | Path, out_dir: str | Path, *, traces: str | Path | 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(result, out / f"{name}.csv")
-    style.save(plot_vocab(result), out / f"{name}.png")
+    fig = plot_vocab(result)
+    mark_estimator(fig, reader)  # the phases come from the kl column: say which estimator it is
+    style.save(fig, out / f"{name}.png")
     from kat_diag.analysis.output import shown_path
 
-    summary = {"run": shown_path(run), "traces": shown_path(reader.dir), "tau_option": str(tau),
+    summary = {"run": shown_path(run), "traces": shown_path(reader.dir), "kl_source": reader.kl_source,
+               "tau_option": str(tau),
                "tau": "recorded" if tau_fixed is None else tau_fixed,
                "top": top, "weight": weight,
                "lexicon": "default (digits, + - * =)" if lexicon is None else str(lexicon),

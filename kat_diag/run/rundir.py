@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 LOCK_NAME = ".kat-diag.lock"
-# What a run writes (trainer, record): a directory holding any of these holds a run.
+# What a run writes (trainer, record, score, traces import): a directory holding any of these holds a run.
 RUN_ENTRIES = ("config.json", "metrics.jsonl", "traces", "checkpoints", "final", "traces_discarded",
-               "record_config.json")
+               "record_config.json", "traces_partial")
 
 
 class RunDirError(ValueError):

@@ -14,7 +14,10 @@ from kat_diag.traces.ragged import Ragged, TraceBatch
 from kat_diag.traces.reader import TraceFilter, TraceReader
 from kat_diag.traces.schema import (
     ALL_COLUMNS,
+    DEFAULT_KL_SOURCE,
     DEFAULT_TOP_N,
+    KL_SOURCE_LABELS,
+    KL_SOURCES,
     MANIFEST_NAME,
     RAGGED_COLUMNS,
     SCALAR_COLUMNS,
@@ -26,6 +29,7 @@ from kat_diag.traces.schema import (
     TRUTH_COLUMNS,
     UNKNOWN_POSITION,
     TraceStoreError,
+    kl_source_of,
     make_rollout_id,
     read_manifest,
     schema,
@@ -34,8 +38,9 @@ from kat_diag.traces.schema import (
 from kat_diag.traces.writer import TraceWriter
 
 __all__ = [
-    "ALL_COLUMNS", "DEFAULT_TOP_N", "MANIFEST_NAME", "RAGGED_COLUMNS", "SCALAR_COLUMNS", "SCHEMA_VERSION",
-    "TEXT_COLUMN", "TOKEN_COLUMNS", "TOP_COLUMNS", "TRACES_DIRNAME", "TRUTH_COLUMNS", "UNKNOWN_POSITION",
-    "Ragged", "TraceBatch", "TraceFilter", "TraceReader", "TraceStoreError", "TraceWriter", "make_rollout_id",
-    "read_manifest", "schema", "split_rollout_id",
+    "ALL_COLUMNS", "DEFAULT_KL_SOURCE", "DEFAULT_TOP_N", "KL_SOURCES", "KL_SOURCE_LABELS", "MANIFEST_NAME",
+    "RAGGED_COLUMNS", "SCALAR_COLUMNS", "SCHEMA_VERSION", "TEXT_COLUMN", "TOKEN_COLUMNS", "TOP_COLUMNS",
+    "TRACES_DIRNAME", "TRUTH_COLUMNS", "UNKNOWN_POSITION", "Ragged", "TraceBatch", "TraceFilter", "TraceReader",
+    "TraceStoreError", "TraceWriter", "kl_source_of", "make_rollout_id", "read_manifest", "schema",
+    "split_rollout_id",
 ]

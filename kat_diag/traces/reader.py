@@ -36,6 +36,7 @@ from kat_diag.traces.schema import (
     TRUTH_COLUMNS,
     UNKNOWN_POSITION,
     TraceStoreError,
+    kl_source_of,
     part_identity,
     read_manifest,
     schema,
@@ -258,6 +259,9 @@ class TraceReader:
         self.manifest: dict[str, Any] = read_manifest(manifest_path) if manifest_path.exists() else {}
         self.config: dict[str, Any] = self.manifest.get("config", {}) or {}
         self.top_n: int = int(self.manifest.get("top_n", DEFAULT_TOP_N))
+        # What the `kl` column holds (full, k1, k3) and the columns an imported store never received.
+        self.kl_source: str = kl_source_of(self.manifest)
+        self.absent_columns: tuple[str, ...] = tuple(self.manifest.get("absent_columns", ()) or ())
         self.files: list[Path] = []
         self.skipped: list[tuple[Path, str]] = []
         self._row_groups: list[_RowGroup] = []

@@ -31,6 +31,12 @@ Columns (one row per rollout)::
                   teacher_top_probs: list<fixed_size_list<float32, n>> (n = top_n of the store);
                   token_text: list<string>, null when the writer was not given decoded tokens
 
+What the ``kl`` column holds is the manifest's ``kl_source`` (`KL_SOURCES`): ``full`` (the
+full-vocabulary reverse KL; every store written by kat-diag's own trainer, and any store whose
+manifest has no ``kl_source``), or a sampled-token estimate of it imported from another trainer's
+logs (``k1``, ``k3``: `kat_diag.traces.interchange`). The manifest's ``absent_columns`` lists the
+columns such a store never received (they read as NaN / -1 / null).
+
 Row groups hold at most ``row_group_tokens`` tokens, so a reader's memory is bounded by one row
 group of the requested columns whatever the size of the store.
 """
@@ -54,6 +60,18 @@ DEFAULT_TOP_N = 5
 MANIFEST_NAME = "_manifest.json"  # "_" prefix: pyarrow/pandas dataset readers skip it
 
 TRACES_DIRNAME = "traces"
+
+# What the `kl` column holds (the manifest's "kl_source"); stores without the field hold "full".
+KL_SOURCES: tuple[str, ...] = ("full", "k1", "k3")
+
+DEFAULT_KL_SOURCE = "full"
+
+KL_SOURCE_LABELS: dict[str, str] = {
+    "full": "full-vocabulary reverse KL",
+    "k1": "k1 = log p_s(y) - log p_T(y), sampled-token estimate of the reverse KL",
+    "k3": "k3 = exp(log p_T(y) - log p_s(y)) - (log p_T(y) - log p_s(y)) - 1, sampled-token estimate "
+          "(verl's low_var_kl)",
+}
 
 _META_VERSION = b"kat_diag.schema_version"
 
@@ -190,4 +208,12 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"{path}: trace store has schema version {version}, this kat-diag reads up to "
             f"{SCHEMA_VERSION}; upgrade kat-diag to read it"
         )
+    source = manifest.get("kl_source", DEFAULT_KL_SOURCE)
+    if source not in KL_SOURCES:
+        raise TraceStoreError(f"{path}: kl_source {source!r} is not one of {', '.join(KL_SOURCES)}")
     return manifest
+
+
+def kl_source_of(manifest: dict[str, Any]) -> str:
+    """What a store's ``kl`` column holds (`KL_SOURCES`); a manifest without the field: "full"."""
+    return str(manifest.get("kl_source", DEFAULT_KL_SOURCE))

@@ -3,6 +3,11 @@
 `TraceWriter.append` validates and buffers rollouts; `flush` writes them as one new immutable Parquet
 file under a temporary name, fsyncs it, renames it into place and fsyncs the directory, so a run
 killed at any moment leaves every flushed rollout readable and nothing half-written.
+
+A store that is only meaningful once whole (`kat-diag score`, `kat-diag traces import`) is written
+into ``OUT/traces_partial/traces`` and moved to ``OUT/traces`` by `publish_staged` when it is
+complete: until then ``OUT`` holds no store, so nothing partial looks complete (the staged store
+stays readable as ``OUT/traces_partial``, and a resumed `score` continues it).
 """
 
 from __future__ import annotations
@@ -31,7 +36,9 @@ from kat_diag.traces.schema import (
     _TMP_PREFIX,
     _TOKEN_DTYPES,
     ALL_COLUMNS,
+    DEFAULT_KL_SOURCE,
     DEFAULT_TOP_N,
+    KL_SOURCES,
     MANIFEST_NAME,
     SCHEMA_VERSION,
     TEXT_COLUMN,
@@ -39,6 +46,7 @@ from kat_diag.traces.schema import (
     TOP_COLUMNS,
     TRACES_DIRNAME,
     TraceStoreError,
+    kl_source_of,
     make_rollout_id,
     read_manifest,
     schema,
@@ -83,6 +91,40 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+STAGING_DIRNAME = "traces_partial"
+
+
+def staging_dir(out: str | os.PathLike[str]) -> Path:
+    """The run directory a whole-or-nothing store is written into before `publish_staged`."""
+    return Path(out) / STAGING_DIRNAME
+
+
+def update_manifest(store_dir: str | os.PathLike[str], **fields: Any) -> None:
+    """Add or replace top-level manifest fields of ``store_dir`` (a run dir or its traces/), atomically."""
+    d = Path(store_dir)
+    d = d / TRACES_DIRNAME if (d / TRACES_DIRNAME).is_dir() else d
+    path = d / MANIFEST_NAME
+    manifest = read_manifest(path)
+    manifest.update(fields)
+    _atomic_write_bytes(path, json.dumps(manifest, indent=2, default=str).encode())
+
+
+def publish_staged(out: str | os.PathLike[str]) -> Path:
+    """Move the staged store ``OUT/traces_partial/traces`` to ``OUT/traces`` (one rename) and remove
+    the staging directory; returns the store's path. ``OUT/traces`` must not exist yet."""
+    out = Path(out)
+    src, dst = staging_dir(out) / TRACES_DIRNAME, out / TRACES_DIRNAME
+    if dst.exists():
+        raise TraceStoreError(f"{dst} already exists: not publishing {src} over it")
+    os.rename(src, dst)
+    _fsync_dir(out)
+    for entry in os.scandir(staging_dir(out)):  # only lock-free leftovers of a writer (none expected)
+        if entry.is_file():
+            os.unlink(entry.path)
+    os.rmdir(staging_dir(out))
+    return dst
 
 
 def _create_exclusive(path: Path, data: bytes) -> bool:
@@ -151,11 +193,15 @@ class TraceWriter:
         top_n: int = DEFAULT_TOP_N,
         row_group_tokens: int = 1 << 20,
         compression: str = "snappy",
+        kl_source: str = DEFAULT_KL_SOURCE,
     ) -> None:
         if not 0 <= rank < 1 << _ID_RANK_BITS:
             raise ValueError(f"rank must be in [0, {1 << _ID_RANK_BITS})")
         if top_n < 1:
             raise ValueError(f"top_n must be >= 1, got {top_n}")
+        if kl_source not in KL_SOURCES:
+            raise ValueError(f"kl_source must be one of {', '.join(KL_SOURCES)}, got {kl_source!r}")
+        self.kl_source = kl_source
         self.run_dir = Path(run_dir)
         self.dir = self.run_dir / TRACES_DIRNAME
         self.rank = int(rank)
@@ -192,6 +238,10 @@ class TraceWriter:
                 raise TraceStoreError(
                     f"{path}: store has top_n={existing.get('top_n')}, writer was given top_n={self.top_n}"
                 )
+            if kl_source_of(existing) != self.kl_source:
+                raise TraceStoreError(
+                    f"{path}: store holds kl_source={kl_source_of(existing)}, writer was given {self.kl_source}"
+                )
             return store_identity(existing) or self.run_name
         run_id = uuid.uuid4().hex
         manifest = {
@@ -200,10 +250,12 @@ class TraceWriter:
             "run": self.run_name,
             "run_id": run_id,  # every part file carries it (readers refuse files of other runs)
             "top_n": self.top_n,
+            # What the `kl` column holds: "full" here, "k1" / "k3" for imported sampled-token logs.
+            "kl_source": self.kl_source,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "config": config or {},
-            # The training loss's estimator (the `kl` column is always the full-vocabulary KL the
-            # detector saw); None for stores written without training (record).
+            # The training loss's estimator (with kl_source "full" the `kl` column is the
+            # full-vocabulary KL the detector saw); None for stores written without training (record).
             "loss": {"estimator": (config or {}).get("loss"), "topk": (config or {}).get("topk")},
             "columns": {f.name: str(f.type) for f in schema(self.top_n)},
         }
