@@ -174,7 +174,8 @@ class TraceWriter:
             "config": config or {},
             # The training loss's estimator (the `kl` column is always the full-vocabulary KL the
             # detector saw); None for stores written without training (record).
-            "loss": {"estimator": (config or {}).get("loss"), "topk": (config or {}).get("topk")},
+            "loss": {"estimator": (config or {}).get("loss"), "topk": (config or {}).get("topk"),
+                     "iw_gamma": (config or {}).get("iw_gamma")},
             "columns": {f.name: str(f.type) for f in self.schema},
         }
         _atomic_write_bytes(path, json.dumps(manifest, indent=2, default=str).encode())
