@@ -155,3 +155,37 @@ def test_equals_trl_iw_opd_on_the_same_tensors(gamma, old_is_current):
     assert metrics["iw_opd/mean_weight"][-1] == pytest.approx(float(w.mean()), rel=1e-5)
     assert metrics["iw_opd/min_weight"][-1] == pytest.approx(float(w.min()), rel=1e-5)
     assert metrics["iw_opd/max_weight"][-1] == pytest.approx(float(w.max()), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# In the trainer
+
+
+def test_kat_plus_iwopd_trains_and_weights_per_rollout_whatever_the_micro_batch(quick_world, tmp_path):
+    """`--termination kat --loss iwopd` is one run; the weights belong to rollouts, so splitting a step
+    into micro-batches of 1 or 4 rollouts gives the same update (and a different gamma does not)."""
+    import json
+
+    from kat_diag.kat.config import KATConfig
+    from kat_diag.opd.config import SamplingConfig, TrainConfig
+    from kat_diag.opd.trainer import train
+
+    def run(name: str, micro: int, gamma: float = 0.5):
+        cfg = TrainConfig(
+            teacher=str(quick_world / "teacher"), student=str(quick_world / "student"), out=str(tmp_path / name),
+            steps=3, batch_size=4, micro_batch=micro, lr=3e-3, warmup_steps=1, loss="iwopd", iw_gamma=gamma,
+            sampling=SamplingConfig(max_new_tokens=24, chunk_size=4), termination="kat",
+            kat=KATConfig(window=4, persistence=2, min_length=4, warmup_steps=1, buffer_size=64, min_fill=2,
+                          tau_quantile=0.9),
+            eval_n=0, ckpt_every=0, trace_every=0, progress=False, device="cpu")
+        return train(cfg)
+
+    a, b, c = run("a", 4), run("b", 1), run("c", 4, gamma=2.0)
+    for (name, pa), pb in zip(a.student.named_parameters(), b.student.parameters(), strict=True):
+        torch.testing.assert_close(pa, pb, atol=1e-6, rtol=1e-5, msg=name)
+    assert any(not torch.allclose(pa, pc) for pa, pc in zip(a.student.parameters(), c.student.parameters(),
+                                                             strict=True))
+    rows = [json.loads(ln) for ln in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["loss"] == "iwopd"
+    assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
+    assert any(r["fired_share"] > 0 for r in rows if "loss" in r)  # KAT cut while IW-OPD weighted
