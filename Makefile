@@ -35,7 +35,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/rollout.py
 
 # figures/: two runs on the committed world (plain OPD, and KAT with the default preset), same seed and
-# steps, then every figure of both (README "Diagnostics"). FIG_STEPS=50 for a quick look.
+# steps, then every figure of both (docs/diagnostics.md). FIG_STEPS=50 for a quick look.
 FIG_STEPS ?= 200
 figures: $(STAMP)
 	rm -rf runs/fig_opd runs/fig_kat

@@ -107,7 +107,7 @@ def phases(
     seed: int = typer.Option(0, "--seed", help="Seed of the sample the derived tau is computed from."),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
-    """Phase segmentation of every rollout (DESIGN §3): per-phase table, trap accuracy, heatmap findings."""
+    """Phase segmentation of every rollout (docs/kat.md#phases): per-phase table, trap accuracy, heatmap findings."""
     from kat_diag.analysis.phase_stats import run_phases
 
     cfg, out_dir, tau_value = _setup(run, out, window, persistence, min_length, tau)

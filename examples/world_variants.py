@@ -1,4 +1,4 @@
-"""The world variants of README "How the world was found", as configs that rebuild and re-measure them.
+"""The world variants of docs/world.md "How the world was found", as configs that rebuild and re-measure them.
 
 Each variant is a `WorldConfig` (the committed one is `WorldConfig()` itself); building one and
 scoring it is the same as for the committed world:
@@ -6,7 +6,7 @@ scoring it is the same as for the committed world:
     .venv/bin/python examples/world_variants.py --list
     .venv/bin/python examples/world_variants.py w4 --out /tmp/w4     # build (~10-13 min) + measure
 
-The measurement is the README's: `kat-diag world eval --k 4 --n 100` (the exploratory builds; the
+The measurement is docs/world.md's: `kat-diag world eval --k 4 --n 100` (the exploratory builds; the
 committed world's table uses k = 8 on all 200 problems), then 400 ops5 rollouts with `kat-diag
 record` and `kat-diag trap` at the world preset, and the same after 200 steps of plain OPD (`--opd-
 steps`). SFT is deterministic in the seed (the committed world's SFT losses equal those of its
@@ -84,7 +84,7 @@ def _kinds(mix) -> list:
 
 
 def measure(world: Path, opd_steps: int = 200, eval_n: int = 100, eval_k: int = 4) -> None:
-    """The README's measurement of a world, printed as the commands print it: world eval (with the
+    """docs/world.md's measurement of a world, printed as the commands print it: world eval (with the
     loop-start rate loop/ln), KAT on 400 ops5 rollouts, and the same after `opd_steps` of plain OPD."""
     kat = str(Path(sys.executable).with_name("kat-diag"))
     models = ["--teacher", str(world / "teacher"), "--student", str(world / "student")]
@@ -117,9 +117,9 @@ def main() -> None:
     ap.add_argument("--opd-steps", type=int, default=200,
                     help="Steps of plain OPD after which the trap is measured again (0: skip).")
     ap.add_argument("--eval-n", type=int, default=100,
-                    help="Problems per split in `world eval` (the README's persistence table: 200).")
+                    help="Problems per split in `world eval` (docs/world.md's persistence table: 200).")
     ap.add_argument("--eval-k", type=int, default=4,
-                    help="Samples per problem in `world eval` (the README's persistence table: 1).")
+                    help="Samples per problem in `world eval` (docs/world.md's persistence table: 1).")
     args = ap.parse_args()
     if args.list or args.variant is None:
         for name, cfg in VARIANTS.items():

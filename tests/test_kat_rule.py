@@ -1,6 +1,6 @@
-"""The paper's KAT rule (DESIGN §2) over whole training-step sequences, against a plain-Python loop.
+"""The paper's KAT rule (docs/kat.md) over whole training-step sequences, against a plain-Python loop.
 
-The reference below is written straight from DESIGN §2, with no library code: a running window sum
+The reference below is written straight from docs/kat.md, with no library code: a running window sum
 per token, a counter of consecutive low windows, the cut back to onset, the buffer fed after each
 step with what the stored (cut) rollouts contribute, the FIFO, K and B_min. The library side is the
 real `KATPolicy` driven the way the rollout engine drives it (chunks, compaction, refill into
@@ -23,7 +23,7 @@ from kat_diag.kat.config import KATConfig, kat_preset
 from kat_diag.kat.detector import buffer_values, rollout_minima, threshold_of
 from kat_diag.kat.policies import KATPolicy
 
-SCALE = 2**24  # the detector's fixed point (DESIGN: O(1) running sums; exact here)
+SCALE = 2**24  # the detector's fixed point (docs/kat.md: exact window sums)
 
 
 def reference_run(steps: list[list[list[float]]], cfg: KATConfig) -> list[dict]:

@@ -1,4 +1,4 @@
-"""Gradient geometry (DESIGN §4, paper §3.2): do a phase's gradients point where training moved?
+"""Gradient geometry (docs/diagnostics.md, paper §3.2): do a phase's gradients point where training moved?
 
 For every 2-D weight W (m x n) of the student, delta = W_final - W_init and its top-k singular
 subspaces U_k (m x k), V_k (n x k) are the directions training actually moved the weight in. For

@@ -1,4 +1,4 @@
-"""KL dynamics heatmaps: rollouts x token position, early vs late training (DESIGN §4).
+"""KL dynamics heatmaps: rollouts x token position, early vs late training (docs/diagnostics.md).
 
 The paper's first picture of the agreement trap: each row a rollout, each column a token position,
 colour the reverse KL on a log scale; rollouts that fall into sustained agreement show a dark band

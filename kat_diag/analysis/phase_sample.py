@@ -1,7 +1,7 @@
 """Per-token phases of stored rollouts, for the analyses that compare phases (gradients, vocabulary).
 
 Gradient geometry and the teacher vocabulary shift both need the same thing from a trace store:
-which tokens of each rollout are pre-agreement, agreement and post-agreement (DESIGN §3), under the
+which tokens of each rollout are pre-agreement, agreement and post-agreement (docs/kat.md#phases), under the
 run's own KAT parameters and the tau each rollout was recorded with (or one fixed tau for runs
 where KAT was inactive, e.g. plain OPD). This module reads the run's config, resolves tau and labels
 the tokens of one store batch with `kat_diag.kat.phases`, the detector code the online run used.

@@ -1,6 +1,6 @@
 """Per-phase statistics of a trace store, and the paper's heatmap findings as numbers.
 
-DESIGN §3 splits every rollout into pre-agreement, agreement and post-agreement
+docs/kat.md#phases splits every rollout into pre-agreement, agreement and post-agreement
 (`kat_diag.kat.phases.segment`, the detector replayed with hindsight). The paper shows heatmaps and
 reads three findings off them; this module measures them instead:
 
@@ -145,7 +145,7 @@ class BatchPhases:
 
 
 def batch_phases(kl_values: np.ndarray, offsets: np.ndarray, cfg: KATConfig, tau_R: np.ndarray) -> BatchPhases:
-    """Phases (DESIGN §3) and low-KL runs of a ragged batch at per-rollout tau."""
+    """Phases (docs/kat.md#phases) and low-KL runs of a ragged batch at per-rollout tau."""
     offs = np.asarray(offsets, dtype=np.int64)
     ph = segment(kl_values, offs, cfg, tau_R)
     low = replay(kl_values, offs, cfg, tau_R, return_low=True).low
@@ -464,7 +464,7 @@ def plot(report: PhaseReport, fig: Any = None) -> Any:
     a_seg.set_title("KL before / inside / after the first segment")
     a_seg.legend(fontsize=7)
     tau = report.tau
-    fig.suptitle(f"Phases (DESIGN §3): tau {tau['mode']}"
+    fig.suptitle(f"Phases (docs/kat.md#phases): tau {tau['mode']}"
                  + (f", derived {tau['derived']:.3g} nats" if tau.get("derived") else "")
                  + (f", median {tau['median']:.3g} nats" if tau.get("median") else "")
                  + f"; W={report.cfg.window}, T={report.cfg.persistence}, L0={report.cfg.min_length}")

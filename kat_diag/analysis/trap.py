@@ -2,7 +2,7 @@
 
 KAT is only worth its savings if the low-KL stretches it cuts are degenerate agreement (a wrong
 state the teacher follows) rather than benign agreement (a correct path). Given full, untruncated
-rollouts (e.g. `kat-diag record`, policy none), this replays the paper's rule (DESIGN §2) at a
+rollouts (e.g. `kat-diag record`, policy none), this replays the paper's rule (docs/kat.md) at a
 given configuration and reports accuracy, fire rates on right vs wrong rollouts, the share of
 tokens it would cut, the longest low-KL span, and — when the store carries the embedded world's
 ground truth (`kat_diag.world.truth`) — whether the onsets fall at or after the first error.

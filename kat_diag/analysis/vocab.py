@@ -1,4 +1,4 @@
-"""Teacher vocabulary shift (DESIGN §4, paper §3.3): what the teacher proposes in each phase.
+"""Teacher vocabulary shift (docs/diagnostics.md, paper §3.3): what the teacher proposes in each phase.
 
 The paper shows word clouds of the teacher's top-5 tokens per position, per phase, and reads off a
 shift from reasoning tokens to generic continuation once the student is in the agreement trap. This

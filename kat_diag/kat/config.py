@@ -23,7 +23,7 @@ STATISTICS = ("rollout_min", "windows")
 
 @dataclass(frozen=True)
 class KATConfig:
-    """KAT parameters (DESIGN.md §2). See README "KAT parameters" for what each trades off.
+    """KAT parameters (docs/kat.md). See docs/kat.md "Parameters" for what each trades off.
 
     The defaults are the embedded world's preset (`KAT_PRESETS["world"]`) under the paper's rule.
     """
@@ -75,9 +75,9 @@ class KATConfig:
         return upgrade_kat_dict(d)
 
 
-# Paper values as quoted in DESIGN §2 (W 64, B 4096, B_min 512, K 50, T 4, eta 0.3). L0 is not
+# Paper values as quoted in docs/kat.md (W 64, B 4096, B_min 512, K 50, T 4, eta 0.3). L0 is not
 # quoted; 128 (two windows) is our choice. The world preset was chosen by measurement on the
-# embedded world (README "KAT parameters").
+# embedded world (docs/kat.md "Parameters").
 KAT_PRESETS: dict[str, KATConfig] = {
     "paper": KATConfig(window=64, persistence=4, min_length=128, warmup_steps=50, buffer_size=4096,
                        min_fill=512, tau_quantile=0.7, statistic="rollout_min"),

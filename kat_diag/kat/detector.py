@@ -1,6 +1,6 @@
 """The KAT detector: persistent low-KL agreement, detected online, vectorised over a batch.
 
-KAT (KL Agreement Trap Termination, DESIGN.md §2) stops a rollout once the windowed reverse KL
+KAT (KL Agreement Trap Termination, docs/kat.md) stops a rollout once the windowed reverse KL
 has stayed below an adaptive threshold for long enough. This module holds the pieces that
 decision needs and nothing model-specific, so the rollout engine (through
 `kat_diag.kat.policies`), offline replay (`kat_diag.analysis.replay`) and phase segmentation
@@ -15,7 +15,7 @@ decision needs and nothing model-specific, so the rollout engine (through
 - `StreamingDetector`: per-rollout state for a batch; `update` consumes a chunk of C new tokens
   per row and takes exactly the decisions that feeding the tokens one by one would take.
 
-The threshold (DESIGN §2). With the paper's statistic (`rollout_min`, the default) each finished
+The threshold (docs/kat.md). With the paper's statistic (`rollout_min`, the default) each finished
 rollout pushes its minimum window mean min_i m_i into a FIFO buffer of capacity B; with our
 earlier variant (`windows`) it pushes the means of its non-overlapping windows (i = W-1, 2W-1,
 ...). Only the tokens the rollout kept in its trace count (a rollout cut at fire contributes the

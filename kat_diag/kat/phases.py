@@ -1,4 +1,4 @@
-"""Phase segmentation of rollouts (DESIGN §3): pre-agreement, agreement, post-agreement.
+"""Phase segmentation of rollouts (docs/kat.md#phases): pre-agreement, agreement, post-agreement.
 
 Every analysis (heatmap marks, gradient geometry per phase, teacher vocabulary per phase)
 needs to know which tokens of a full, untruncated trace belong to which phase, with hindsight.

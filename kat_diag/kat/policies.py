@@ -1,7 +1,7 @@
 """Termination policies: when to stop a rollout, and how much of it to train on.
 
 The rollout engine talks to every policy through one interface, so OPD, KAT and the baselines
-of DESIGN §2 (random length-matched termination, fixed prefix, KAT inside a prefix budget) run
+of docs/kat.md (random length-matched termination, fixed prefix, KAT inside a prefix budget) run
 through the same code path and differ only in the object `make_policy` returns.
 
 Interface (`TerminationPolicy`), all per-row state vectorised over the engine's live batch:

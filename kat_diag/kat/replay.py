@@ -1,7 +1,7 @@
 """Offline replay of the KAT detector over recorded per-token KL.
 
 Questions like "where would KAT have fired on this OPD run?", "how does onset move with eta?" or
-the phase segmentation of DESIGN §3 need the detector's decisions on stored traces, without the
+the phase segmentation of docs/kat.md#phases need the detector's decisions on stored traces, without the
 models. `replay` runs the *same* `StreamingDetector` the rollout engine uses, so on the same
 tokens and the same tau it returns exactly what the online run decided (including rollouts
 that were truncated online at fire: the recorded prefix contains every token the decision

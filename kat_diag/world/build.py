@@ -1,6 +1,6 @@
 """The embedded world: data, tokenizer, tiny teacher and student, built reproducibly from a seed.
 
-Nothing can be downloaded here, so the project ships its own model organism (DESIGN §5): the
+Nothing can be downloaded here, so the project ships its own model organism (docs/world.md): the
 arithmetic task of `tasks`, the character tokenizer of `tokenizer`, and two Qwen3-architecture
 models SFT'd by `sft` — a teacher that solves the easy splits and a smaller, weaker student. The
 result is a directory laid out like real checkpoints on disk:
@@ -46,14 +46,15 @@ class WorldConfig:
     n_bench: int = 200  # problems per benchmark split
     sft_ops: tuple[int, ...] = (2, 3, 4, 5)
     width: int = 2  # zero-pad numbers to this many digits: fixed-width step lines, exactly periodic loops
-    # The trap is planted in the SFT mixtures (README "The embedded world"): a share of each model's
+    # The trap is planted in the SFT mixtures (docs/world.md): a share of each model's
     # batches are documents that fall into a repetition loop of a correct step
     # (tasks.spontaneous_loop_variant). The student gets many short ones (48 characters: its loss weight
     # on the loop start is high, so it starts loops often) and some that run to the 192-token budget
     # (so its loops go on). The teacher gets long ones in stage 1 (it follows a loop once begun), then a
     # short stage 2 with short and long ones, so it starts loops itself at a lower rate than the student
     # (loop/ln 1.5 % vs 4.5 % on ops5) yet never greedily: OPD then has little signal at the loop start
-    # and the trap survives training. Teachers that start no loops let OPD remove them (README table).
+    # and the trap survives training. Teachers that start no loops let OPD remove them
+    # (docs/world.md, "Teachers for a trap that lasts").
     teacher: ModelSpec = ModelSpec(128, 4, 4, 384, SFTConfig(steps=900, batch_size=64, lr=3e-3, seed=1),
                                    loops=(LoopDocs(0.3, 48, spontaneous=True), LoopDocs(0.08, 192, spontaneous=True)),
                                    loop_sft=SFTConfig(steps=200, batch_size=64, lr=1e-3, warmup=10, seed=5),
