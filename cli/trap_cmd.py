@@ -56,6 +56,8 @@ def register(app: typer.Typer) -> None:
                                     "right, presets marked) to this PNG."),
         label: str = typer.Option("", help="--sweep: the store's name in the table and figure (default: its "
                                   "directory name)."),
+        all_rows: bool = typer.Option(False, "--all-rows", help="--sweep --json: include every configuration's "
+                                      "row (thousands), not only the presets and each detector's frontier."),
     ) -> None:
         """Replay KAT on a store and report the trap: fire rates right vs wrong, tokens cut, low-KL
         spans, and (embedded world) onsets against the first error. --sweep scores a grid of
@@ -68,7 +70,7 @@ def register(app: typer.Typer) -> None:
             if given:
                 raise ValueError(f"--{given[0].replace('_', '-')} sets one configuration; with --sweep give the "
                                  "grid (--windows, --persistences, --min-lengths, --quantiles)")
-            _sweep(store, windows, persistences, min_lengths, quantiles, figure, label, as_json)
+            _sweep(store, windows, persistences, min_lengths, quantiles, figure, label, as_json, all_rows)
             return
         from kat_diag.analysis.trap import trap_report
         from kat_diag.kat.config import kat_preset
@@ -97,7 +99,7 @@ def _grid_values(option: str, text: str, cast: type) -> tuple | None:
 
 
 def _sweep(store: Path, windows: str, persistences: str, min_lengths: str, quantiles: str, figure: Path | None,
-           label: str, as_json: bool) -> None:
+           label: str, as_json: bool, all_rows: bool) -> None:
     from kat_diag.analysis.output import clean
     from kat_diag.analysis.sweep import SweepGrid, frontier_table, plot_frontier, sweep_report
     from kat_diag.views.text import format_table
@@ -110,7 +112,8 @@ def _sweep(store: Path, windows: str, persistences: str, min_lengths: str, quant
     if figure is not None:
         rep["figure"] = str(plot_frontier([rep], figure))
     if as_json:
-        typer.echo(json.dumps(clean(rep)))
+        out = rep if all_rows else {k: v for k, v in rep.items() if k != "rows"}
+        typer.echo(json.dumps(clean(out)))
         return
 
     def f(v: object, pct: bool = True) -> str:

@@ -157,6 +157,9 @@ def test_sweep_of_a_recorded_store_matches_trap(tmp_path):
     assert r.exit_code == 0, r.output
     js = json.loads(r.output)
     n_ngram = len(SweepGrid().ngram_ns) * len(SweepGrid().ngram_counts)
-    assert js["rollouts"] == 24 and len(js["rows"]) == 3 * 32 + n_ngram
+    assert js["rollouts"] == 24 and js["n_configurations"] == 3 * 32 + n_ngram and "rows" not in js
+    assert js["presets"]["world"]["params"] == {"W": 16, "T": 8, "L0": 32, "q": 0.7, "statistic": "rollout_min"}
+    r = runner.invoke(app, [*args[:-2], "--json", "--all-rows"])
+    assert len(json.loads(r.output)["rows"]) == 3 * 32 + n_ngram
     r = runner.invoke(app, ["trap", str(store), "--sweep", "--windows", "4,x"])
     assert r.exit_code == 2 and "--windows" in r.output

@@ -223,7 +223,7 @@ def sweep_report(store: str | Path, grid: SweepGrid | None = None, label: str | 
     return {"store": str(store), "label": label or Path(store).name, "rollouts": n,
             "accuracy": float(data.correct.mean()) if n else float("nan"),
             "loop_share": float((data.loop_start >= 0).mean()) if data.loop_start is not None and n else None,
-            "grid": dataclasses.asdict(grid), "presets": presets,
+            "grid": dataclasses.asdict(grid), "n_configurations": len(rows), "presets": presets,
             "frontier": {d: frontier(rows, d) for d in detectors}, "at_preset_fire_right": at, "rows": rows}
 
 
