@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from kat_diag.analysis.reference_detectors import (
     DetectorResult,
+    length_cut,
     ngram_repeat,
     signal_rule,
     teacher_entropy_topn,
@@ -53,6 +54,13 @@ def test_ngram_repeat_sees_a_loop_and_not_a_clean_chain():
     assert det.fire[1] == -1
     with pytest.raises(ValueError, match="n=0"):
         ngram_repeat(np.array(loop), np.array([0, len(loop)]), n=0)
+
+
+def test_length_cut_is_the_prefix_budget():
+    det = length_cut(np.array([0, 10, 40, 41]), 30)  # lengths 10, 30, 1
+    assert det.fire.tolist() == [-1, -1, -1] and det.keep.tolist() == [10, 30, 1]
+    det = length_cut(np.array([0, 10, 40, 41]), 5)
+    assert det.fire.tolist() == [5, 5, -1] and det.onset.tolist() == [5, 5, -1] and det.keep.tolist() == [5, 5, 1]
 
 
 def test_signal_rule_on_the_kl_is_kats_replay():
@@ -134,7 +142,7 @@ def test_sweep_of_a_recorded_store_matches_trap(tmp_path):
                      ngram_ns=(3, 6), ngram_counts=(1,))
     data = load_sweep_data(store)
     rows = run_sweep(data, grid)
-    assert len(rows) == 3 * 2 * 2 * 2 * 2 * 2 + 2
+    assert len(rows) == 3 * 2 * 2 * 2 * 2 * 2 + 2 + len(grid.length_budgets)
     cfg = KATConfig(window=8, persistence=2, min_length=8, tau_quantile=0.9, warmup_steps=0, min_fill=1)
     trap = trap_report(store, cfg)
     row = next(x for x in rows if x["detector"] == "kl" and x["params"] == {
@@ -144,7 +152,7 @@ def test_sweep_of_a_recorded_store_matches_trap(tmp_path):
     assert row["tokens_cut"] == pytest.approx(trap["cut_share"])
     assert row["onset_after_error"] == pytest.approx(trap["onset_after_error_share"], nan_ok=True)
     rep = sweep_report(store, grid)
-    assert set(rep["presets"]) == {"world", "paper"} and set(rep["frontier"]) == {*grid.signals, "ngram"}
+    assert set(rep["presets"]) == {"world", "paper"} and set(rep["frontier"]) == {*grid.signals, "ngram", "length"}
     assert 0 < rep["accuracy"] < 1 and all(rep["frontier"].values())
 
     fig = tmp_path / "sweep.png"
@@ -156,7 +164,7 @@ def test_sweep_of_a_recorded_store_matches_trap(tmp_path):
     r = runner.invoke(app, [*args[:-2], "--json"])
     assert r.exit_code == 0, r.output
     js = json.loads(r.output)
-    n_ngram = len(SweepGrid().ngram_ns) * len(SweepGrid().ngram_counts)
+    n_ngram = len(SweepGrid().ngram_ns) * len(SweepGrid().ngram_counts) + len(SweepGrid().length_budgets)
     assert js["rollouts"] == 24 and js["n_configurations"] == 3 * 32 + n_ngram and "rows" not in js
     assert js["presets"]["world"]["params"] == {"W": 16, "T": 8, "L0": 32, "q": 0.7, "statistic": "rollout_min"}
     r = runner.invoke(app, [*args[:-2], "--json", "--all-rows"])

@@ -10,6 +10,10 @@ KAT on the same rollouts:
 * `ngram_repeat` (no teacher, no model): fire at the first token that completes an n-gram already
   seen `count` times earlier in the same rollout; onset = the first token of that repeated n-gram.
   Vectorised with 64-bit n-gram hashes and one sort.
+* `length_cut` (no signal at all): fire at token L of every rollout that reaches it, onset = L:
+  the prefix budget as a detector. In a world where wrong rollouts loop to the budget and right
+  ones stop early, length alone separates them; this row says how much of a detector's score
+  length explains.
 * `signal_rule`: KAT's own rule (window mean of a per-token signal persistently below the
   quantile threshold of rollout minima, W / T / L0, `kat_diag.kat.replay.replay`) applied to
   another per-token signal than the KL: `student_entropy` (the student's confidence, no teacher)
@@ -17,7 +21,7 @@ KAT on the same rollouts:
   one tail bucket: a lower bound of the full entropy, exact when the top-n hold all the mass).
   Same machinery, same tuning grid: only the signal differs from KAT.
 
-Layout: the signals (`teacher_entropy_topn`), the two detectors, `DetectorResult`.
+Layout: the signals (`teacher_entropy_topn`), the detectors, `DetectorResult`.
 """
 
 from __future__ import annotations
@@ -89,6 +93,16 @@ def ngram_repeat(token_ids: np.ndarray, offsets: np.ndarray, n: int, count: int 
     fire = np.where(first < big, first, -1)
     onset = np.where(fire >= 0, fire - n + 1, -1)
     return DetectorResult(onset, fire, length, np.where(fire >= 0, onset, length))
+
+
+def length_cut(offsets: np.ndarray, budget: int) -> DetectorResult:
+    """Fire at position `budget` (the first token past the budget) of every rollout longer than
+    `budget`; onset = keep = budget (the rollout is trained on its first `budget` tokens)."""
+    if budget < 0:
+        raise ValueError(f"length_cut: budget={budget} must be >= 0")
+    length = np.diff(np.asarray(offsets, dtype=np.int64))
+    fire = np.where(length > budget, budget, -1).astype(np.int64)
+    return DetectorResult(fire.copy(), fire, length, np.where(fire >= 0, budget, length))
 
 
 def signal_rule(signal: np.ndarray, offsets: np.ndarray, cfg: KATConfig, steps: np.ndarray | None = None

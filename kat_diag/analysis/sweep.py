@@ -13,8 +13,9 @@ tau quantile and both buffer statistics, and scores each with the same numbers:
 * `fire_loop`, `fire_wrong_no_loop`: on rollouts that loop, and on wrong ones that do not.
 
 The same scores for the reference detectors (`kat_diag.analysis.reference_detectors`): an n-gram
-repetition check (no teacher) over n and the repeat count, and KAT's own rule on the student's
-entropy or the teacher's entropy instead of the KL, over the same grid. `frontier` keeps the
+repetition check (no teacher) over n and the repeat count, a plain length cut (no signal: the
+prefix budget) over L, and KAT's own rule on the student's entropy or the teacher's entropy
+instead of the KL, over the same grid. `frontier` keeps the
 Pareto-best configurations of each detector (most wrong fired for the right fired), `matched`
 reads each frontier at a given fire rate on right rollouts (KAT's preset's), and
 `plot_frontier` draws fire on wrong vs fire on right with the paper and world presets marked.
@@ -36,12 +37,19 @@ from typing import Any
 
 import numpy as np
 
-from kat_diag.analysis.reference_detectors import DetectorResult, ngram_repeat, signal_rule, teacher_entropy_topn
+from kat_diag.analysis.reference_detectors import (
+    DetectorResult,
+    length_cut,
+    ngram_repeat,
+    signal_rule,
+    teacher_entropy_topn,
+)
 from kat_diag.kat.config import KATConfig
 
 SIGNALS = ("kl", "student_entropy", "teacher_entropy")  # "kl" is KAT
 DETECTOR_LABELS = {"kl": "KAT (teacher-student KL)", "student_entropy": "student entropy (KAT's rule)",
-                   "teacher_entropy": "teacher entropy (KAT's rule)", "ngram": "n-gram repetition (no teacher)"}
+                   "teacher_entropy": "teacher entropy (KAT's rule)", "ngram": "n-gram repetition (no teacher)",
+                   "length": "length cut (no signal)"}
 SCORE_KEYS = ("fire_wrong", "fire_right", "fire_loop", "fire_wrong_no_loop", "onset_after_error",
               "onset_lag_median", "tokens_cut", "right_tokens_cut")
 
@@ -58,12 +66,13 @@ class SweepGrid:
     signals: tuple[str, ...] = SIGNALS
     ngram_ns: tuple[int, ...] = (2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48)
     ngram_counts: tuple[int, ...] = (1, 2, 3)
+    length_budgets: tuple[int, ...] = (16, 24, 32, 40, 48, 56, 64, 72, 80, 96, 112, 128, 160)
 
     def __post_init__(self) -> None:
         bad = [s for s in self.signals if s not in SIGNALS]
         if bad:
             raise ValueError(f"sweep: unknown signal(s) {bad}; choose from {list(SIGNALS)}")
-        for name in ("windows", "persistences", "ngram_ns", "ngram_counts"):
+        for name in ("windows", "persistences", "ngram_ns", "ngram_counts", "length_budgets"):
             if any(int(v) < 1 for v in getattr(self, name)):
                 raise ValueError(f"sweep: {name} must be >= 1, got {getattr(self, name)}")
         if any(int(v) < 0 for v in self.min_lengths):
@@ -173,6 +182,8 @@ def run_sweep(data: SweepData, grid: SweepGrid | None = None) -> list[dict[str, 
     for n, c in itertools.product(grid.ngram_ns, grid.ngram_counts):
         det = ngram_repeat(data.token_ids, data.offsets, n, c)
         rows.append({"detector": "ngram", "params": {"n": n, "count": c}, **score(det, *truth)})
+    for budget in grid.length_budgets:
+        rows.append({"detector": "length", "params": {"L": budget}, **score(length_cut(data.offsets, budget), *truth)})
     return rows
 
 
@@ -217,7 +228,7 @@ def sweep_report(store: str | Path, grid: SweepGrid | None = None, label: str | 
     data = load_sweep_data(store)
     rows = run_sweep(data, grid)
     presets = preset_rows(data)
-    detectors = [*grid.signals, "ngram"]
+    detectors = [*grid.signals, "ngram", "length"]
     at = {name: {d: matched(rows, d, p["fire_right"]) for d in detectors} for name, p in presets.items()}
     n = len(data.offsets) - 1
     return {"store": str(store), "label": label or Path(store).name, "rollouts": n,
@@ -232,7 +243,8 @@ def plot_frontier(reports: Sequence[dict[str, Any]], path: str | Path) -> Path:
     detector (faint), its Pareto frontier (line), KAT's world and paper presets (markers)."""
     from kat_diag.analysis import style
 
-    colors = {"kl": "#1F77B4", "student_entropy": "#FF7F0E", "teacher_entropy": "#9467BD", "ngram": "#2CA02C"}
+    colors = {"kl": "#1F77B4", "student_entropy": "#FF7F0E", "teacher_entropy": "#9467BD", "ngram": "#2CA02C",
+              "length": "#8C564B"}
     fig, axes = style.figure(1, len(reports), size=(5.4 * len(reports), 4.8), squeeze=False)
     for ax, rep in zip(axes[0], reports, strict=True):
         dets = list(rep["frontier"])
