@@ -238,37 +238,46 @@ def sweep_report(store: str | Path, grid: SweepGrid | None = None, label: str | 
             "frontier": {d: frontier(rows, d) for d in detectors}, "at_preset_fire_right": at, "rows": rows}
 
 
-def plot_frontier(reports: Sequence[dict[str, Any]], path: str | Path) -> Path:
-    """Fire on wrong vs fire on right rollouts, one panel per report: every configuration of each
-    detector (faint), its Pareto frontier (line), KAT's world and paper presets (markers)."""
+def plot_frontier(reports: Sequence[dict[str, Any]], path: str | Path,
+                  zoom: tuple[float, float, float, float] | None = (0.0, 0.3, 0.3, 0.75)) -> Path:
+    """Fire on wrong vs fire on right rollouts, per report one panel (and, with `zoom` = (x0, x1, y0,
+    y1), a second panel on that region, where the low-false-alarm configurations crowd): every
+    configuration of each detector (faint), its Pareto frontier (step line), KAT's world and paper
+    presets (markers)."""
     from kat_diag.analysis import style
 
     colors = {"kl": "#1F77B4", "student_entropy": "#FF7F0E", "teacher_entropy": "#9467BD", "ngram": "#2CA02C",
               "length": "#8C564B"}
-    fig, axes = style.figure(1, len(reports), size=(5.4 * len(reports), 4.8), squeeze=False)
-    for ax, rep in zip(axes[0], reports, strict=True):
-        dets = list(rep["frontier"])
-        for d in dets:
-            pts = [(r["fire_right"], r["fire_wrong"]) for r in rep["rows"] if r["detector"] == d]
-            if pts:
-                x, y = np.array(pts, dtype=float).T
-                ax.scatter(x, y, s=4, alpha=0.12, color=colors.get(d), linewidths=0)
-            fr = rep["frontier"][d]
-            if fr:
-                ax.step([r["fire_right"] for r in fr], [r["fire_wrong"] for r in fr], where="post",
-                        color=colors.get(d), lw=1.8, label=DETECTOR_LABELS.get(d, d))
-        for name, marker in (("world", "*"), ("paper", "D")):
-            p = rep["presets"].get(name)
-            if p is not None:
-                ax.scatter([p["fire_right"]], [p["fire_wrong"]], marker=marker, s=150 if marker == "*" else 60,
-                           color="black", zorder=5, label=f"KAT {name} preset")
-        ax.plot([0, 1], [0, 1], color="#999999", lw=0.8, ls=":")
-        ax.set_xlim(-0.02, 1.02)
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_xlabel("fires on right rollouts (share)")
-        ax.set_ylabel("fires on wrong rollouts (share)")
-        ax.set_title(f"{rep['label']}: {rep['rollouts']} rollouts, accuracy {rep['accuracy']:.2f}")
-        ax.legend(loc="lower right")
+    per = 2 if zoom else 1
+    fig, axes = style.figure(1, per * len(reports), size=(5.2 * per * len(reports), 4.8), squeeze=False)
+    for i, rep in enumerate(reports):
+        for j in range(per):
+            ax = axes[0][per * i + j]
+            for d, fr in rep["frontier"].items():
+                pts = [(r["fire_right"], r["fire_wrong"]) for r in rep.get("rows", []) if r["detector"] == d]
+                if pts:
+                    x, y = np.array(pts, dtype=float).T
+                    ax.scatter(x, y, s=5, alpha=0.15, color=colors.get(d), linewidths=0)
+                if fr:
+                    xs = [r["fire_right"] for r in fr] + [1.0]  # best attainable at each fire rate on right
+                    ys = [r["fire_wrong"] for r in fr] + [fr[-1]["fire_wrong"]]
+                    ax.step(xs, ys, where="post", color=colors.get(d), lw=1.8, label=DETECTOR_LABELS.get(d, d))
+            for name, marker in (("world", "*"), ("paper", "D")):
+                p = rep["presets"].get(name)
+                if p is not None:
+                    ax.scatter([p["fire_right"]], [p["fire_wrong"]], marker=marker, s=160 if marker == "*" else 60,
+                               color="black", zorder=5, label=f"KAT {name} preset")
+            ax.plot([0, 1], [0, 1], color="#999999", lw=0.8, ls=":")
+            x0, x1, y0, y1 = zoom if j == 1 and zoom else (0.0, 1.0, 0.0, 1.0)
+            pad = 0.02 * (x1 - x0)
+            ax.set_xlim(x0 - pad, x1 + pad)
+            ax.set_ylim(y0 - pad, y1 + pad)
+            ax.set_xlabel("fires on right rollouts (share)")
+            ax.set_ylabel("fires on wrong rollouts (share)")
+            title = f"{rep['label']}: {rep['rollouts']} rollouts, accuracy {rep['accuracy']:.2f}"
+            ax.set_title(title if j == 0 else "zoom: few fires on right rollouts")
+            if j == per - 1:
+                ax.legend(loc="lower right")
     fig.tight_layout()
     return style.save(fig, path)
 
