@@ -249,7 +249,7 @@ def plot_frontier(reports: Sequence[dict[str, Any]], path: str | Path,
     colors = {"kl": "#1F77B4", "student_entropy": "#FF7F0E", "teacher_entropy": "#9467BD", "ngram": "#2CA02C",
               "length": "#8C564B"}
     per = 2 if zoom else 1
-    fig, axes = style.figure(1, per * len(reports), size=(5.2 * per * len(reports), 4.8), squeeze=False)
+    fig, axes = style.figure(1, per * len(reports), size=(5.2 * per * len(reports) + 2.2, 4.8), squeeze=False)
     for i, rep in enumerate(reports):
         for j in range(per):
             ax = axes[0][per * i + j]
@@ -277,7 +277,7 @@ def plot_frontier(reports: Sequence[dict[str, Any]], path: str | Path,
             title = f"{rep['label']}: {rep['rollouts']} rollouts, accuracy {rep['accuracy']:.2f}"
             ax.set_title(title if j == 0 else "zoom: few fires on right rollouts")
             if j == per - 1:
-                ax.legend(loc="lower right")
+                ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()
     return style.save(fig, path)
 
