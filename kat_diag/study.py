@@ -72,7 +72,12 @@ FULL_METHODS = ("none", "kat", "iwopd", "kat+iwopd", "random", "prefix", "kat+pr
 MAIN_METHODS = QUICK_METHODS  # the quick profile's rows (kept for callers of the old name)
 LABELS = {m: v.label for m, v in METHODS.items()}
 # Paired differences the summary bootstraps (when both methods ran): KAT against each baseline.
-CONTRASTS = (("kat", "none"), ("kat", "iwopd"), ("iwopd", "none"), ("kat+iwopd", "iwopd"), ("kat+iwopd", "kat"))
+CONTRASTS = (("kat", "none"), ("kat", "iwopd"), ("iwopd", "none"), ("kat+iwopd", "iwopd"), ("kat+iwopd", "kat"),
+             ("kat", "random"), ("kat", "prefix"))
+# Seed-0 contrasts with the opd-sampled ablation: IW-OPD's weighting alone (same estimator), and the
+# sampled-token estimator against the study's loss (both unweighted, untruncated).
+ABLATION_CONTRASTS = (("iwopd", "ablations/opd-sampled"), ("ablations/opd-sampled", "none"))
+ABLATION_LABELS = {"ablations/opd-sampled": "OPD with the sampled-token estimator (IW-OPD at gamma 0)"}
 
 
 @dataclass(frozen=True)
@@ -512,17 +517,21 @@ def _metric_cols(ev: dict[str, Any], cols: Sequence[str], k: int) -> dict[str, f
     return {f"{c}/{met}@{k}": ev[c][f"{met}@{k}"] for c in cols for met in ("avg", "pass")}
 
 
-def paired_contrast(results: dict[str, Any], a: str, b: str, seeds: Sequence[int], splits: Sequence[str], k: int,
-                    n_boot: int) -> dict[str, Any]:
+def paired_contrast(results: dict[str, Any], a: str | Sequence[str], b: str | Sequence[str], seeds: Sequence[int],
+                    splits: Sequence[str], k: int, n_boot: int) -> dict[str, Any]:
     """Method a minus method b: per split and over all problems ("all"), the paired bootstrap CI of the
     per-problem difference averaged over seeds (resampling problems), its half-width, and each
-    seed's own difference (mean over problems) so the spread between seeds shows beside the CI."""
+    seed's own difference (mean over problems) so the spread between seeds shows beside the CI.
+    a and b name methods (run `seed<S>/<method>` for each seed) or lists of result keys, one per seed."""
+    a_keys = [f"seed{s}/{a}" for s in seeds] if isinstance(a, str) else list(a)
+    b_keys = [f"seed{s}/{b}" for s in seeds] if isinstance(b, str) else list(b)
     out: dict[str, Any] = {}
     for met in ("avg", "pass"):
         per_split = {}
         for c in splits:
-            per_split[c] = np.array([per_problem(results[f"seed{s}/{a}"]["eval"], c, k, met)
-                                     - per_problem(results[f"seed{s}/{b}"]["eval"], c, k, met) for s in seeds])
+            per_split[c] = np.array([per_problem(results[ka]["eval"], c, k, met)
+                                     - per_problem(results[kb]["eval"], c, k, met)
+                                     for ka, kb in zip(a_keys, b_keys, strict=True)])
         per_split["all"] = np.concatenate([per_split[c] for c in splits], axis=1)
         for c, d_SP in per_split.items():
             ci = paired_bootstrap(d_SP.mean(0), np.zeros(d_SP.shape[1]), n_boot, seed=0)
@@ -559,6 +568,15 @@ def summarise(cfg: StudyConfig, results: dict[str, Any], baseline: dict[str, Any
                       "rel_error": r["kept_len_mean"] / kat["kept_len_mean"] - 1.0})
     paired = {f"{a} - {b}": paired_contrast(results, a, b, cfg.seeds, splits, k, cfg.n_boot)
               for a, b in CONTRASTS if a in methods and b in methods}
+    s0 = cfg.seeds[0]
+
+    def key(m: str) -> str:
+        return m if m.startswith("ablations/") else f"seed{s0}/{m}"
+
+    for a, b in ABLATION_CONTRASTS:
+        if key(a) in results and key(b) in results:
+            paired[f"{a} - {b} (seed {s0})"] = paired_contrast(results, [key(a)], [key(b)], [s0], splits, k,
+                                                               cfg.n_boot)
     boot = {key: {x: v[x] for x in ("diff", "lo", "hi")} for key, v in paired["kat - none"].items()
             if not key.startswith("all/")}
     savings = {f"{t}_ratio": table["kat"]["cost_vs_opd"][t]
@@ -647,20 +665,23 @@ def results_markdown(summary: dict[str, Any]) -> str:
                      "`kat+prefix` trains exactly like `prefix` here (the ablations' larger budgets give it room).")
     lines.append("")
     paired = summary.get("paired") or {"kat - none": summary["bootstrap_kat_minus_opd"]}
+    names = {**labels, **ABLATION_LABELS}
     for name, ci in paired.items():
-        a, b = name.split(" - ")
-        lines += [f"Paired bootstrap, {labels.get(a, a)} minus {labels.get(b, b)} (points, 95 % CI, resampling "
+        a, b = name.split(" (seed")[0].split(" - ")
+        multi = len(ci[f"{splits[0]}/avg@{k}"].get("per_seed", [])) > 1
+        where = f", seed {name.split('(seed ')[1].rstrip(')')} only" if "(seed" in name else ""
+        lines += [f"Paired bootstrap, {names.get(a, a)} minus {names.get(b, b)}{where} (points, 95 % CI, resampling "
                   f"problems, per-problem values averaged over seeds; {cfg['n_boot']} resamples"
-                  + ("; per seed: each seed's own difference" if sd else "") + "):", "",
-                  "| split | avg diff [CI] | ± | pass diff [CI] |" + (" avg per seed |" if sd else ""),
-                  "|---|---|---|---|" + ("---|" if sd else "")]
+                  + ("; per seed: each seed's own difference" if multi else "") + "):", "",
+                  "| split | avg diff [CI] | ± | pass diff [CI] |" + (" avg per seed |" if multi else ""),
+                  "|---|---|---|---|" + ("---|" if multi else "")]
         for c in [*splits, "all"]:
             if f"{c}/avg@{k}" not in ci:
                 continue
             av, pa = ci[f"{c}/avg@{k}"], ci[f"{c}/pass@{k}"]
             hw = av.get("half_width", (av["hi"] - av["lo"]) / 2)
             per_seed = ""
-            if sd and "per_seed" in av:
+            if multi and "per_seed" in av:
                 per_seed = " " + ", ".join(f"{x * 100:+.1f}" for x in av["per_seed"]) + " |"
             lines.append(f"| {c} | {av['diff'] * 100:+.1f} [{av['lo'] * 100:+.1f}, {av['hi'] * 100:+.1f}] | "
                          f"{hw * 100:.1f} | {pa['diff'] * 100:+.1f} [{pa['lo'] * 100:+.1f}, {pa['hi'] * 100:+.1f}] |"

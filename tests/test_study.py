@@ -62,7 +62,7 @@ def test_study_end_to_end_and_rerun_skips_finished_runs(quick_world, tmp_path):
     assert saved["table"]["none"]["cost_vs_opd"] == {"tokens_generated": 1.0, "tokens_trained": 1.0,
                                                       "train_seconds": 1.0}
     # Paired CIs: KAT minus OPD and KAT minus IW-OPD, per split and over all problems, with half-widths.
-    assert {"kat - none", "kat - iwopd", "iwopd - none"} <= set(saved["paired"])
+    assert {"kat - none", "kat - iwopd", "iwopd - none", "kat - random", "kat - prefix"} <= set(saved["paired"])
     ci = saved["paired"]["kat - iwopd"]["all/avg@8"]
     assert ci["lo"] <= ci["diff"] <= ci["hi"] and ci["half_width"] == pytest.approx((ci["hi"] - ci["lo"]) / 2)
     assert ci["n_problems"] == 4 * cfg.eval_n and len(ci["per_seed"]) == 1
