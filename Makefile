@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kat-diag-installed
 
-.PHONY: install demo test lint bench world figures
+.PHONY: install demo test lint bench world figures figures-draw
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -35,11 +35,18 @@ bench: $(STAMP)
 	$(PY) benchmarks/rollout.py
 
 # figures/: two runs on the committed world (plain OPD, and KAT with the default preset), same seed and
-# steps, then every figure of both (docs/diagnostics.md). FIG_STEPS=50 for a quick look.
+# steps, each evaluated before training (the eval curves' baseline) and every 50 steps; then every figure
+# of both and the study's headline figure from FIG_STUDY (docs/diagnostics.md). FIG_STEPS=50 for a quick
+# look; `make figures-draw` redraws from the existing runs without training.
 FIG_STEPS ?= 200
+FIG_STUDY ?= figures/study_seed0/results.json
 figures: $(STAMP)
 	rm -rf runs/fig_opd runs/fig_kat
-	$(VENV)/bin/kat-diag train --termination none --steps $(FIG_STEPS) --eval-every 50 --out runs/fig_opd
-	$(VENV)/bin/kat-diag train --termination kat --steps $(FIG_STEPS) --eval-every 50 --out runs/fig_kat
-	rm -rf figures/fig_opd figures/fig_kat figures/curves.png figures/curves.csv figures/summary.md  # not figures/study
-	$(VENV)/bin/kat-diag figures runs/fig_opd runs/fig_kat --out figures
+	$(VENV)/bin/kat-diag train --termination none --steps $(FIG_STEPS) --eval-every 50 --eval-at-start --out runs/fig_opd
+	$(VENV)/bin/kat-diag train --termination kat --steps $(FIG_STEPS) --eval-every 50 --eval-at-start --out runs/fig_kat
+	$(MAKE) figures-draw
+
+figures-draw: $(STAMP)
+	rm -rf figures/fig_opd figures/fig_kat figures/curves.png figures/curves.csv figures/study.png \
+		figures/study_figure.json figures/summary.md  # not figures/study (the study's own)
+	$(VENV)/bin/kat-diag figures runs/fig_opd runs/fig_kat --out figures --study $(FIG_STUDY)

@@ -61,7 +61,8 @@ def heatmap(
     tau: str = typer.Option("auto", "--tau", help=TAU_HELP),
     early: str | None = typer.Option(None, "--early", help=EARLY_HELP),
     late: str | None = typer.Option(None, "--late", help=LATE_HELP),
-    sort: str = typer.Option("length", "--sort", help="Row order: length | onset | correct | none."),
+    sort: str = typer.Option("verdict", "--sort", help="Row order: verdict (wrong, loop, no answer, right; then "
+                             "onset: the order that shows the trap) | length | onset | correct | none."),
     rows: int = typer.Option(300, "--rows", help="Rollouts drawn per stage (a seeded sample of --sample)."),
     sample: int = typer.Option(2000, "--sample", help="Rollouts per stage behind the aggregate panels "
                                "(seeded sample; all when fewer)."),
@@ -92,6 +93,8 @@ def heatmap(
                    f"{_num(s['extended_low_kl_share'], '.1%')}, first start median "
                    f"{_num(s['first_segment_median_start'], '.0f')}, KL after/before "
                    f"{_num(s['kl_after_over_before'])}")
+    typer.echo(f"x axis ends at token {res['x_limit']} (95th percentile of the shown lengths); rows and their "
+               "inspect addresses: heatmap_rows.csv")
     typer.echo("wrote " + ", ".join(res["files"]))
 
 
@@ -124,26 +127,42 @@ def phases(
             typer.echo(f"{s['stage']:>6} {name:>10} {p['tokens']:>8} {_num(p['token_share'], '.1%'):>7} "
                        f"{_num(p['mean_kl'], '.4f'):>9} {_num(p['student_entropy'], '.3f'):>9} "
                        f"{_num(p['teacher_entropy_lb'], '.3f'):>11}")
+    def ci(pair: list[Any] | None, fmt: str = ".3f") -> str:
+        return "" if not pair or pair[0] is None else f" [{pair[0]:{fmt}}, {pair[1]:{fmt}}]"
+
     for s in res["stages"]:
         a, f = s["accuracy"], s["findings"]
-        typer.echo(f"{s['stage']:>6}: trap {_num(s['trap_share'], '.1%')} of rollouts; accuracy with trap "
-                   f"{_num(a['trap'], '.3f')} (n={a['graded_trap']}), without {_num(a['no_trap'], '.3f')} "
-                   f"(n={a['graded_no_trap']}); extended low-KL {_num(f['extended_low_kl_share'], '.1%')}, "
-                   f"first start median {_num(f['first_segment_median_start'], '.0f')}, KL before/inside/after "
+        acc = (f"accuracy with trap {_num(a['trap'], '.3f')}{ci(a['trap_ci'])} (n={a['graded_trap']}), without "
+               f"{_num(a['no_trap'], '.3f')}{ci(a['no_trap_ci'])} (n={a['graded_no_trap']})")
+        if a.get("note"):
+            acc = f"accuracy with trap: does not apply ({a['trap_cut_by_policy']} trap rollouts cut at fire)"
+        typer.echo(f"{s['stage']:>6}: trap {_num(s['trap_share'], '.1%')} of rollouts; {acc}; extended low-KL "
+                   f"{_num(f['extended_low_kl_share'], '.1%')}{ci(f['extended_low_kl_share_ci'])}, first start median "
+                   f"{_num(f['first_segment_median_start'], '.0f')}, KL before/inside/after "
                    f"{_num(f['kl_before_segment'])}/{_num(f['kl_inside_segment'])}/{_num(f['kl_after_segment'])}")
+    typer.echo("[95 % CI]: Wilson for shares and accuracies; per-phase means in --json carry bootstrap CIs over "
+               "rollouts")
     typer.echo("wrote " + ", ".join(res["files"]))
 
 
+def _files(res: dict[str, Any]) -> list[str]:
+    f = res.get("files", [])
+    return [str(v) for v in (f.values() if isinstance(f, dict) else f)]
+
+
 def figures(
-    runs: list[Path] = typer.Argument(..., help="Run directories; training curves are overlaid, per-run "
-                                      "figures go into OUT/<run name>/ when there are several."),
+    runs: list[Path] | None = typer.Argument(None, help="Run directories; training curves are overlaid, per-run "
+                                             "figures go into OUT/<run name>/ when there are several."),
     out: Path = typer.Option(Path("figures"), "--out", help="Output directory (summary.md, PNGs, data)."),
     only: str | None = typer.Option(None, "--only", help="Comma-separated per-run analyses to draw "
                                     "(default: all registered)."),
     curves: bool = typer.Option(True, "--curves/--no-curves", help="Draw the training curves of the runs."),
+    study: Path | None = typer.Option(None, "--study", help="A study's results.json: draw its headline figure "
+                                      "(OUT/study.png: every method against OPD with paired CIs) first."),
+    paper: bool = typer.Option(False, "--paper", help="300-dpi PNGs plus a PDF of each figure."),
     as_json: bool = typer.Option(False, "--json", help="Print what was written and the numbers as JSON."),
 ) -> None:
-    """Every figure of one or more runs, plus OUT/summary.md embedding each with its numbers."""
+    """Every figure of one or more runs (and of a study), plus OUT/summary.md embedding each with its numbers."""
     from kat_diag.analysis.figures import REGISTRY, make_figures
 
     names = None
@@ -152,17 +171,21 @@ def figures(
         unknown = [n for n in names if n not in REGISTRY]
         if unknown:
             raise typer.BadParameter(f"--only: unknown {unknown}; known: {', '.join(REGISTRY)}")
-    res = make_figures(runs, out, analyses=names, curves=curves)
+    if not runs and study is None:
+        raise typer.BadParameter("give run directories, --study RESULTS_JSON, or both")
+    res = make_figures(runs or [], out, analyses=names, curves=curves, study=study, paper=paper)
     if as_json:
         typer.echo(json.dumps(res, allow_nan=False, default=str))
         return
+    if "study" in res:
+        typer.echo("study: " + ", ".join(res["study"]["files"]))
     c = res.get("curves")
     if c is not None:
         typer.echo(f"curves: {c.get('skipped') or ', '.join(c['files'])}")
     for label, per in res["analyses"].items():
         for name, r in per.items():
             what = (f"skipped ({r['skipped']})" if "skipped" in r else f"FAILED ({r['error']})" if "error" in r
-                    else f"{r['seconds']:.1f} s: " + ", ".join(r.get("files", [])))
+                    else f"{r['seconds']:.1f} s: " + ", ".join(_files(r)))
             typer.echo(f"{label}/{name}: {what}")
     typer.echo(f"summary: {res['summary']}")
     if any("error" in r for per in res["analyses"].values() for r in per.values()):

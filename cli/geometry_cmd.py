@@ -62,9 +62,16 @@ def gradproj(
     tau: str = typer.Option("recorded", "--tau", help=TAU_HELP),
     k: list[int] | None = typer.Option(None, "--k", help="Subspace sizes to sweep (repeatable; default "
                                        "1 2 4 8 16 32, capped at min(m, n) per matrix)."),
-    rollouts: int = typer.Option(64, "--rollouts", help="Rollouts sampled per phase (uniformly over the store)."),
-    tokens: int = typer.Option(512, "--tokens", help="Tokens per phase (equal for every phase: the smallest "
-                               "phase pool caps it)."),
+    rollouts: int = typer.Option(64, "--rollouts", help="Rollouts sampled per phase, each phase from the rollouts "
+                                 "that hold it (uniformly over the store)."),
+    tokens: int = typer.Option(512, "--tokens", help="Tokens per phase, drawn from that phase's own rollouts "
+                               "(equal for every phase: the smallest phase pool caps it)."),
+    loss: str = typer.Option("run", "--loss", help="Loss differentiated: run (the loss the run trained with, from "
+                             "its config), full, topk or topk:K, sampled."),
+    groups: int = typer.Option(0, "--groups", help="Rollout groups per phase for the bootstrap (0: one per "
+                               "rollout). Memory: groups x 2-D parameters x 4 bytes."),
+    boot: int = typer.Option(200, "--boot", help="Bootstrap replicates (resampling rollout groups) for the 95 % "
+                             "intervals."),
     n_random: int = typer.Option(4, "--random", help="Random orthonormal subspaces averaged for the baseline."),
     svd: str = typer.Option("auto", "--svd", help="auto (exact up to 2^24 entries, else randomized), exact, "
                             "or lowrank (torch.svd_lowrank)."),
@@ -84,20 +91,33 @@ def gradproj(
                            model=model, traces=traces, tau=tau, ks=tuple(k) if k else DEFAULT_KS, rollouts=rollouts,
                            tokens=tokens, n_random=n_random, svd=svd, micro_batch=micro_batch,
                            steps=_parse_steps(steps),
-                           kat=_kat(window, persistence, min_length), device=device, seed=seed)
+                           kat=_kat(window, persistence, min_length), device=device, seed=seed, loss=loss,
+                           groups=groups, n_boot=boot)
     if as_json:
         _echo_json(summary)
         return
-    typer.echo(f"gradient geometry of {summary['run']} ({summary['tokens_per_phase']} tokens per phase, "
-               f"gradients at {summary['model']}; {summary['aggregation']})")
+
+    def ci(lo: float | None, hi: float | None, fmt: str = ".4f") -> str:
+        return "" if lo is None or hi is None or lo != lo else f" [{lo:{fmt}}, {hi:{fmt}}]"
+
+    typer.echo(f"gradient geometry of {summary['run']} ({summary['tokens_per_phase']} tokens per phase, each from "
+               f"its own rollouts; gradients of the {summary['loss_label']} at {summary['model']}; "
+               f"{summary['aggregation']}; {summary['interval']})")
     for p in summary["phases"]:
         typer.echo(f"  {p['phase']:<10} tokens {p['tokens']:>6}  rollouts {p['rollouts']:>5}  "
-                   f"KL/token {p['loss_per_token']:.4g}  |g|/token {p['grad_norm_per_token']:.4g}")
-    typer.echo("  k    phase       one-sided (random, k/m)          two-sided (random, k^2/mn)")
+                   f"loss/token {p['loss_per_token']:.4g}  |g|/token {p['grad_norm_per_token']:.4g}"
+                   + ci(p.get("grad_norm_lo"), p.get("grad_norm_hi"), ".4g"))
+    typer.echo("  k    phase       one-sided: plug-in, bias-corrected [95% CI] (random, k/m)   two-sided: plug-in, "
+               "bias-corrected [95% CI] (random)")
     for a in summary["aggregate"]:
-        typer.echo(f"  {a['k']:<4} {a['phase']:<10} {a['one_sided']:.4f} ({a['one_sided_random']:.4f}, "
-                   f"{a['one_sided_iso']:.4f})   {a['two_sided']:.5f} ({a['two_sided_random']:.5f}, "
-                   f"{a['two_sided_iso']:.5f})")
+        typer.echo(f"  {a['k']:<4} {a['phase']:<10} {a['one_sided']:.4f}, {a['one_sided_bc']:.4f}"
+                   f"{ci(a['one_sided_lo'], a['one_sided_hi'])} ({a['one_sided_random']:.4f}, {a['one_sided_iso']:.4f})"
+                   f"   {a['two_sided']:.5f}, {a['two_sided_bc']:.5f}{ci(a['two_sided_lo'], a['two_sided_hi'], '.5f')}"
+                   f" ({a['two_sided_random']:.5f})")
+    typer.echo("  differences (one-sided, a - b: plug-in, bias-corrected [95% CI]):")
+    for d in summary["differences"]:
+        band = ci(d["one_sided_lo"], d["one_sided_hi"], "+.4f")
+        typer.echo(f"  k={d['k']:<3} {d['a']} - {d['b']}: {d['one_sided']:+.4f}, {d['one_sided_bc']:+.4f}{band}")
     typer.echo(f"wrote {summary['files']['png']}, {summary['files']['csv']}, {summary['files']['json']}")
 
 
@@ -111,8 +131,8 @@ def vocab(
     lexicon: Path | None = typer.Option(None, "--lexicon", help="Reasoning-token word list, one per line "
                                         "(default: digits and + - * =)."),
     top: int = typer.Option(5, "--top", help="Teacher top ids counted per position (at most the store's top_n)."),
-    weight: str = typer.Option("count", "--weight", help="count (each top id counts 1) or prob (weighted "
-                               "by the teacher's probability)."),
+    weight: str = typer.Option("prob", "--weight", help="prob (each top id weighted by the teacher's probability, "
+                               "so junk tail ids barely count) or count (each top id counts 1)."),
     boot: int = typer.Option(1000, "--boot", help="Bootstrap replicates (resampling whole rollouts)."),
     prior_scale: float = typer.Option(1.0, "--prior-scale", help="Dirichlet prior of the log-odds: this "
                                       "times the pooled count of each token."),
@@ -139,7 +159,11 @@ def vocab(
                    f"{summary['reasoning_share'][p]:.3f}  entropy >= {summary['teacher_entropy_lower_bound'][p]:.3f}"
                    f"  over-represented: {toks}")
     for j in summary["js"]:
-        typer.echo(f"  JS({j['a']}, {j['b']}) = {j['js']:.4f} nats  95% CI [{j['ci_low']:.4f}, {j['ci_high']:.4f}]")
+        typer.echo(f"  JS({j['a']}, {j['b']}) = {j['js']:.4f} nats plug-in, {j['js_bc']:.4f} bias-corrected, "
+                   f"95% CI [{j['ci_low']:.4f}, {j['ci_high']:.4f}] (basic bootstrap over rollouts)")
+    for p, cats in summary["top1_categories"].items():
+        typer.echo(f"  teacher top-1 in {p}: " + ", ".join(f"{c} {v['share']:.3f} [{v['lo']:.3f}, {v['hi']:.3f}]"
+                                                          for c, v in cats.items() if v["share"]))
     typer.echo(f"wrote {summary['files']['png']}, {summary['files']['csv']}, {summary['files']['json']}")
 
 

@@ -96,47 +96,98 @@ SKIP_HELP = "Skip unreadable trace files with a warning instead of failing."
 def inspect(
     run: Path = typer.Argument(..., help="Run directory (or its traces/ directory)."),
     rollout: int | None = typer.Option(None, "--rollout", help="Render this rollout id token by token."),
-    html: Path | None = typer.Option(None, "--html", help="With --rollout: write the rendering as a "
-                                     "standalone HTML page to this file."),
+    step_at: int | None = typer.Option(None, "--step", help="With --index: render the rollout of this training "
+                                       "step (the 'step/index' column of --list)."),
+    index: int | None = typer.Option(None, "--index", help="With --step: the rollout's index within the step "
+                                     "(and --rank, default 0)."),
+    html: Path | None = typer.Option(None, "--html", help="With --rollout (or --step/--index): write the rendering "
+                                     "as a standalone HTML page to this file."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary (or the rollout's fields with "
                                  "--rollout, or the list with --list) as JSON."),
-    list_rollouts: bool = typer.Option(False, "--list", help="List the rollouts: id, step, policy, prompt, "
-                                       "correctness, length, kept length, fire, stop reason."),
+    list_rollouts: bool = typer.Option(False, "--list", help="List the rollouts: id, step/index, policy, prompt, "
+                                       "verdict, length, kept, onset, fire, tau, minimum window mean, first error, "
+                                       "stop reason."),
+    sort: str = typer.Option("step", "--sort", help="With --list: order by step | onset | fire | tau | min_window | "
+                             "length | kept | verdict | first_error (missing values last)."),
+    descending: bool = typer.Option(False, "--desc", help="With --list: largest first."),
+    verdict: list[str] | None = typer.Option(None, "--verdict", help="With --list: only rollouts with this "
+                                             "verdict: right | wrong | loop | unfinished | ungraded (repeatable)."),
+    fired: bool | None = typer.Option(None, "--fired/--not-fired", help="With --list: only rollouts where KAT "
+                                      "fired (or did not)."),
     steps: str | None = typer.Option(None, "--steps", help=STEPS_HELP),
     policy: list[str] | None = typer.Option(None, "--policy", help=POLICY_HELP),
-    rank: list[int] | None = typer.Option(None, "--rank", help=RANK_HELP),
+    rank: list[int] | None = typer.Option(None, "--rank", help=RANK_HELP + " With --step/--index: the rank of "
+                                          "the rollout (default 0)."),
     stop_reason: list[str] | None = typer.Option(None, "--stop-reason", help=STOP_HELP),
     color: bool | None = typer.Option(None, "--color/--no-color", help="Colour tokens with ANSI codes "
-                                      "(default: when stdout is a terminal)."),
+                                      "(default: when stdout is a terminal). Without colour KL shows as glyphs."),
+    color_depth: str = typer.Option("auto", "--color-depth", help="auto (truecolor when COLORTERM says so, else "
+                                    "256) | 256 | truecolor."),
+    tau: float | None = typer.Option(None, "--tau", help="Threshold (nats) the window track is drawn against "
+                                     "(default: the rollout's recorded tau; needed for runs where KAT was "
+                                     "inactive, e.g. plain OPD)."),
+    width: int = typer.Option(64, "--width", help="Tokens per line of the window track."),
     tokenizer: Path | None = typer.Option(None, "--tokenizer", help="Hugging Face tokenizer directory "
                                           "to decode tokens when the store has no token_text."),
     kl_min: float = typer.Option(1e-3, "--kl-min", help="KL (nats) at the bottom of the log colour scale."),
     kl_max: float = typer.Option(10.0, "--kl-max", help="KL (nats) at the top of the log colour scale."),
-    window: int | None = typer.Option(None, "--window", help="KAT window W for the phase marks "
+    window: int | None = typer.Option(None, "--window", help="KAT window W for the track and phase marks "
                                       "(default: the run config's)."),
-    persistence: int | None = typer.Option(None, "--persistence", help="KAT persistence T for the phase "
+    persistence: int | None = typer.Option(None, "--persistence", help="KAT persistence T for the track and phase "
                                            "marks (default: the run config's)."),
-    min_length: int | None = typer.Option(None, "--min-length", help="KAT minimum length L0 for the phase "
-                                          "marks (default: the run config's)."),
+    min_length: int | None = typer.Option(None, "--min-length", help="KAT minimum length L0 for the track and "
+                                          "phase marks (default: the run config's)."),
     skip_corrupt: bool = typer.Option(False, "--skip-corrupt", help=SKIP_HELP),
 ) -> None:
-    """Summarise a trace store, or render one rollout with each token coloured by its KL."""
+    """Summarise a trace store, list its rollouts, or explain one rollout: the window track against tau,
+    the marks (L0, first error, loop start, onset, fire), the teacher's alternatives, the tokens by KL."""
+    from cli.common import check_positive
+
+    if (step_at is None) != (index is None):
+        raise typer.BadParameter("--step and --index go together (the rollout's step and its index in the step)")
+    if step_at is not None:
+        if rollout is not None:
+            raise typer.BadParameter("--rollout and --step/--index exclude each other")
+        from kat_diag.traces.schema import make_rollout_id
+
+        try:
+            rollout = make_rollout_id(step_at, rank[0] if rank else 0, index)
+        except ValueError as e:
+            fail(f"--step {step_at} --index {index}: {e}")
+    check_positive("--width", width)
+    if color_depth not in ("auto", "256", "truecolor"):
+        raise typer.BadParameter(f"--color-depth must be auto, 256 or truecolor, got {color_depth!r}")
+    if tau is not None and not (tau > 0 and tau == tau and tau != float("inf")):
+        raise typer.BadParameter(f"--tau must be a finite number > 0, got {tau}")
+    listing = {"sort": sort, "descending": descending, "verdict": verdict or None, "fired": fired}
     with _warnings_to_stderr():
-        _inspect(run, rollout, html, as_json, list_rollouts, _filters(steps, policy, rank, stop_reason), color,
-                 tokenizer, kl_min, kl_max, window, persistence, min_length, skip_corrupt)
+        _inspect(run, rollout, html, as_json, list_rollouts, _filters(None if step_at is not None else steps, policy,
+                                                                     None if step_at is not None else rank,
+                                                                     stop_reason),
+                 color, tokenizer, kl_min, kl_max, window, persistence, min_length, skip_corrupt, listing,
+                 color_depth, tau, width)
 
 
 def _inspect(run: Path, rollout: int | None, html: Path | None, as_json: bool, list_rollouts: bool,
              filters: dict[str, Any], color: bool | None, tokenizer: Path | None, kl_min: float, kl_max: float,
-             window: int | None, persistence: int | None, min_length: int | None, skip_corrupt: bool) -> None:
+             window: int | None, persistence: int | None, min_length: int | None, skip_corrupt: bool,
+             listing: dict[str, Any], color_depth: str, tau: float | None, width: int) -> None:
     if not 0 < kl_min < kl_max:
         raise typer.BadParameter(f"need 0 < --kl-min < --kl-max, got --kl-min {kl_min:g} --kl-max {kl_max:g}")
     if html is not None and rollout is None:
-        raise typer.BadParameter("--html needs --rollout ID")
+        raise typer.BadParameter("--html needs --rollout ID (or --step S --index I)")
     if list_rollouts and rollout is not None:
         raise typer.BadParameter("--list and --rollout exclude each other")
+    from kat_diag.views.summary import LIST_SORT_KEYS, VERDICT_ORDER
+
+    if listing["sort"] not in LIST_SORT_KEYS:
+        raise typer.BadParameter(f"--sort must be one of {', '.join(LIST_SORT_KEYS)}, got {listing['sort']!r}")
+    bad = [v for v in listing["verdict"] or [] if v not in VERDICT_ORDER]
+    if bad:
+        raise typer.BadParameter(f"--verdict must be one of {', '.join(VERDICT_ORDER)}, got {bad[0]!r}")
     if html is not None:
         _check_output_file("--html", html)
+    from kat_diag.views.colors import color_depth as detect_depth
     from kat_diag.views.html import render_html
     from kat_diag.views.rollout import (
         MissingSettings,
@@ -146,16 +197,25 @@ def _inspect(run: Path, rollout: int | None, html: Path | None, as_json: bool, l
         rollout_phases,
         teacher_alternatives,
     )
-    from kat_diag.views.summary import format_list, format_summary, rollout_list, summarize
+    from kat_diag.views.summary import filter_rows, format_list, format_summary, rollout_list, sort_rows, summarize
     from kat_diag.views.terminal import render_terminal
+    from kat_diag.views.track import window_track
 
     reader = _open(run, skip_corrupt)
     if list_rollouts:
-        rows = rollout_list(reader, **filters)
+        config, source = _settings(reader)
+        try:
+            w = kat_config(config, source=source, needed=("window",), window=window).window
+        except MissingSettings as e:
+            typer.echo(f"warning: {e}; minimum window mean omitted", err=True)
+            w = None
+        rows = rollout_list(reader, window=w, **filters)
+        rows = filter_rows(rows, listing["verdict"], listing["fired"])
+        rows = sort_rows(rows, listing["sort"], listing["descending"])
         if as_json:
             typer.echo(_json(rows))
         else:
-            typer.echo(format_list(rows, problem_index(_settings(reader)[0])))
+            typer.echo(format_list(rows, problem_index(config)))
         return
     if rollout is None:
         summary = summarize(reader, **filters)
@@ -167,19 +227,21 @@ def _inspect(run: Path, rollout: int | None, html: Path | None, as_json: bool, l
     except KeyError:
         _fail(f"--rollout {rollout} is not in {reader.dir} (list the ids with --list)")
     config, source = _settings(reader)
+    track = None
     try:
         kat = kat_config(config, source=source, needed=PHASE_FIELDS, window=window,
-                                    persistence=persistence, min_length=min_length)
-        phases = rollout_phases(row, kat)
+                         persistence=persistence, min_length=min_length)
+        phases = rollout_phases({**row, "tau": row.get("tau") if tau is None else tau}, kat)
+        track = window_track(row, kat, tau)
     except MissingSettings as e:
-        typer.echo(f"warning: {e}; phase marks omitted", err=True)
+        typer.echo(f"warning: {e}; phase marks and window track omitted", err=True)
         phases = None
     problem = problem_index(config).get(str(row.get("prompt_id")))
     row["prompt_text"] = None if problem is None else problem.prompt
     row["expected"] = None if problem is None else problem.answer
     tok = _auto_tokenizer(tokenizer, config)
     if html is not None:
-        html.write_text(render_html(row, phases=phases, kl_range=(kl_min, kl_max), tokenizer=tok),
+        html.write_text(render_html(row, phases=phases, kl_range=(kl_min, kl_max), tokenizer=tok, track=track),
                         encoding="utf-8")
         typer.echo(f"wrote {html}", err=True)
         return
@@ -187,11 +249,16 @@ def _inspect(run: Path, rollout: int | None, html: Path | None, as_json: bool, l
         out = rollout_json(row, phases)
         alts = teacher_alternatives(row, tok)
         out["teacher_top_text"] = None if alts is None else [[t for t, _ in a] for a in alts]
+        if track is not None:
+            out["track"] = {"tau": track.tau, "tau_source": track.tau_source, "window_mean": track.z.tolist(),
+                            "low": track.low.tolist(), "count": track.count.tolist(), "marks": track.marks,
+                            "min_window": track.min_window}
         typer.echo(_json(out))
         return
     use_color = sys.stdout.isatty() if color is None else color
-    typer.echo(render_terminal(row, phases=phases, kl_range=(kl_min, kl_max), color=use_color,
-                                          tokenizer=tok), nl=False, color=use_color)
+    depth = detect_depth() if color_depth == "auto" else color_depth
+    typer.echo(render_terminal(row, phases=phases, kl_range=(kl_min, kl_max), color=use_color, tokenizer=tok,
+                               track=track, depth=depth, width=width), nl=False, color=use_color)
 
 
 def _check_output_file(option: str, path: Path) -> None:

@@ -93,6 +93,8 @@ def register(app: typer.Typer) -> None:
                                            "--termination none): pre | agreement | post | pre+agreement ... "
                                            "('pre' = KAT as a loss mask)."),
         eval_every: int = typer.Option(0, help="Evaluate every N steps (0: after the last step)."),
+        eval_at_start: bool = typer.Option(False, help="Also evaluate the initial student before the first "
+                                           "update (metrics.jsonl step -1: the baseline of the eval curves)."),
         eval_k: int = typer.Option(4, help="Samples per problem for avg@k / pass@k."),
         eval_n: int = typer.Option(50, help="Problems per benchmark split in evaluations."),
         ckpt_every: int = typer.Option(25, help="Checkpoint every N steps."),
@@ -138,7 +140,7 @@ def register(app: typer.Typer) -> None:
             kat=_kat(kat_preset, window=window, persistence=persistence, min_length=min_length,
                      warmup_steps=kat_warmup, buffer_size=buffer_size, min_fill=min_fill,
                      tau_quantile=tau_quantile, statistic=kat_statistic, keep=keep),
-            eval_every=eval_every, eval_k=eval_k, eval_n=eval_n, ckpt_every=ckpt_every,
+            eval_every=eval_every, eval_at_start=eval_at_start, eval_k=eval_k, eval_n=eval_n, ckpt_every=ckpt_every,
             trace_every=trace_every, max_steps_this_run=stop_after or None, trust_remote_code=trust_remote_code,
             report_to=parse_report_to(report_to), tracker_project=tracker_project, parallel=parallel,
             shard_teacher=shard_teacher,

@@ -461,6 +461,7 @@ def run_study(cfg: StudyConfig, out: str | Path, progress: bool = True,
     status("figures")
     summary["figures"] = _figures(figure_runs, out / "figures")
     _write_json(out / "results.json", summary)
+    summary["figures"]["headline"] = _headline(out / "results.json", out / "figures" / "study.png")
     md = results_markdown(summary)
     (out / "results.md").write_text(md)
     log(md)
@@ -482,6 +483,16 @@ def _figures(runs: Sequence[Path], out: Path) -> dict[str, Any]:
     except ImportError as e:
         return {"skipped": f"kat_diag.analysis.figures is not available in this install ({e})"}
     return make_figures(list(runs), out)
+
+
+def _headline(results_json: Path, png: Path) -> str:
+    """The study's headline figure (every method against OPD, paired CIs), drawn from results.json
+    alone by `kat_diag.analysis.study_figure`; its path, or why it was skipped."""
+    try:
+        from kat_diag.analysis.study_figure import run_study_figure
+    except ImportError as e:
+        return f"skipped: kat_diag.analysis.study_figure is not available ({e})"
+    return run_study_figure(results_json, png)["files"][0]
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -702,7 +713,11 @@ def results_markdown(summary: dict[str, Any]) -> str:
         lines.append("")
     fig = summary.get("figures", {})
     where = f"skipped: {fig['skipped']}" if "skipped" in fig else f"`{fig.get('summary', 'figures/')}`"
-    lines += ["Figures: " + where, ""]
+    lines += ["", "Figures: " + where]
+    if fig.get("headline"):
+        lines += [f"Headline figure (every method against OPD, paired 95 % CIs; redrawn from results.json by "
+                  f"`kat-diag figures --study results.json`): `{fig['headline']}`"]
+    lines.append("")
     return "\n".join(lines)
 
 

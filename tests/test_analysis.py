@@ -151,7 +151,9 @@ def test_stage_ranges_and_sampling() -> None:
 
 
 def test_rolling_mean() -> None:
-    np.testing.assert_allclose(rolling_mean(np.array([1.0, 2, 3, np.nan, 5]), 3), [1.5, 2, 2.5, 4, 5])
+    # trailing: only past values; NaN stays NaN (nothing drawn before a value exists, e.g. tau in warm-up)
+    np.testing.assert_allclose(rolling_mean(np.array([1.0, 2, 3, np.nan, 5]), 3), [1, 1.5, 2, np.nan, 4])
+    np.testing.assert_allclose(rolling_mean(np.array([np.nan, np.nan, 4.0, 6.0]), 9), [np.nan, np.nan, 4, 5])
     assert rolling_mean(np.array([1.0]), 9).tolist() == [1.0]
 
 
@@ -229,8 +231,8 @@ def test_heatmap_sampling_and_matrix_exact(planted_store: Path) -> None:
     # position 12 (1 token per column): of the wrong rollouts (extended plants (40,10,25), (50,5,50),
     # (60,20,30)) the first two are inside their segment; no right rollout (none, short plant) is.
     assert full.width == 1
-    assert st.share_low["wrong"][12] == pytest.approx(2 / 3) and st.share_low["right"][12] == 0.0
-    assert st.share_low["wrong"][22] == 1.0 and st.share_n["right"][25] == 2  # only the 30-token one runs
+    assert st.share_low["not right"][12] == pytest.approx(2 / 3) and st.share_low["right"][12] == 0.0
+    assert st.share_low["not right"][22] == 1.0 and st.share_n["right"][25] == 2  # only the 30-token one runs
 
 
 # --------------------------------------------------------------------------------------------------

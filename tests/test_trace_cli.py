@@ -89,7 +89,7 @@ def test_inspect_rollout_terminal(store) -> None:
     plain = invoke("inspect", run, "--rollout", rid, "--no-color").output
     assert "\x1b[" not in plain
     # every token text appears, in order, between the separators
-    body = re.sub(r"⟦[^⟧]*⟧", "", plain.split("\n\n", 1)[1]).replace("↵\n", "\n")
+    body = re.sub(r"⟦[^⟧]*⟧", "", plain.split("\ntokens:\n", 1)[1]).replace("↵\n", "\n")
     tokens = re.split(r"[|¦]", body)[:-1]
     assert tokens == b["token_text"][2]
     # kept tokens end in "|", cut ones (generated, not trained on) in "¦"
@@ -116,19 +116,22 @@ def test_inspect_html_escapes_and_colours(store, tmp_path: Path) -> None:
     page = out.read_text(encoding="utf-8")
     assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
     assert "<b>" not in page and "&lt;b&gt;&amp;" in page  # the rollout text is escaped
-    spans = re.findall(r'<span class="tok(?: cut)?" style="background:(#[0-9a-f]{6});color:#[0-9a-f]{3}" '
+    spans = re.findall(r'<span class="tok(?: cut)?" style="background:(#[0-9a-f]{6});color:#[0-9A-Fa-f]{6}" '
                        r'title="([^"]*)">([^<]*)</span>', page)
     assert len(spans) == len(b["token_ids"][1])
     assert [html_lib.unescape(t).replace("↵\n", "\n") for _, _, t in spans] == b["token_text"][1]
     first_kl = float(re.search(r"KL=([0-9.e+-]+)", html_lib.unescape(spans[0][1])).group(1))
     assert first_kl == pytest.approx(float(b["kl"][1][0]), rel=1e-3)
-    # higher KL never gets a colour from lower on the ramp
-    from kat_diag.views.colors import ANSI_RAMP, ansi_rgb
+    # the palette's KL map: higher KL is never lighter (low KL, agreement, is the bright end)
+    from kat_diag.views.palette import hex_rgb
 
-    ramp = ["#{:02x}{:02x}{:02x}".format(*ansi_rgb(i)) for i in ANSI_RAMP]
-    pos = [ramp.index(c) for c, _, _ in spans]
+    def luma(c: str) -> float:
+        r, g, b_ = hex_rgb(c)
+        return 0.2126 * r + 0.7152 * g + 0.0722 * b_
+
+    lum = [luma(c) for c, _, _ in spans]
     order = np.argsort(b["kl"][1], kind="stable")
-    assert all(pos[order[i]] <= pos[order[i + 1]] for i in range(len(order) - 1))
+    assert all(lum[order[i]] >= lum[order[i + 1]] - 1e-9 for i in range(len(order) - 1))
 
 
 def test_inspect_errors(store, tmp_path: Path) -> None:

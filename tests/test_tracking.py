@@ -61,7 +61,13 @@ def test_tensorboard_event_file_holds_the_metrics_and_resume_continues_it(quick_
     texts = acc.Tensors("rollouts/0/text_summary")
     assert [t.step for t in texts] == [0, 1]
     shown = texts[-1].tensor_proto.string_val[0].decode()
-    assert "mean KL=" in shown and "gen_len=" in shown
+    assert "mean KL=" in shown and "gen_len=" in shown and "window track" not in shown
+    assert "marks: " in shown and "count/2" in shown  # the window track under the run's KAT settings
+    # ...and a table of every rollout of the step: id, verdict, fired, onset, kept, tau, first error
+    table = acc.Tensors("rollouts/table/text_summary")[-1].tensor_proto.string_val[0].decode()
+    lines = table.splitlines()
+    assert lines[0].startswith("| rollout | step | verdict | fired | onset |") and len(lines) == 2 + 3  # batch 3
+    assert all(ln.split("|")[3].strip() in ("right", "wrong", "loop", "unfinished") for ln in lines[2:])
 
 
 TRACKIO_WORKER = textwrap.dedent("""
@@ -126,3 +132,18 @@ def test_missing_backend_is_a_one_line_error(quick_world, tmp_path, monkeypatch)
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # import fails as if not installed
     with pytest.raises(ValueError, match=r"--report-to tensorboard needs the tensorboard package: pip install"):
         train(_cfg(quick_world, tmp_path / "run", report_to=("tensorboard",)))
+
+
+def test_rollout_table_lists_every_rollout_with_its_verdict_and_marks():
+    from kat_diag.opd.tracking import TABLE_COLUMNS, rollout_table, table_markdown
+
+    rows = [{"rollout_id": "step3-0", "step": 3, "verdict": "loop", "fire": 19, "onset": 14, "kept_len": 14,
+             "gen_len": 20, "tau": 0.1, "first_error": 10, "loop_start": 12, "text": "1+1=2\n#2"},
+            {"rollout_id": "step3-1", "step": 3, "correct": True, "fire": -1, "onset": -1, "kept_len": 5, "gen_len": 5,
+             "tau": float("nan"), "text": "#7"}]
+    cols, data = rollout_table(rows)
+    assert cols == list(TABLE_COLUMNS)
+    assert data[0] == ["step3-0", 3, "loop", True, 14, 19, 14, 20, 0.1, 10, 12, "2"]
+    assert data[1] == ["step3-1", 3, "right", False, None, None, 5, 5, None, None, None, "7"]
+    md = table_markdown(cols, data)
+    assert md.count("\n") == 3 and "| - |" in md and md.startswith("| rollout | step | verdict |")

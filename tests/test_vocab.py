@@ -134,7 +134,7 @@ def test_vocab_end_to_end_with_planted_phases(tmp_path):
         float(teacher_entropy_lower_bound(np.array([[0.5, 0.2, 0.1, 0.1, 0.05]]))[0]), rel=1e-6)
     assert (out / "vocab.png").stat().st_size > 10_000
     lines = (out / "vocab.csv").read_text().splitlines()
-    assert lines[0] == "phase,token_id,token,count,share,z_log_odds" and len(lines) == 1 + 5 + 5 + 5
+    assert lines[0] == "phase,token_id,token,weight,share,z_log_odds" and len(lines) == 1 + 5 + 5 + 5
 
 
 def test_vocab_needs_a_tau_when_none_is_recorded(tmp_path):

@@ -4,7 +4,15 @@ Comparing OPD with KAT (or a random or prefix baseline) starts with the curves t
 step: mean reverse KL, the KAT threshold tau, generated and kept rollout length, the share of
 rollouts KAT stopped, and the evaluation accuracy logged every ``--eval-every`` steps. Training
 lines carry ``loss``; evaluation lines carry ``eval/<split>/<metric>`` keys (``split`` = ``mean`` for
-the mean over splits). Noisy per-step curves are drawn faint with a centred rolling mean on top.
+the mean over splits; ``eval/<split>/n``: problems). The x axis counts updates done: a training
+line of step s describes rollouts sampled after s updates, an evaluation after step s was taken
+after s + 1, and the baseline (``--eval-at-start``, logged as step -1) at 0.
+
+Noisy per-step curves are drawn faint with a *trailing* rolling mean on top (a centred one would
+draw values before they exist, e.g. tau during KAT's warm-up). Evaluation points carry a 95 % Wilson
+interval over problems (conservative for avg@k and pass@k: a per-problem share in [0, 1] has at
+most the variance of a coin with the same mean). Each run has its method's colour; avg@k and
+pass@k differ in marker and line style.
 """
 
 from __future__ import annotations
@@ -76,17 +84,29 @@ def read_metrics(run_dir: str | Path, name: str | None = None) -> RunCurves:
 
 
 def rolling_mean(v: np.ndarray, window: int) -> np.ndarray:
-    """Centred rolling mean ignoring NaN (NaN where the window has no finite value)."""
+    """Trailing rolling mean over the last ``window`` values, ignoring NaN; NaN where the value
+    itself is NaN (nothing is drawn where nothing was measured)."""
     v = np.asarray(v, dtype=np.float64)
-    window = min(window, v.size)  # np.convolve "same" returns max(len(v), len(kernel)) values
-    if window <= 1:
+    if window <= 1 or v.size == 0:
         return v.copy()
     ok = np.isfinite(v)
-    kernel = np.ones(window)
-    s = np.convolve(np.where(ok, v, 0.0), kernel, mode="same")
-    c = np.convolve(ok.astype(np.float64), kernel, mode="same")
+    cs = np.concatenate([[0.0], np.cumsum(np.where(ok, v, 0.0))])
+    cc = np.concatenate([[0], np.cumsum(ok)])
+    idx = np.arange(v.size)
+    lo = np.maximum(idx + 1 - window, 0)
+    s = cs[idx + 1] - cs[lo]
+    c = cc[idx + 1] - cc[lo]
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(c > 0, s / np.maximum(c, 1), np.nan)
+        return np.where(ok & (c > 0), s / np.maximum(c, 1), np.nan)
+
+
+def eval_n(curves: RunCurves) -> np.ndarray:
+    """Problems behind each evaluation's mean over splits (sum of the logged eval/<split>/n; NaN if
+    the run did not log them)."""
+    keys = [k for k in curves.eval if k.endswith("/n") and not k.startswith("eval/mean/")]
+    if not keys:
+        return np.full(curves.eval_step.shape, np.nan)
+    return np.sum([curves.eval[k] for k in keys], axis=0)
 
 
 def long_table(runs: list[RunCurves]) -> list[dict[str, Any]]:
@@ -109,56 +129,75 @@ def _eval_metric(runs: list[RunCurves], kind: str) -> str | None:
 
 
 def plot(runs: list[RunCurves], fig: Any = None, smooth: int = 9) -> Any:
-    """Six panels: KL, tau, generated/kept length, fired share, eval accuracy, step time."""
+    """Six panels: KL, tau, generated/kept length, fired share, eval accuracy (95 % Wilson), step time."""
+    from matplotlib.lines import Line2D
+
     from kat_diag.analysis import style
+    from kat_diag.analysis.stats import wilson
 
     if fig is None:
-        fig, axes = style.figure(2, 3, size=(15.0, 8.4))
+        fig, axes = style.figure(2, 3, size=(style.TEXT_WIDTH, 4.9))
     else:
         axes = np.array(fig.subplots(2, 3))
     (a_kl, a_tau, a_len), (a_fire, a_eval, a_time) = axes
-    colors = [f"C{i}" for i in range(10)]
+    colors = [style.method_color(r.name, i) for i, r in enumerate(runs)]
 
     def line(ax: Any, r: RunCurves, key: str, color: str, label: str, **kw: Any) -> None:
         v = r.train.get(key)
         if v is None or not np.isfinite(v).any():
             return
-        ax.plot(r.train_step, v, color=color, alpha=0.18, linewidth=0.8, **kw)
-        ax.plot(r.train_step, rolling_mean(v, smooth), color=color, linewidth=1.6, label=label, **kw)
+        ax.plot(r.train_step, v, color=color, alpha=0.2, linewidth=0.6, **kw)
+        ax.plot(r.train_step, rolling_mean(v, smooth), color=color, linewidth=1.3, label=label, **kw)
 
-    for i, r in enumerate(runs):
-        c = colors[i % len(colors)]
+    metric_style = {"avg@": ("-", "o"), "pass@": ("--", "s")}
+    for r, c in zip(runs, colors, strict=True):
         line(a_kl, r, "kl_mean", c, r.name)
         line(a_tau, r, "tau", c, r.name)
-        line(a_len, r, "gen_len_mean", c, f"{r.name}: generated")
-        line(a_len, r, "kept_len_mean", c, f"{r.name}: kept", linestyle="--")
+        line(a_len, r, "gen_len_mean", c, r.name)
+        line(a_len, r, "kept_len_mean", c, "", linestyle="--")
         line(a_fire, r, "fired_share", c, r.name)
         line(a_time, r, "step_time", c, r.name)
-        for kind, ls in (("avg@", "-"), ("pass@", "--"), ("greedy", ":")):
+        n = eval_n(r)
+        x = r.eval_step + 1  # updates done
+        for kind, (ls, mk) in metric_style.items():
             key = _eval_metric([r], kind)
-            if key and r.eval_step.size:
-                a_eval.plot(r.eval_step, r.eval[key], color=c, linestyle=ls, marker="o", markersize=4,
-                            label=f"{r.name}: {key.split('/')[-1]}")
+            if not key or not r.eval_step.size:
+                continue
+            v = r.eval[key]
+            a_eval.plot(x, v, color=c, linestyle=ls, marker=mk, markersize=3.5, markerfacecolor=c if ls == "-"
+                        else style.PAPER)
+            lo, hi = wilson(v * n, n)
+            if np.isfinite(lo).any():
+                a_eval.fill_between(x, lo, hi, color=c, alpha=0.12, linewidth=0)
     for ax, title, ylabel in (
-        (a_kl, "mean reverse KL per generated token", "KL (nats)"),
-        (a_tau, "KAT threshold tau (NaN while inactive)", "tau (nats)"),
-        (a_len, "rollout length (solid generated, dashed kept)", "tokens per rollout"),
-        (a_fire, "share of rollouts stopped by the policy", "share of rollouts"),
-        (a_eval, "evaluation accuracy (mean over splits)", "accuracy"),
-        (a_time, "wall-clock time per step", "seconds"),
+        (a_kl, "mean reverse KL per token", "nats"),
+        (a_tau, "KAT threshold tau", "nats"),
+        (a_len, "rollout length (dashed: kept)", "tokens"),
+        (a_fire, "rollouts stopped by the policy", "share"),
+        (a_eval, "evaluation (mean over splits)", "accuracy"),
+        (a_time, "wall-clock per step", "seconds"),
     ):
         ax.set_title(title)
-        ax.set_xlabel("training step")
+        ax.set_xlabel("updates done")
         ax.set_ylabel(ylabel)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-        else:
-            ax.text(0.5, 0.5, "not logged by these runs", ha="center", va="center", transform=ax.transAxes,
-                    color="#777777")
+        if not ax.get_lines():
+            msg = "tau undefined in these runs\n(no KAT, or still warming up)" if ax is a_tau else "not logged"
+            ax.text(0.5, 0.5, msg, ha="center", va="center", transform=ax.transAxes, color=style.MUTED, fontsize=7)
     a_fire.set_ylim(-0.02, 1.02)
-    fig.suptitle(f"Training curves ({', '.join(r.name for r in runs)}; faint: per step, solid: "
-                 f"{smooth}-step rolling mean)")
-    fig.tight_layout()
+    a_eval.set_ylim(0, 1)
+    run_handles = [Line2D([], [], color=c, linewidth=2, label=r.name) for r, c in zip(runs, colors, strict=True)]
+    metric_handles = []
+    for kind, (ls, mk) in metric_style.items():
+        key = _eval_metric(runs, kind)
+        if key:
+            metric_handles.append(Line2D([], [], color=style.INK, linestyle=ls, marker=mk, markersize=3.5,
+                                         markerfacecolor=style.INK if ls == "-" else style.PAPER,
+                                         label=key.split("/")[-1]))
+    fig.legend(handles=run_handles + metric_handles, loc="lower center", ncol=len(run_handles) + len(metric_handles),
+               fontsize=7, bbox_to_anchor=(0.5, 0.0))
+    fig.suptitle(f"Training curves\nfaint: per step; solid: trailing {smooth}-step mean; eval at 0: untrained "
+                 "student; bands: 95 % Wilson", fontsize=8.5)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     return fig
 
 

@@ -1,16 +1,24 @@
 """KL dynamics heatmaps: rollouts x token position, early vs late training (docs/diagnostics.md).
 
 The paper's first picture of the agreement trap: each row a rollout, each column a token position,
-colour the reverse KL on a log scale; rollouts that fall into sustained agreement show a dark band
-that starts at some position and lasts to the end. This module draws it for a trace store, with the
-detector's onset and fire marked (replayed with hindsight at the tau of
-`kat_diag.analysis.threshold`), rows sortable by length, onset or correctness, an early and a late
-stage side by side, and three aggregate panels computed over a larger seeded sample:
+colour the reverse KL on a log scale (the palette's KL map: low KL, agreement, bright); rollouts
+that fall into sustained agreement show a bright band that starts at some position and lasts to the
+end. This module draws it for a trace store, with the detector's onset and fire marked (replayed
+with hindsight at the tau of `kat_diag.analysis.threshold`), the tokens between onset and fire -
+generated, then discarded by KAT - hatched, a verdict stripe (right / wrong answer / loop / no
+answer / not graded), rows sorted by verdict then onset by default (the order that shows the trap),
+an early and a late stage side by side, and three aggregate panels over a larger seeded sample,
+each with its uncertainty:
 
 * the share of rollouts inside an extended low-KL segment (a run of >= T low windows) by position,
-  right vs wrong rollouts;
-* the distribution of the lengths of all low-window runs (tokens), with the extended threshold;
-* the mean KL by relative position in the rollout (0 = first token, 1 = last), right vs wrong.
+  right vs not right, with a 95 % Wilson band (n = rollouts still running there);
+* the distribution of the lengths of all low-window runs (tokens) as a survival curve (share of
+  runs at least that long), with the extended threshold;
+* the mean KL by relative position in the rollout (0 = first token, 1 = last), right vs not
+  right, with a 95 % bootstrap band resampling rollouts.
+
+The x axis ends at the 95th percentile of the shown rollouts' lengths (the rest is padding); the
+shown rows, with their ids and `inspect --step S --index I` addresses, are in heatmap_rows.csv.
 
 Scale: a store of 100k rollouts x 2k tokens is never loaded. One pass reads scalar columns only;
 per stage a seeded sample of rollout ids (``sample``, default 2000) is read with only the ``kl``
@@ -34,8 +42,10 @@ from kat_diag.analysis.threshold import needs_derived, resolve_tau, store_tau
 from kat_diag.kat.config import KATConfig
 from kat_diag.traces.reader import TraceReader
 
-SORT_KEYS = ("length", "onset", "correct", "none")
-GROUPS = ("right", "wrong")
+SORT_KEYS = ("verdict", "length", "onset", "correct", "none")
+GROUPS = ("right", "not right")
+VERDICT_RANK = {"wrong": 0, "loop": 1, "unfinished": 2, "right": 3, "ungraded": 4}
+X_QUANTILE = 0.95  # the x axis ends at this quantile of the shown rollouts' lengths
 
 
 # --------------------------------------------------------------------------------------------------
@@ -104,22 +114,59 @@ def relative_profile(values: np.ndarray, offsets: np.ndarray, rollouts: np.ndarr
         return np.where(c > 0, s / np.maximum(c, 1), np.nan)
 
 
-def sort_order(key: str, length: np.ndarray, onset: np.ndarray, correct: np.ndarray) -> np.ndarray:
-    """Row order for the heatmap: by ``length`` (longest first), ``onset`` (earliest first, not fired
-    last, then by length), ``correct`` (wrong, ungraded, right; then by length) or ``none``."""
+def sort_order(key: str, length: np.ndarray, onset: np.ndarray, correct: np.ndarray,
+               verdict: np.ndarray | None = None) -> np.ndarray:
+    """Row order for the heatmap: by ``verdict`` (wrong, loop, no answer, right, not graded; within
+    each, earliest onset first and not fired last, then longest: the order that shows the trap),
+    ``length`` (longest first), ``onset`` (earliest first, not fired last, then by length),
+    ``correct`` (wrong, ungraded, right; then by length) or ``none``."""
     length = np.asarray(length)
     n = length.shape[0]
+    on = np.where(np.asarray(onset) >= 0, onset, np.iinfo(np.int64).max)
     if key == "none":
         return np.arange(n)
     if key == "length":
         return np.lexsort((np.arange(n), -length))
     if key == "onset":
-        on = np.where(np.asarray(onset) >= 0, onset, np.iinfo(np.int64).max)
         return np.lexsort((-length, on))
     if key == "correct":
         rank = np.select([np.asarray(correct) == 0, np.asarray(correct) == 1], [0, 2], 1)
         return np.lexsort((-length, rank))
+    if key == "verdict":
+        v = verdict if verdict is not None else np.where(np.asarray(correct) == 1, "right",
+                                                         np.where(np.asarray(correct) == 0, "wrong", "ungraded"))
+        rank = np.array([VERDICT_RANK.get(str(x), len(VERDICT_RANK)) for x in v], dtype=np.int64)
+        return np.lexsort((-length, on, rank))
     raise ValueError(f"--sort must be one of {SORT_KEYS}, got {key!r}")
+
+
+def profile_by_rollout(values: np.ndarray, offsets: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per rollout and relative-position bin: the sum and the count of finite values ([R, n_bins] each),
+    the units a bootstrap over rollouts resamples (`relative_profile` = their pooled ratio)."""
+    rollout, pos = _positions(offsets)
+    length = np.diff(np.asarray(offsets, dtype=np.int64))
+    v = np.asarray(values, dtype=np.float64)[: rollout.shape[0]]
+    ok = np.isfinite(v)
+    rel = (pos[ok] + 0.5) / length[rollout[ok]]
+    b = np.minimum((rel * n_bins).astype(np.int64), n_bins - 1)
+    flat = rollout[ok] * n_bins + b
+    size = length.shape[0] * n_bins
+    s = np.bincount(flat, weights=v[ok], minlength=size).reshape(-1, n_bins)
+    c = np.bincount(flat, minlength=size).reshape(-1, n_bins).astype(np.float64)
+    return s, c
+
+
+def profile_band(sums_RB: np.ndarray, counts_RB: np.ndarray, n_boot: int = 500, seed: int = 0,
+                 level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+    """Bootstrap band (resampling rollouts) of the pooled per-bin mean sum / count."""
+    from kat_diag.analysis.stats import cluster_bootstrap, percentile_interval
+
+    if sums_RB.shape[0] < 2:
+        nan = np.full(sums_RB.shape[1], np.nan)
+        return nan, nan.copy()
+    reps = np.stack([cluster_bootstrap(sums_RB[:, j], counts_RB[:, j], n_boot, seed) for j in range(sums_RB.shape[1])],
+                    axis=1)
+    return percentile_interval(reps, level)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -140,11 +187,14 @@ class HeatmapStage:
     onset: np.ndarray
     fire: np.ndarray
     correct: np.ndarray
+    verdict: np.ndarray  # right | wrong | loop | unfinished | ungraded
     kl_RC: np.ndarray  # binned mean KL of the shown rows
     share_low: dict[str, np.ndarray]  # group -> share in an extended low-KL segment per column
     share_n: dict[str, np.ndarray]  # group -> tokens behind each share
     run_tokens: np.ndarray  # lengths of all maximal low-window runs of the sample
     rel_kl: dict[str, np.ndarray]  # group -> mean KL per relative-position bin
+    rel_band: dict[str, tuple[np.ndarray, np.ndarray]]  # group -> 95 % bootstrap band (rollouts)
+    rel_n: dict[str, int]  # group -> rollouts behind the profile
     findings: dict[str, float]
 
 
@@ -156,6 +206,7 @@ class HeatmapResult:
     sort: str
     tau: dict[str, Any]
     cfg: KATConfig
+    estimator: str = "reverse KL (full vocabulary)"
 
     def as_dict(self) -> dict[str, Any]:
         def num(x: Any) -> Any:
@@ -163,48 +214,64 @@ class HeatmapResult:
 
         return {
             "tau": self.tau, "tokens_per_column": self.width, "columns": self.n_cols, "sort": self.sort,
+            "kl": self.estimator,
             "kat": {k: getattr(self.cfg, k) for k in self.cfg.__dataclass_fields__},
             "stages": [{"stage": s.name, "steps": list(s.steps), "rollouts": s.rollouts, "sampled": s.sampled,
                         "shown": int(s.rollout_id.shape[0]),
+                        "shown_verdicts": {v: int((s.verdict == v).sum()) for v in VERDICT_RANK
+                                           if (s.verdict == v).any()},
                         **{k: num(v) for k, v in s.findings.items()}} for s in self.stages],
         }
 
     def long_table(self) -> list[dict[str, Any]]:
-        """The aggregate curves as rows (stage, panel, group, x, value, n) for the CSV."""
+        """The aggregate curves as rows (stage, panel, group, x, value, lo, hi, n) for the CSV."""
+        from kat_diag.analysis.stats import wilson
+
         out: list[dict[str, Any]] = []
         for s in self.stages:
             for g in s.share_low:
+                n_roll = s.share_n[g] / self.width
+                lo, hi = wilson(s.share_low[g] * n_roll, n_roll)
                 for c in range(self.n_cols):
-                    out.append({"stage": s.name, "panel": "share_in_low_run", "group": g,
-                                "x": (c + 0.5) * self.width, "value": s.share_low[g][c], "n": int(s.share_n[g][c])})
+                    out.append({"stage": s.name, "panel": "share_in_low_run", "group": g, "x": (c + 0.5) * self.width,
+                                "value": s.share_low[g][c], "lo": lo[c], "hi": hi[c], "n": int(s.share_n[g][c])})
             for g, prof in s.rel_kl.items():
+                lo, hi = s.rel_band[g]
                 for i, v in enumerate(prof):
                     out.append({"stage": s.name, "panel": "mean_kl_by_relative_position", "group": g,
-                                "x": (i + 0.5) / len(prof), "value": v, "n": None})
+                                "x": (i + 0.5) / len(prof), "value": v, "lo": lo[i], "hi": hi[i], "n": s.rel_n[g]})
             lengths, counts = np.unique(s.run_tokens, return_counts=True)
             for length, n in zip(lengths.tolist(), counts.tolist(), strict=True):
                 out.append({"stage": s.name, "panel": "low_run_length", "group": "all", "x": length,
-                            "value": n, "n": n})
+                            "value": n, "lo": None, "hi": None, "n": n})
         return out
 
 
 def _stage(name: str, steps: tuple[int, int], n_in_range: int, batch: Any, tau_R: np.ndarray, cfg: KATConfig,
            rows: int, width: int, n_cols: int, sort: str, rel_bins: int, seed: int) -> HeatmapStage:
+    from kat_diag.views.track import verdicts
+
     kl = batch["kl"]
     bp = batch_phases(kl.values, kl.offsets, cfg, tau_R)
     correct = batch["correct"]
-    groups = {"right": correct == 1, "wrong": correct == 0}
-    share, share_n, rel = {}, {}, {}
+    verdict = verdicts(batch["verdict"], correct, batch["stop_reason"])
+    groups = {"right": correct == 1, "not right": correct == 0}
+    share, share_n, rel, band, rel_n = {}, {}, {}, {}, {}
+
+    def profiles(g: str, sel: np.ndarray) -> None:
+        share[g], share_n[g] = position_share(bp.in_ext_tok, kl.offsets, sel, width, n_cols)
+        sums, counts = profile_by_rollout(kl.values, kl.offsets, rel_bins)
+        rel[g] = relative_profile(kl.values, kl.offsets, sel, rel_bins)
+        band[g] = profile_band(sums[sel], counts[sel], seed=seed)
+        rel_n[g] = int(sel.sum())
+
     for g, sel in groups.items():
         if sel.any():
-            share[g], share_n[g] = position_share(bp.in_ext_tok, kl.offsets, sel, width, n_cols)
-            rel[g] = relative_profile(kl.values, kl.offsets, sel, rel_bins)
-    if not groups["right"].any() and not groups["wrong"].any():  # ungraded store
-        every = np.ones(batch.num_rows, dtype=bool)
-        share["all"], share_n["all"] = position_share(bp.in_ext_tok, kl.offsets, every, width, n_cols)
-        rel["all"] = relative_profile(kl.values, kl.offsets, every, rel_bins)
+            profiles(g, sel)
+    if not groups["right"].any() and not groups["not right"].any():  # ungraded store
+        profiles("all", np.ones(batch.num_rows, dtype=bool))
     shown = S.sample_rows(batch.num_rows, rows, seed)
-    order = shown[sort_order(sort, bp.length[shown], bp.onset[shown], correct[shown])]
+    order = shown[sort_order(sort, bp.length[shown], bp.onset[shown], correct[shown], verdict[shown])]
     has = bp.seg_start >= 0
     seg = np.asarray(bp.seg_tok)
     tok_has = np.repeat(has, kl.lengths)
@@ -228,13 +295,15 @@ def _stage(name: str, steps: tuple[int, int], n_in_range: int, batch: Any, tau_R
     return HeatmapStage(
         name=name, steps=steps, rollouts=n_in_range, sampled=batch.num_rows, rollout_id=batch["rollout_id"][take],
         step=batch["step"][take], length=bp.length[take], onset=bp.onset[take], fire=bp.fire[take],
-        correct=correct[take], kl_RC=binned_mean(kl.values, kl.offsets, width, n_cols)[take].astype(np.float32)
+        correct=correct[take], verdict=verdict[take],
+        kl_RC=binned_mean(kl.values, kl.offsets, width, n_cols)[take].astype(np.float32)
         if take.size else np.zeros((0, n_cols), dtype=np.float32),
-        share_low=share, share_n=share_n, run_tokens=bp.run_tokens, rel_kl=rel, findings=findings)
+        share_low=share, share_n=share_n, run_tokens=bp.run_tokens, rel_kl=rel, rel_band=band, rel_n=rel_n,
+        findings=findings)
 
 
 def heatmap(reader: TraceReader, cfg: KATConfig, tau: str | float = "auto", *,
-            early: tuple[int, int] | None = None, late: tuple[int, int] | None = None, sort: str = "length",
+            early: tuple[int, int] | None = None, late: tuple[int, int] | None = None, sort: str = "verdict",
             rows: int = 300, sample: int = 2000, max_cols: int = 256, rel_bins: int = 20, tau_sample: int = 4096,
             seed: int = 0, **filters: Any) -> HeatmapResult:
     """Build the heatmap of a store (see module docstring); reads lazily, two passes."""
@@ -254,113 +323,187 @@ def heatmap(reader: TraceReader, cfg: KATConfig, tau: str | float = "auto", *,
     for i, (name, rng) in enumerate(S.stage_ranges(scal["step"], early, late).items()):
         idx = np.flatnonzero(S.in_range(scal["step"], rng))
         pick = idx[S.sample_rows(idx.size, sample, seed + 1 + i)]
-        batch = S.read_rollouts(reader, scal["rollout_id"][pick], ["step", "tau", "correct", "kl"])
+        batch = S.read_rollouts(reader, scal["rollout_id"][pick], ["step", "tau", "correct", "kl", "verdict",
+                                                                   "stop_reason"])
         tau_R = resolve_tau(batch["tau"], tau, derived)
         stages.append(_stage(name, rng, int(idx.size), batch, tau_R, cfg, min(rows, sample), width, n_cols, sort,
                              rel_bins, seed))
     tau_info = {"mode": tau if isinstance(tau, str) else "fixed", "derived": None if math.isnan(derived) else derived,
                 "recorded_share": float(np.isfinite(scal["tau"]).mean())}
-    return HeatmapResult(stages=tuple(stages), width=width, n_cols=n_cols, sort=sort, tau=tau_info, cfg=cfg)
+    return HeatmapResult(stages=tuple(stages), width=width, n_cols=n_cols, sort=sort, tau=tau_info, cfg=cfg,
+                         estimator=S.kl_estimator(reader))
 
 
 # --------------------------------------------------------------------------------------------------
 # Plot
 
 
+def x_limit(result: HeatmapResult, quantile: float = X_QUANTILE) -> int:
+    """Token position where the heatmaps' x axis ends: the quantile of the shown rows' lengths,
+    rounded up to a multiple of 10 (at most the longest rollout)."""
+    lengths = np.concatenate([s.length for s in result.stages]) if result.stages else np.zeros(0)
+    full = result.n_cols * result.width
+    if lengths.size == 0:
+        return full
+    q = int(math.ceil(float(np.quantile(lengths, quantile)) / 10.0) * 10)
+    return int(min(full, max(q, 10)))
+
+
+def _stage_tau(s: HeatmapStage) -> float | None:
+    t = s.findings.get("tau_median")
+    return t if t is not None and math.isfinite(t) else None
+
+
 def plot(result: HeatmapResult, fig: Any = None, kl_range: tuple[float, float] | None = None) -> Any:
     """Draw the heatmaps (top) and the aggregate panels (bottom) on a figure; returns it."""
-    import matplotlib
-    from matplotlib.colors import LogNorm, to_rgba
+    from matplotlib.collections import PatchCollection
+    from matplotlib.patches import Patch, Rectangle
 
     from kat_diag.analysis import style
+    from kat_diag.analysis.stats import wilson
 
     kl_range = kl_range or style.KL_RANGE
     n_st = len(result.stages)
     if fig is None:
-        fig, _ = style.figure(size=(6.2 * max(n_st, 2) + 1.2, 10.5))
+        fig, _ = style.figure(size=(style.TEXT_WIDTH, 7.6))
         fig.clf()
-    gs = fig.add_gridspec(2, 6, height_ratios=[1.5, 1.0], hspace=0.3, wspace=0.9, top=0.93)
-    cmap = matplotlib.colormaps[style.KL_CMAP].with_extremes(bad="#E8E8E8")
-    xmax = result.n_cols * result.width
-    span = 6 // n_st
+    gs = fig.add_gridspec(2, 6, height_ratios=[1.55, 1.0], hspace=0.62, wspace=1.3, top=0.9, bottom=0.07,
+                          left=0.1, right=0.86)
+    cmap = style.kl_cmap()
+    xmax = x_limit(result)
+    span = 6 // max(n_st, 1)
     im = None
     for i, s in enumerate(result.stages):
         ax = fig.add_subplot(gs[0, i * span:(i + 1) * span])
         n = s.kl_RC.shape[0]
         data = np.clip(s.kl_RC, kl_range[0], None)
         im = ax.imshow(np.ma.masked_invalid(data), aspect="auto", interpolation="nearest", cmap=cmap,
-                       norm=LogNorm(*kl_range), extent=(0, xmax, max(n, 1), 0))
+                       norm=style.kl_norm(kl_range), extent=(0, result.n_cols * result.width, max(n, 1), 0))
         rows_y = np.arange(n) + 0.5
         on = s.onset >= 0
-        ax.scatter(s.onset[on] + 0.5, rows_y[on], marker="|", s=40, c="#00E5FF", linewidths=1.8,
-                   label="onset (replayed KAT)")
-        ax.scatter(s.fire[on] + 0.5, rows_y[on], marker="x", s=8, c="white", linewidths=0.7, label="fire")
-        stripe = ax.inset_axes((-0.035, 0.0, 0.02, 1.0))
-        colors = np.array([to_rgba(style.OUTCOME_COLORS["right" if c == 1 else "wrong" if c == 0 else "ungraded"])
-                           for c in s.correct]).reshape(-1, 1, 4) if n else np.zeros((1, 1, 4))
+        cut = [Rectangle((float(o), float(r)), float(f - o + 1), 1.0) for o, f, r in
+               zip(s.onset[on], s.fire[on], np.arange(n)[on], strict=True)]
+        if cut:
+            ax.add_collection(PatchCollection(cut, facecolor="none", edgecolor=style.CUT_SHADE, hatch="/////",
+                                              linewidth=0.0, alpha=0.55))
+        ax.scatter(s.onset[on], rows_y[on], marker="|", s=14, c=style.MARK_COLORS["onset"], linewidths=0.9,
+                   path_effects=style.outline(1.8), label="onset", zorder=3)
+        ax.scatter(s.fire[on] + 1, rows_y[on], marker="x", s=9, c=style.MARK_COLORS["fire"], linewidths=0.9,
+                   path_effects=style.outline(1.8), label="fire", zorder=3)
+        stripe = ax.inset_axes((-0.05, 0.0, 0.035, 1.0))
+        colors = np.array([[_rgba(style.VERDICT_COLORS.get(str(v), style.VERDICT_COLORS["ungraded"]))]
+                           for v in s.verdict]) if n else np.zeros((1, 1, 4))
         stripe.imshow(colors, aspect="auto", interpolation="nearest")
         stripe.set_axis_off()
         ax.set_xlim(0, xmax)
-        ax.set_title(f"{s.name}: steps {s.steps[0]}-{s.steps[1]} ({n} of {s.rollouts} rollouts, sorted by "
-                     f"{result.sort})")
-        ax.set_xlabel(f"token position (tokens; {result.width} per column)")
-        ax.set_ylabel(f"{n} rollouts (stripe: green right, red wrong)", labelpad=14)
+        longer = int((s.length > xmax).sum())
+        ax.set_title(f"{s.name}: steps {s.steps[0]}-{s.steps[1]}\n{n} of {s.rollouts} rollouts, by {result.sort}",
+                     fontsize=8)
+        ax.set_xlabel(f"token position{'' if result.width == 1 else f' ({result.width} per column)'}"
+                      + (f"; {longer} rows run past {xmax}" if longer else ""))
+        if i == 0:
+            ax.set_ylabel("row (see heatmap_rows.csv)", labelpad=12)
         ax.grid(False)
-        ax.set_yticks([])
-        if i == n_st - 1:
-            ax.legend(loc="lower right", fontsize=7, facecolor="#333333", labelcolor="white", frameon=True)
+        step_tick = 50 if n > 120 else 20 if n > 40 else 5
+        ax.set_yticks(np.arange(0, n, step_tick) + 0.5, [str(t) for t in range(0, n, step_tick)])
+        ax.tick_params(axis="y", pad=9, labelsize=6)
     if im is not None:
-        cax = fig.add_axes((0.92, 0.56, 0.012, 0.3))
-        fig.colorbar(im, cax=cax, label="reverse KL (nats, log scale)")
+        cax = fig.add_axes((0.885, 0.5, 0.014, 0.4))
+        cb = fig.colorbar(im, cax=cax)
+        taus = [t for t in (_stage_tau(s) for s in result.stages) if t is not None]
+        extra = style.mark_tau(cb, float(np.median(taus)) if taus else None)
+        cb.set_label(f"{result.estimator} (nats, log){extra}", fontsize=6.5)
+    present = [v for v in style.VERDICTS if any((s.verdict == v).any() for s in result.stages)]
+    handles = [Patch(facecolor=style.VERDICT_COLORS[v], label=style.VERDICT_LABELS[v]) for v in present]
+    from matplotlib.lines import Line2D
+
+    handles += [Line2D([], [], marker="|", linestyle="none", color=style.MARK_COLORS["onset"], label="onset"),
+                Line2D([], [], marker="x", linestyle="none", color=style.MARK_COLORS["fire"], label="fire"),
+                Patch(facecolor="none", edgecolor=style.CUT_SHADE, hatch="/////", label="[onset, fire]: discarded")]
+    fig.legend(handles=handles, loc="center", bbox_to_anchor=(0.47, 0.395), ncol=min(len(handles), 4),
+               fontsize=6.5, handlelength=1.2, columnspacing=1.0, title="left stripe: verdict; marks",
+               title_fontsize=6.5)
 
     ax1 = fig.add_subplot(gs[1, 0:2])
     ax2 = fig.add_subplot(gs[1, 2:4])
     ax3 = fig.add_subplot(gs[1, 4:6])
     x = (np.arange(result.n_cols) + 0.5) * result.width
+    group_color = {"right": style.VERDICT_COLORS["right"], "not right": style.VERDICT_COLORS["wrong"],
+                   "all": style.INK}
     for s in result.stages:
         ls = style.STAGE_STYLES.get(s.name, style.STAGE_STYLES["all"])
         for g, share in s.share_low.items():
-            enough = s.share_n[g] >= 5 * result.width
-            ax1.plot(x[enough], share[enough], color=style.OUTCOME_COLORS.get(g, "#555555"),
-                     label=f"{s.name}, {g}", **ls)
+            n_roll = s.share_n[g] / result.width
+            enough = n_roll >= 20
+            lo, hi = wilson(share * n_roll, n_roll)
+            c = group_color.get(g, style.INK)
+            ax1.plot(x[enough], share[enough], color=c, label=f"{s.name}, {g}", **ls)
+            ax1.fill_between(x[enough], lo[enough], hi[enough], color=c, alpha=0.15, linewidth=0)
         for g, prof in s.rel_kl.items():
-            ax3.plot((np.arange(len(prof)) + 0.5) / len(prof), prof, color=style.OUTCOME_COLORS.get(g, "#555555"),
-                     label=f"{s.name}, {g}", marker="o", markersize=2.5, **ls)
+            c = group_color.get(g, style.INK)
+            xr = (np.arange(len(prof)) + 0.5) / len(prof)
+            ax3.plot(xr, prof, color=c, label=f"{s.name}, {g} (n={s.rel_n[g]})", **ls)
+            ax3.fill_between(xr, s.rel_band[g][0], s.rel_band[g][1], color=c, alpha=0.15, linewidth=0)
         if s.run_tokens.size:
-            hi = int(s.run_tokens.max())
-            bins = np.arange(result.cfg.window, hi + 2) - 0.5 if hi < 200 else 40
-            ax2.hist(s.run_tokens, bins=bins, histtype="step", linewidth=1.4, linestyle=ls["linestyle"],
-                     label=f"{s.name} ({s.run_tokens.size} runs)", color="#4C72B0" if s.name != "late" else "#DD8452")
+            lengths = np.sort(s.run_tokens)
+            surv = 1.0 - np.arange(lengths.size) / lengths.size
+            ax2.step(lengths, surv, where="post", color=style.INK, label=f"{s.name} ({s.run_tokens.size} runs)", **ls)
     ext = result.cfg.window + result.cfg.persistence - 1
-    ax2.axvline(ext, color="black", linewidth=0.8, linestyle=":", label=f"extended: >= T windows ({ext} tokens)")
-    ax1.set_title("share in an extended low-KL segment")
-    ax1.set_xlabel("token position (tokens)")
-    ax1.set_ylabel("share of rollouts still running")
+    ax2.axvline(ext, color=style.MARK_COLORS["reference"], linewidth=0.8, linestyle=":",
+                label=f">= T windows ({ext} tokens)")
+    ax1.set_title("in an extended low-KL segment", fontsize=8)
+    ax1.set_xlabel("token position")
+    ax1.set_ylabel("share of running rollouts")
+    ax1.set_xlim(0, xmax)
     ax1.set_ylim(0, 1)
-    ax1.legend()
-    ax2.set_title("low-KL run lengths")
+    ax1.legend(fontsize=6)
+    ax2.set_title("low-KL run lengths", fontsize=8)
     ax2.set_xlabel("run length (tokens)")
-    most = max((int(np.bincount(s.run_tokens).max()) for s in result.stages if s.run_tokens.size), default=0)
-    if most > 50:
-        ax2.set_yscale("log")
-    ax2.set_ylabel("runs" + (" (log scale)" if most > 50 else ""))
-    ax2.legend(loc="best")
-    ax3.set_title("mean KL by relative position")
-    ax3.set_xlabel("relative position in rollout (0 = first token, 1 = last)")
-    ax3.set_ylabel("mean reverse KL (nats, log scale)")
+    ax2.set_yscale("log")
+    ax2.set_ylabel("share of runs >= length")
+    ax2.legend(fontsize=6)
+    taus = [t for t in (_stage_tau(s) for s in result.stages) if t is not None]
+    if taus:  # tau on every KL scale
+        ax3.axhline(float(np.median(taus)), color=style.MARK_COLORS["tau"], linestyle="--", linewidth=0.8,
+                    label="tau")
+    ax3.set_title("mean KL by relative position", fontsize=8)
+    ax3.set_xlabel("position / rollout length")
+    ax3.set_ylabel("mean KL (nats, log)")
     ax3.set_yscale("log")
-    ax3.legend()
+    ax3.legend(fontsize=6)
     tau = result.tau
-    fig.suptitle(f"KL dynamics: reverse KL per token (tau {tau['mode']}"
+    fig.suptitle(f"KL dynamics (tau {tau['mode']}"
                  + (f", derived {tau['derived']:.3g} nats" if tau.get("derived") else "")
-                 + f"; W={result.cfg.window}, T={result.cfg.persistence})", y=0.985)
+                 + f"; W={result.cfg.window}, T={result.cfg.persistence}, L0={result.cfg.min_length};"
+                 " bands: 95 % CI)", y=0.995)
     return fig
+
+
+def _rgba(color: str) -> tuple[float, float, float, float]:
+    from matplotlib.colors import to_rgba
+
+    return to_rgba(color)
+
+
+def rows_table(result: HeatmapResult) -> list[dict[str, Any]]:
+    """The shown rows in display order: stage, row, rollout id, its `inspect` address, verdict, marks."""
+    from kat_diag.views.rollout import address_text
+
+    out = []
+    for s in result.stages:
+        for r in range(s.rollout_id.shape[0]):
+            rid = int(s.rollout_id[r])
+            out.append({"stage": s.name, "row": r, "rollout_id": rid, "step": int(s.step[r]),
+                        "inspect": address_text(rid), "verdict": str(s.verdict[r]), "length": int(s.length[r]),
+                        "onset": int(s.onset[r]), "fire": int(s.fire[r])})
+    return out
 
 
 def run_heatmap(run_dir: str | Path, out_dir: str | Path, *, cfg: KATConfig | None = None, tau: str | float = "auto",
                 **options: Any) -> dict[str, Any]:
-    """Compute, draw and save: ``heatmap.png``, ``heatmap.csv`` (aggregate curves, long form) and
-    ``heatmap_rows.parquet`` (the shown rows: ids, length, onset, fire, correct, binned KL).
+    """Compute, draw and save: ``heatmap.png``, ``heatmap.csv`` (aggregate curves with their bands,
+    long form), ``heatmap_rows.csv`` (the shown rows: stage, row, rollout id, `inspect` address,
+    verdict, length, onset, fire) and ``heatmap_rows.parquet`` (the same plus the binned KL).
     Returns the JSON-ready summary with the written paths. ``options``: those of `heatmap`."""
     from kat_diag.analysis import style
     from kat_diag.analysis.output import clean, write_csv, write_parquet
@@ -372,10 +515,14 @@ def run_heatmap(run_dir: str | Path, out_dir: str | Path, *, cfg: KATConfig | No
     result = heatmap(reader, cfg, tau, **options)
     png = style.save(plot(result), out / "heatmap.png")
     csv_path = write_csv(out / "heatmap.csv", result.long_table())
+    table = rows_table(result)
+    rows_csv = write_csv(out / "heatmap_rows.csv", table)
     rows = {k: np.concatenate([getattr(s, k) for s in result.stages])
             for k in ("rollout_id", "step", "length", "onset", "fire", "correct")}
+    rows["verdict"] = np.concatenate([s.verdict for s in result.stages]).astype(object)
     rows["stage"] = np.concatenate([np.full(s.rollout_id.shape[0], s.name) for s in result.stages])
     rows["row"] = np.concatenate([np.arange(s.rollout_id.shape[0]) for s in result.stages])
     rows["kl_binned"] = [r for s in result.stages for r in s.kl_RC]
     pq_path = write_parquet(out / "heatmap_rows.parquet", rows)
-    return clean({**result.as_dict(), "files": [str(png), str(csv_path), str(pq_path)]})
+    return clean({**result.as_dict(), "x_limit": x_limit(result),
+                  "files": [str(png), str(csv_path), str(rows_csv), str(pq_path)]})

@@ -72,3 +72,17 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     else:
         out[prefix[:-1]] = obj
     return out
+
+
+def shown_path(path: Any) -> str:
+    """A path as written into results: relative to the current directory when it lies inside it, so
+    committed files never name the machine they were made on (`/work/...`)."""
+    from pathlib import Path
+
+    p = Path(str(path))
+    if p.is_absolute():
+        try:
+            return str(p.resolve().relative_to(Path.cwd().resolve()))
+        except ValueError:
+            return str(p)
+    return str(p)

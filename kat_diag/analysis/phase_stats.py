@@ -10,7 +10,12 @@ reads three findings off them; this module measures them instead:
 3. the mean KL after the first segment vs before it (does the student recover from agreement?).
 
 Next to them, a per-phase table (token share, mean KL, student entropy, teacher entropy) and the
-accuracy of rollouts with and without a trap (the detector fired with hindsight), per stage.
+accuracy of rollouts with and without a trap (the detector fired with hindsight), per stage. Every
+mean carries a 95 % bootstrap interval resampling rollouts (the unit of dependence; per-rollout
+sums are kept per stage, a few floats per rollout), every share a Wilson interval. In a run whose
+policy cut its rollouts at fire (KAT), the trap rollouts have no final answer: their "accuracy" is
+an artefact of the cut, so the report flags it (`cut_trap`) and the plot says so instead of
+drawing it.
 
 Teacher entropy is not stored; it is approximated from the stored teacher top-n probabilities plus
 one tail bucket holding the remaining mass, ``-sum_i p_i ln p_i - r ln r``. Spreading the tail over
@@ -40,6 +45,8 @@ from kat_diag.traces.ragged import Ragged
 from kat_diag.traces.reader import TraceReader
 
 PHASES = ("pre", "agreement", "post")
+UNIT_KEYS = ("kl", "student_entropy", "teacher_entropy", "seg_kl")  # means with a bootstrap CI
+N_BOOT = 500
 SEGMENT_PARTS = ("before", "inside", "after")
 TEACHER_ENTROPY_NOTE = ("teacher entropy: lower bound from the stored top-n probabilities plus one tail "
                         "bucket (-sum p ln p - r ln r)")
@@ -187,8 +194,10 @@ class _StageAcc:
     graded: np.ndarray = field(default_factory=lambda: np.zeros(2, dtype=np.int64))  # [no trap, trap]
     correct: np.ndarray = field(default_factory=lambda: np.zeros(2, dtype=np.int64))
     trapped: int = 0
+    cut_trap: int = 0  # trap rollouts the run's policy stopped (no final answer)
     seg_rollouts: int = 0
     seg_starts: list[np.ndarray] = field(default_factory=list)
+    units: list[np.ndarray] = field(default_factory=list)  # per rollout: UNIT_KEYS x (sum[3], count[3])
 
     def add(self, key: str, labels: np.ndarray, values: np.ndarray | None) -> None:
         s, c = _sums(labels, values)
@@ -215,6 +224,32 @@ class StageStats:
     segment_share: float  # finding 1
     segment_median_start: float  # finding 2 (token position; NaN if none)
     segment_kl: tuple[float, float, float]  # finding 3: mean KL before / inside / after the first segment
+    cut_trap: int = 0  # trap rollouts the run's policy stopped at fire: their accuracy is the cut's artefact
+    ci: dict[str, tuple[tuple[float, float], ...]] = field(default_factory=dict)  # UNIT_KEYS -> 3 x (lo, hi)
+
+    @property
+    def accuracy_ci(self) -> dict[str, tuple[float, float]]:
+        """95 % Wilson intervals of the two accuracies."""
+        from kat_diag.analysis.stats import wilson
+
+        out = {}
+        for name, acc, n in (("trap", self.accuracy_trap, self.graded_trap),
+                             ("no_trap", self.accuracy_no_trap, self.graded_no_trap)):
+            lo, hi = wilson(acc * n if n else 0.0, n)
+            out[name] = (float(lo), float(hi))
+        return out
+
+    @property
+    def segment_share_ci(self) -> tuple[float, float]:
+        from kat_diag.analysis.stats import wilson
+
+        lo, hi = wilson(self.segment_share * self.rollouts if self.rollouts else 0.0, self.rollouts)
+        return float(lo), float(hi)
+
+    @property
+    def policy_artefact(self) -> bool:
+        """Most trap rollouts were cut by the run's policy: their accuracy measures the cut, not the trap."""
+        return self.trap_rollouts > 0 and self.cut_trap >= 0.5 * self.trap_rollouts
 
     @property
     def phase_share(self) -> tuple[float, float, float]:
@@ -230,32 +265,79 @@ class StageStats:
         def num(x: float) -> float | None:
             return None if x is None or not math.isfinite(x) else float(x)
 
+        def ci(key: str, i: int) -> list[float | None]:
+            pair = self.ci.get(key)
+            return [None, None] if pair is None else [num(pair[i][0]), num(pair[i][1])]
+
+        acc_ci = self.accuracy_ci
         return {
             "stage": self.stage, "steps": list(self.steps), "rollouts": self.rollouts,
             "phases": {name: {"tokens": self.phase_tokens[i], "token_share": num(self.phase_share[i]),
-                              "mean_kl": num(self.phase_kl[i]),
+                              "mean_kl": num(self.phase_kl[i]), "mean_kl_ci": ci("kl", i),
                               "student_entropy": num(self.phase_student_entropy[i]),
-                              "teacher_entropy_lb": num(self.phase_teacher_entropy[i])}
+                              "student_entropy_ci": ci("student_entropy", i),
+                              "teacher_entropy_lb": num(self.phase_teacher_entropy[i]),
+                              "teacher_entropy_lb_ci": ci("teacher_entropy", i)}
                        for i, name in enumerate(PHASES)},
             "trap_share": num(self.trap_rollouts / self.rollouts if self.rollouts else math.nan),
             "accuracy": {"trap": num(self.accuracy_trap), "no_trap": num(self.accuracy_no_trap),
-                         "graded_trap": self.graded_trap, "graded_no_trap": self.graded_no_trap},
+                         "trap_ci": [num(v) for v in acc_ci["trap"]], "no_trap_ci": [num(v) for v in acc_ci["no_trap"]],
+                         "graded_trap": self.graded_trap, "graded_no_trap": self.graded_no_trap,
+                         "trap_cut_by_policy": self.cut_trap,
+                         "note": ("trap rollouts were cut at fire by the run's policy: no final answer, so their "
+                                  "accuracy is an artefact of the cut") if self.policy_artefact else None},
             "findings": {"extended_low_kl_share": num(self.segment_share),
+                         "extended_low_kl_share_ci": [num(v) for v in self.segment_share_ci],
                          "first_segment_median_start": num(self.segment_median_start),
                          "kl_before_segment": num(self.segment_kl[0]),
                          "kl_inside_segment": num(self.segment_kl[1]),
                          "kl_after_segment": num(self.segment_kl[2]),
+                         "kl_segment_ci": [ci("seg_kl", i) for i in range(3)],
                          "kl_after_over_before": num(self.kl_after_over_before)},
         }
 
 
-def _finish(name: str, acc: _StageAcc) -> StageStats:
+def unit_rows(roll_tok: np.ndarray, labels: np.ndarray, values: np.ndarray | None, n_rollouts: int) -> np.ndarray:
+    """[n_rollouts, 6]: per rollout the sum (3 labels) and count (3 labels) of its finite values."""
+    out = np.zeros((n_rollouts, 6))
+    if values is None:
+        return out
+    v = np.asarray(values, dtype=np.float64)
+    ok = np.isfinite(v)
+    flat = roll_tok[ok] * 3 + labels[ok]
+    out[:, :3] = np.bincount(flat, weights=v[ok], minlength=n_rollouts * 3).reshape(n_rollouts, 3)
+    out[:, 3:] = np.bincount(flat, minlength=n_rollouts * 3).reshape(n_rollouts, 3)
+    return out
+
+
+def unit_cis(units: np.ndarray, n_boot: int = N_BOOT, seed: int = 0) -> dict[str, tuple[tuple[float, float], ...]]:
+    """95 % bootstrap intervals (resampling rollouts) of every UNIT_KEYS mean per label."""
+    from kat_diag.analysis.stats import cluster_bootstrap, percentile_interval
+
+    out: dict[str, tuple[tuple[float, float], ...]] = {}
+    for j, key in enumerate(UNIT_KEYS):
+        block = units[:, 6 * j:6 * j + 6]
+        pairs = []
+        for i in range(3):
+            has = block[:, 3 + i] > 0
+            if has.sum() < 2:
+                pairs.append((math.nan, math.nan))
+                continue
+            reps = cluster_bootstrap(block[has, i], block[has, 3 + i], n_boot, seed + 7 * j + i)
+            lo, hi = percentile_interval(reps)
+            pairs.append((float(lo), float(hi)))
+        out[key] = tuple(pairs)
+    return out
+
+
+def _finish(name: str, acc: _StageAcc, seed: int = 0) -> StageStats:
     def mean(key: str) -> tuple[float, float, float]:
         s, c = acc.sums.get(key, np.zeros(3)), acc.counts.get(key, np.zeros(3, dtype=np.int64))
         return tuple(float(s[i] / c[i]) if c[i] else math.nan for i in range(3))  # type: ignore[return-value]
 
     starts = np.concatenate(acc.seg_starts) if acc.seg_starts else np.zeros(0)
     acc_rate = [acc.correct[i] / acc.graded[i] if acc.graded[i] else math.nan for i in range(2)]
+    ci = unit_cis(np.concatenate(acc.units) if acc.units else np.zeros((0, 6 * len(UNIT_KEYS))), seed=seed)
     return StageStats(
         stage=name, steps=acc.steps, rollouts=acc.rollouts,
         phase_tokens=tuple(int(t) for t in acc.tokens),  # type: ignore[arg-type]
@@ -265,7 +347,7 @@ def _finish(name: str, acc: _StageAcc) -> StageStats:
         graded_trap=int(acc.graded[1]), graded_no_trap=int(acc.graded[0]),
         segment_share=acc.seg_rollouts / acc.rollouts if acc.rollouts else math.nan,
         segment_median_start=float(np.median(starts)) if starts.size else math.nan,
-        segment_kl=mean("seg_kl"),
+        segment_kl=mean("seg_kl"), cut_trap=acc.cut_trap, ci=ci,
     )
 
 
@@ -297,7 +379,7 @@ class PhaseReport:
         return rows
 
 
-PHASE_COLUMNS = ["rollout_id", "step", "tau", "correct", "kl", "student_entropy", "teacher_top_probs"]
+PHASE_COLUMNS = ["rollout_id", "step", "tau", "correct", "kl", "student_entropy", "teacher_top_probs", "stop_reason"]
 
 
 def phase_report(reader: TraceReader, cfg: KATConfig, tau: str | float = "auto", *,
@@ -344,6 +426,17 @@ def phase_report(reader: TraceReader, cfg: KATConfig, tau: str | float = "auto",
             acc.add("teacher_entropy", bp.phase_tok[tok], None if teacher_h is None else teacher_h[tok])
             has_seg = sel & (bp.seg_start >= 0)
             acc.add("seg_kl", bp.seg_tok[has_seg[roll_tok]], kl.values[has_seg[roll_tok]])
+            idx = np.flatnonzero(sel)
+            local = np.full(b.num_rows, -1)
+            local[idx] = np.arange(idx.size)
+            seg_vals = np.where(has_seg[roll_tok], kl.values, np.nan)
+            acc.units.append(np.concatenate([
+                unit_rows(local[roll_tok[tok]], bp.phase_tok[tok], kl.values[tok], idx.size),
+                unit_rows(local[roll_tok[tok]], bp.phase_tok[tok], b["student_entropy"].values[tok], idx.size),
+                unit_rows(local[roll_tok[tok]], bp.phase_tok[tok], None if teacher_h is None else teacher_h[tok],
+                          idx.size),
+                unit_rows(local[roll_tok[tok]], bp.seg_tok[tok], seg_vals[tok], idx.size)], axis=1))
+            acc.cut_trap += int((sel & trap & (b["stop_reason"] == "policy")).sum())
             acc.seg_rollouts += int(has_seg.sum())
             acc.seg_starts.append(bp.seg_start[has_seg])
             acc.trapped += int((sel & trap).sum())
@@ -362,7 +455,7 @@ def phase_report(reader: TraceReader, cfg: KATConfig, tau: str | float = "auto",
     tau_info = {"mode": tau if isinstance(tau, str) else "fixed", "derived": None if math.isnan(derived) else derived,
                 "recorded_share": float(recorded.mean()), "median": float(np.nanmedian(taus)) if
                 np.isfinite(taus).any() else None}
-    stages = tuple(_finish(name, accs[name]) for name in ranges)
+    stages = tuple(_finish(name, accs[name], seed) for name in ranges)
     return PhaseReport(stages=stages, tau=tau_info, cfg=cfg,
                        run_lengths={k: np.concatenate(v) if v else np.zeros(0, dtype=np.int64)
                                     for k, v in run_lengths.items()})
@@ -372,102 +465,152 @@ def phase_report(reader: TraceReader, cfg: KATConfig, tau: str | float = "auto",
 # Plot
 
 
+def _dots(ax: Any, ys: np.ndarray, vals: np.ndarray, cis: list[tuple[float, float]], colors: list[str],
+          markers: list[str] | None = None, filled: list[bool] | None = None, label: list[str] | None = None) -> None:
+    """Horizontal dot plot: a dot per value with its CI as a line (NaN values are skipped)."""
+    from kat_diag.analysis import style
+
+    for i, (y, v, (lo, hi), c) in enumerate(zip(ys, vals, cis, colors, strict=True)):
+        if not np.isfinite(v):
+            continue
+        if np.isfinite(lo) and np.isfinite(hi):
+            ax.plot([lo, hi], [y, y], color=c, linewidth=1.4, solid_capstyle="butt")
+        face = c if filled is None or filled[i] else style.PAPER
+        ax.plot([v], [y], marker=(markers or ["o"] * len(vals))[i], color=c, markerfacecolor=face, markersize=4.5,
+                linestyle="none", label=None if label is None else label[i])
+
+
 def plot(report: PhaseReport, fig: Any = None) -> Any:
-    """Six panels: token share, mean KL, entropies per phase; accuracy with/without trap; the
-    findings (extended low-KL share, median first start) and KL around the first segment."""
+    """Six panels, every mean with a 95 % bootstrap CI (rollouts) and every share with a Wilson CI:
+    token share per phase; mean KL per phase; student and teacher entropy per phase; accuracy with
+    vs without a trap (or why it does not apply); share of rollouts with an extended low-KL segment;
+    KL before / inside / after the first segment."""
+    from matplotlib.lines import Line2D
+
     from kat_diag.analysis import style
 
     if fig is None:
-        fig, axes = style.figure(2, 3, size=(15.0, 8.6))
+        fig, axes = style.figure(2, 3, size=(style.TEXT_WIDTH, 5.0))
     else:
         axes = np.array(fig.subplots(2, 3))
     (a_share, a_kl, a_ent), (a_acc, a_find, a_seg) = axes
     stages = report.stages
-    names = [f"{s.stage}\n(steps {s.steps[0]}-{s.steps[1]})" for s in stages]
+    names = [f"{s.stage} ({s.steps[0]}-{s.steps[1]})" for s in stages]
     x = np.arange(len(stages))
-    bottom = np.zeros(len(stages))
+    # (a) token share: linear stacked bars, one per stage
+    left = np.zeros(len(stages))
     for i, ph in enumerate(PHASES):
-        share = np.array([s.phase_share[i] for s in stages], dtype=float)
-        a_share.bar(x, np.nan_to_num(share), bottom=bottom, color=style.PHASE_COLORS[ph], label=ph, width=0.6)
-        for xi, b, v in zip(x, bottom, share, strict=True):
-            if v > 0.04:
-                a_share.text(xi, b + v / 2, f"{v:.0%}", ha="center", va="center", fontsize=8, color="white")
-        bottom += np.nan_to_num(share)
-    a_share.set_xticks(x, names)
-    a_share.set_ylabel("share of tokens")
-    a_share.set_ylim(0, 1.12)
-    a_share.set_title("token share per phase")
-    a_share.legend(loc="upper center", ncol=3)
+        share = np.nan_to_num(np.array([s.phase_share[i] for s in stages], dtype=float))
+        a_share.barh(x, share, left=left, color=style.PHASE_COLORS[ph], label=ph, height=0.6)
+        for xi, lf, v in zip(x, left, share, strict=True):
+            if v > 0.08:
+                a_share.text(lf + v / 2, xi, f"{v:.0%}", ha="center", va="center", fontsize=6.5, color=style.PAPER)
+        left += share
+    a_share.set_yticks(x, names)
+    a_share.invert_yaxis()
+    a_share.set_xlim(0, 1)
+    a_share.set_xlabel("share of tokens")
+    a_share.set_title("tokens per phase")
+    a_share.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=3, fontsize=6.5)
+    a_share.grid(False)
 
-    w = 0.8 / len(PHASES)
+    # (b) mean KL per phase: dots with CIs, log x
+    offs = np.array([-0.22, 0.0, 0.22])
     for i, ph in enumerate(PHASES):
         v = np.array([s.phase_kl[i] for s in stages], dtype=float)
-        a_kl.bar(x + (i - 1) * w, np.where(np.isfinite(v) & (v > 0), v, np.nan), width=w,
-                 color=style.PHASE_COLORS[ph], label=ph)
-    a_kl.set_yscale("log")
-    a_kl.set_xticks(x, names)
-    a_kl.set_ylabel("mean reverse KL (nats, log scale)")
-    a_kl.set_title("mean KL per phase")
-    a_kl.legend()
+        cis = [s.ci.get("kl", ((math.nan, math.nan),) * 3)[i] for s in stages]
+        _dots(a_kl, x + offs[i], np.where(v > 0, v, np.nan), cis, [style.PHASE_COLORS[ph]] * len(stages))
+    tau_med = report.tau.get("median")
+    for ax in (a_kl, a_seg):  # tau on every KL scale
+        if tau_med:
+            ax.axvline(tau_med, color=style.MARK_COLORS["tau"], linestyle="--", linewidth=0.8)
+            ax.text(tau_med, 1.0, " tau", transform=ax.get_xaxis_transform(), fontsize=6, va="bottom")
+    a_kl.set_xscale("log")
+    a_kl.set_yticks(x, [s.stage for s in stages])
+    a_kl.invert_yaxis()
+    a_kl.set_xlabel("mean reverse KL (nats, log)")
+    a_kl.set_title("KL per phase")
 
-    w = 0.8 / (2 * len(stages))
+    # (c) entropy per phase: student filled, teacher (lower bound) hollow
     for j, s in enumerate(stages):
-        for k, (vals, hatch) in enumerate(((s.phase_student_entropy, ""), (s.phase_teacher_entropy, "//"))):
-            pos = np.arange(len(PHASES)) + (2 * j + k - len(stages) + 0.5) * w
-            a_ent.bar(pos, np.nan_to_num(np.array(vals, dtype=float)), width=w, hatch=hatch,
-                      color=[style.PHASE_COLORS[p] for p in PHASES], alpha=0.45 + 0.55 * (j + 1) / len(stages),
-                      edgecolor="black", linewidth=0.4)
-    from matplotlib.patches import Patch
+        for i, ph in enumerate(PHASES):
+            y = j + offs[i]
+            for key, val, filled in (("student_entropy", s.phase_student_entropy[i], True),
+                                     ("teacher_entropy", s.phase_teacher_entropy[i], False)):
+                ci = s.ci.get(key, ((math.nan, math.nan),) * 3)[i]
+                _dots(a_ent, np.array([y + (0.0 if filled else 0.06)]), np.array([val], dtype=float), [ci],
+                      [style.PHASE_COLORS[ph]], markers=["o" if filled else "D"], filled=[filled])
+    a_ent.set_yticks(x, [s.stage for s in stages])
+    a_ent.invert_yaxis()
+    a_ent.set_xlabel("mean entropy (nats)")
+    a_ent.set_title("entropy per phase")
+    a_ent.legend(handles=[Line2D([], [], marker="o", color=style.INK, linestyle="none", label="student"),
+                          Line2D([], [], marker="D", color=style.INK, markerfacecolor=style.PAPER, linestyle="none",
+                                 label="teacher (lower bound)")], fontsize=6, loc="upper center",
+                 bbox_to_anchor=(0.5, -0.22), ncol=2)
 
-    a_ent.legend(handles=[Patch(facecolor="white", edgecolor="black", label="student"),
-                          Patch(facecolor="white", edgecolor="black", hatch="//", label="teacher (lower bound)")],
-                 fontsize=7)
-    a_ent.set_xticks(np.arange(len(PHASES)), PHASES)
-    a_ent.set_ylabel("mean entropy (nats)")
-    a_ent.set_title("entropy per phase (light to dark: " + ", ".join(s.stage for s in stages) + ")")
+    # (d) accuracy with vs without a trap
+    if all(s.policy_artefact or (s.graded_trap + s.graded_no_trap) == 0 for s in stages):
+        cut = sum(s.cut_trap for s in stages if s.stage == "all") or sum(s.cut_trap for s in stages)
+        style.no_panel(a_acc, "accuracy with vs without a trap:\ndoes not apply here -\nthe run's policy cut "
+                       f"{cut} trap rollouts at fire,\nso they have no final answer.\nCompare on a run without "
+                       "termination.")
+    else:
+        for k, (key, label, color, mk) in enumerate((("no_trap", "no trap", style.PHASE_COLORS["pre"], "o"),
+                                                     ("trap", "trap (fired with hindsight)",
+                                                      style.PHASE_COLORS["agreement"], "s"))):
+            ys = x + (k - 0.5) * 0.3
+            for y, s in zip(ys, stages, strict=True):
+                if s.policy_artefact:
+                    if k == 0:
+                        a_acc.text(0.5, y + 0.15, f"n/a: the policy cut\n{s.cut_trap} trap rollouts at fire",
+                                   ha="center", va="center", fontsize=6, color=style.MUTED)
+                    continue
+                v = s.accuracy_no_trap if key == "no_trap" else s.accuracy_trap
+                n = s.graded_no_trap if key == "no_trap" else s.graded_trap
+                _dots(a_acc, np.array([y]), np.array([v]), [s.accuracy_ci[key]], [color], markers=[mk])
+                if np.isfinite(v):
+                    a_acc.text(1.02, y, f"n={n}", va="center", fontsize=6, transform=a_acc.get_yaxis_transform())
+            a_acc.plot([], [], marker=mk, color=color, linestyle="none", label=label)
+        a_acc.set_yticks(x, [s.stage for s in stages])
+        a_acc.set_ylim(len(stages) - 0.5, -0.5)
+        a_acc.set_xlim(0, 1)
+        a_acc.set_xlabel("accuracy (share correct)")
+        a_acc.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=2, fontsize=6)
+    a_acc.set_title("accuracy: trap vs no trap")
 
-    w = 0.35
-    for k, (key, label, color) in enumerate((("accuracy_no_trap", "no trap", style.PHASE_COLORS["pre"]),
-                                              ("accuracy_trap", "trap (fires with hindsight)",
-                                               style.PHASE_COLORS["agreement"]))):
-        v = np.array([getattr(s, key) for s in stages], dtype=float)
-        n = [s.graded_no_trap if k == 0 else s.graded_trap for s in stages]
-        a_acc.bar(x + (k - 0.5) * w, np.nan_to_num(v), width=w, color=color, label=label)
-        for xi, vi, ni in zip(x + (k - 0.5) * w, v, n, strict=True):
-            a_acc.text(xi, (vi if np.isfinite(vi) else 0) + 0.02, f"n={ni}", ha="center", fontsize=7)
-    a_acc.set_xticks(x, names)
-    a_acc.set_ylim(0, 1.1)
-    a_acc.set_ylabel("accuracy (share correct)")
-    a_acc.set_title("accuracy of rollouts with vs without a trap")
-    a_acc.legend(loc="upper right")
-
+    # (e) extended low-KL segment share with Wilson CI
     share = np.array([s.segment_share for s in stages], dtype=float)
-    a_find.bar(x, np.nan_to_num(share), width=0.5, color="#55A868")
-    a_find.set_xticks(x, names)
-    a_find.set_ylim(0, 1.1)
-    a_find.set_ylabel("share of rollouts")
+    _dots(a_find, x, share, [s.segment_share_ci for s in stages], [style.PHASE_COLORS["agreement"]] * len(stages))
     for xi, s in zip(x, stages, strict=True):
         med = s.segment_median_start
-        a_find.text(xi, np.nan_to_num(s.segment_share) + 0.02,
-                    f"{s.segment_share:.0%}\nmedian start {med:.0f}" if np.isfinite(med) else "none",
-                    ha="center", fontsize=8)
-    a_find.set_title(f"rollouts with an extended low-KL segment (>= {report.cfg.persistence} low windows)")
+        a_find.text(1.02, xi, f"n={s.rollouts}" + (f"\nstart {med:.0f}" if np.isfinite(med) else ""), va="center",
+                    fontsize=6, transform=a_find.get_yaxis_transform())
+    a_find.set_yticks(x, [s.stage for s in stages])
+    a_find.invert_yaxis()
+    a_find.set_xlim(0, 1)
+    a_find.set_xlabel("share of rollouts (median start)")
+    a_find.set_title(f">= {report.cfg.persistence} low windows in a row")
 
-    w = 0.8 / 3
+    # (f) KL around the first segment
+    part_colors = [style.PHASE_COLORS["pre"], style.PHASE_COLORS["agreement"], style.PHASE_COLORS["post"]]
     for k, part in enumerate(SEGMENT_PARTS):
         v = np.array([s.segment_kl[k] for s in stages], dtype=float)
-        a_seg.bar(x + (k - 1) * w, np.where(np.isfinite(v) & (v > 0), v, np.nan), width=w,
-                  color=["#4C72B0", "#DD8452", "#8C8C8C"][k], label=f"{part} the first segment")
-    a_seg.set_yscale("log")
-    a_seg.set_xticks(x, names)
-    a_seg.set_ylabel("mean reverse KL (nats, log scale)")
-    a_seg.set_title("KL before / inside / after the first segment")
-    a_seg.legend(fontsize=7)
+        cis = [s.ci.get("seg_kl", ((math.nan, math.nan),) * 3)[k] for s in stages]
+        _dots(a_seg, x + offs[k], np.where(v > 0, v, np.nan), cis, [part_colors[k]] * len(stages))
+        a_seg.plot([], [], marker="o", color=part_colors[k], linestyle="none", label=f"{part}")
+    a_seg.set_xscale("log")
+    a_seg.set_yticks(x, [s.stage for s in stages])
+    a_seg.invert_yaxis()
+    a_seg.set_xlabel("mean reverse KL (nats, log)")
+    a_seg.set_title("KL around the first segment")
+    a_seg.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=3, fontsize=6)
     tau = report.tau
-    fig.suptitle(f"Phases (docs/kat.md#phases): tau {tau['mode']}"
-                 + (f", derived {tau['derived']:.3g} nats" if tau.get("derived") else "")
+    fig.suptitle(f"Phases with hindsight: tau {tau['mode']}"
+                 + (f", derived {tau['derived']:.3g}" if tau.get("derived") else "")
                  + (f", median {tau['median']:.3g} nats" if tau.get("median") else "")
-                 + f"; W={report.cfg.window}, T={report.cfg.persistence}, L0={report.cfg.min_length}")
+                 + f"; W={report.cfg.window}, T={report.cfg.persistence}, L0={report.cfg.min_length}\n"
+                 "95 % CIs: bootstrap over rollouts for means, Wilson for shares", fontsize=8.5)
     fig.tight_layout()
     return fig
 

@@ -86,3 +86,11 @@ def read_rollouts(reader: TraceReader, rollout_ids: np.ndarray, columns: Sequenc
         raise ValueError("some requested rollout ids are not in the store")
     return batch.take(pos)
 
+
+
+def kl_estimator(reader: TraceReader) -> str:
+    """How the store's ``kl`` column was computed, for figure labels: the manifest's ``kl_source``
+    (full | k1 | k3; stores written before it was recorded hold the full-vocabulary KL)."""
+    source = str((reader.manifest or {}).get("kl_source") or "full")
+    return {"full": "reverse KL (full vocabulary)", "k1": "reverse KL, k1 estimate (sampled token)",
+            "k3": "reverse KL, k3 estimate (sampled token)"}.get(source, f"reverse KL ({source})")

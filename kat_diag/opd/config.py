@@ -42,7 +42,8 @@ class SamplingConfig:
 
 # Settings a resumed run may change (everything else must match its config.json): they decide how
 # long it runs and what it evaluates / saves / records, never the trajectory of the updates.
-RESUME_MUTABLE = frozenset({"out", "steps", "max_steps_this_run", "eval_every", "eval_k", "eval_n", "ckpt_every",
+RESUME_MUTABLE = frozenset({"out", "steps", "max_steps_this_run", "eval_every", "eval_at_start", "eval_k", "eval_n",
+                            "ckpt_every",
                             "keep_checkpoints", "trace_every", "progress",
                             # how the run is watched and sharded, not what it computes (FSDP == DDP to fp32 rounding)
                             "report_to", "tracker_project", "parallel", "shard_teacher"})
@@ -81,6 +82,7 @@ class TrainConfig:
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=192, chunk_size=16))
     kat: KATConfig = field(default_factory=KATConfig)
     eval_every: int = 0  # 0: evaluate only after the last step
+    eval_at_start: bool = False  # also evaluate the initial student (logged as step -1: before any update)
     eval_k: int = 4
     eval_n: int = 50  # problems per benchmark split (0: no evaluation)
     ckpt_every: int = 25

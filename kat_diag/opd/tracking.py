@@ -25,7 +25,9 @@ import numpy as np
 
 BACKENDS = ("tensorboard", "trackio", "wandb")
 STATE_NAME = "tracking.json"
-ROLLOUTS_LOGGED = 3  # rollouts shown per evaluation
+ROLLOUTS_LOGGED = 3  # rollouts rendered (inspect HTML / text) per evaluation; the table lists all of the step
+TABLE_COLUMNS = ("rollout", "step", "verdict", "fired", "onset", "fire", "kept", "gen_len", "tau", "first_error",
+                 "loop_start", "answer")
 
 
 def parse_report_to(values: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
@@ -57,16 +59,32 @@ def scalars(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 def rollout_rows(rollouts: list[Any], tokenizer: Any, step: int, tau: float, policy: str,
-                 n: int = ROLLOUTS_LOGGED) -> list[dict[str, Any]]:
-    """The first `n` rollouts of a step as rows in the trace-store format `trace_view` renders."""
+                 n: int | None = None, problems: list[Any] | None = None, kat: Any = None) -> list[dict[str, Any]]:
+    """The step's rollouts (the first `n`; all by default) as rows in the trace-store format the views
+    render, with the world's ground truth (first error, loop start, verdict) and the grade when
+    `problems` (the rollouts' problems, in order) are given, and the run's KAT settings `kat` (a
+    KATConfig: the views draw the window track with it)."""
     rows = []
-    for r in rollouts[:n]:
+    chosen = rollouts if n is None else rollouts[:n]
+    texts = [tokenizer.decode(r.token_ids.tolist(), skip_special_tokens=True) for r in chosen]
+    truth: dict[str, list[Any]] = {}
+    correct: list[Any] = [None] * len(chosen)
+    if problems is not None:
+        from kat_diag.data.grading import check_answer
+        from kat_diag.world.truth import truth_columns
+
+        probs = problems[: len(chosen)]
+        token_text = [tokenizer.batch_decode([[t] for t in r.token_ids.tolist()]) for r in chosen]
+        truth = truth_columns(probs, texts, token_text)
+        correct = [check_answer(p, t) for p, t in zip(probs, texts, strict=True)]
+    for j, r in enumerate(chosen):
         ids = r.token_ids.tolist()
         rows.append({
             "rollout_id": f"step{step}-{r.index}", "step": step, "policy": policy, "tau": tau,
             "onset": r.onset, "fire": r.fire, "stop_reason": r.stop_reason, "gen_len": r.gen_len,
             "kept_len": r.keep, "token_ids": np.asarray(ids), "token_text": tokenizer.batch_decode([[t] for t in ids]),
-            "text": tokenizer.decode(ids, skip_special_tokens=True),
+            "text": texts[j], "correct": correct[j], "kat": kat,
+            **{k: v[j] for k, v in truth.items()},
             **{k: getattr(r, k).float().cpu().numpy() for k in ("kl", "kl_sampled", "student_logprob",
                                                                  "teacher_logprob", "student_entropy")},
             "teacher_top_ids": r.teacher_top_ids.cpu().numpy(), "teacher_top_probs": r.teacher_top_probs.cpu().numpy(),
@@ -74,8 +92,39 @@ def rollout_rows(rollouts: list[Any], tokenizer: Any, step: int, tau: float, pol
     return rows
 
 
+def rollout_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    """One line per rollout for the trackers' tables: id, step, verdict, fired, onset, fire, kept and
+    generated length, tau, first error, loop start, the student's answer (None where unknown)."""
+    from kat_diag.views.track import student_answer, verdict_of
+
+    def pos(v: Any) -> Any:
+        return None if v is None or int(v) < 0 else int(v)
+
+    data = []
+    for r in rows:
+        tau = r.get("tau")
+        data.append([str(r.get("rollout_id")), int(r.get("step", -1)), verdict_of(r), bool(int(r.get("fire", -1)) >= 0),
+                     pos(r.get("onset")), pos(r.get("fire")), int(r.get("kept_len", 0)), int(r.get("gen_len", 0)),
+                     None if tau is None or not math.isfinite(float(tau)) else float(tau), pos(r.get("first_error")),
+                     pos(r.get("loop_start")), student_answer(r.get("text"))])
+    return list(TABLE_COLUMNS), data
+
+
+def table_markdown(columns: list[str], data: list[list[Any]]) -> str:
+    """The table as Markdown (TensorBoard's text plugin renders it)."""
+    def cell(v: Any) -> str:
+        if v is None:
+            return "-"
+        return f"{v:.4g}" if isinstance(v, float) else str(v).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in data]
+    return "\n".join(lines)
+
+
 class Tracker:
-    """One backend. Metrics are plain dicts at a step; rollouts are trace rows."""
+    """One backend. Metrics are plain dicts at a step; rollouts are trace rows (the step's rollouts:
+    a table of all of them, the rendering of the first ROLLOUTS_LOGGED)."""
 
     name = "none"
 
@@ -118,16 +167,26 @@ def _require(module: str, extra: str):
         raise ValueError(f"--report-to {extra} needs the {extra} package: pip install 'kat-diag[{extra}]'") from None
 
 
+def _track(row: dict[str, Any]) -> Any:
+    """The window track of a logged rollout under the run's KAT settings (row["kat"]), or None."""
+    cfg = row.get("kat")
+    if cfg is None:
+        return None
+    from kat_diag.views.track import window_track
+
+    return window_track(row, cfg)
+
+
 def _rollout_text(row: dict[str, Any]) -> str:
     from kat_diag.views.terminal import render_terminal
 
-    return render_terminal(row, color=False)
+    return render_terminal(row, color=False, track=_track(row))
 
 
 def _rollout_html(row: dict[str, Any]) -> str:
     from kat_diag.views.html import render_html
 
-    return render_html(row)
+    return render_html(row, track=_track(row))
 
 
 class TensorBoardTracker(Tracker):
@@ -149,7 +208,8 @@ class TensorBoardTracker(Tracker):
         self.writer.flush()
 
     def log_rollouts(self, rows: list[dict[str, Any]], step: int) -> None:
-        for i, row in enumerate(rows):
+        self.writer.add_text("rollouts/table", table_markdown(*rollout_table(rows)), step)
+        for i, row in enumerate(rows[:ROLLOUTS_LOGGED]):
             # Markdown: a 4-space indent keeps the token separators and line breaks verbatim.
             text = "\n".join("    " + ln for ln in _rollout_text(row).splitlines())
             self.writer.add_text(f"rollouts/{i}", text, step)
@@ -175,8 +235,11 @@ class TrackioTracker(Tracker):
         self.run.log(scalars(metrics), step=step)
 
     def log_rollouts(self, rows: list[dict[str, Any]], step: int) -> None:
-        self.run.log({f"rollouts/{i}": self.trackio.Html(_rollout_html(row)) for i, row in enumerate(rows)},
-                     step=step)
+        columns, data = rollout_table(rows)
+        logged: dict[str, Any] = {"rollouts/table": self.trackio.Table(columns=columns, data=data)}
+        logged.update({f"rollouts/{i}": self.trackio.Html(_rollout_html(row))
+                       for i, row in enumerate(rows[:ROLLOUTS_LOGGED])})
+        self.run.log(logged, step=step)
 
     def close(self) -> None:
         self.run.finish()
@@ -198,8 +261,11 @@ class WandbTracker(Tracker):
         self.run.log(scalars(metrics), step=step)
 
     def log_rollouts(self, rows: list[dict[str, Any]], step: int) -> None:
-        self.run.log({f"rollouts/{i}": self.wandb.Html(_rollout_html(row)) for i, row in enumerate(rows)},
-                     step=step)
+        columns, data = rollout_table(rows)
+        logged: dict[str, Any] = {"rollouts/table": self.wandb.Table(columns=columns, data=data)}
+        logged.update({f"rollouts/{i}": self.wandb.Html(_rollout_html(row))
+                       for i, row in enumerate(rows[:ROLLOUTS_LOGGED])})
+        self.run.log(logged, step=step)
 
     def close(self) -> None:
         self.run.finish()

@@ -215,7 +215,7 @@ def evaluate_student(student, tokenizer, bench: dict[str, list[Problem]], cfg: T
     subset = {k: v[: cfg.eval_n] for k, v in bench.items()}
     res = evaluate_benchmarks(student, tokenizer, subset, k=cfg.eval_k, greedy=True,
                               max_new_tokens=cfg.sampling.max_new_tokens, seed=cfg.seed)
-    return {f"eval/{split}/{m}": v for split, r in res.items() for m, v in r.items() if m != "n"}
+    return {f"eval/{split}/{m}": v for split, r in res.items() for m, v in r.items()}  # n: problems (for CIs)
 
 
 @dataclass
@@ -305,6 +305,20 @@ def _train(cfg: TrainConfig, resume: bool,
                initial=start, total=cfg.steps)
     metrics: dict[str, Any] = {}
     last_done, updating, saved = start - 1, False, start - 1
+    if bench and cfg.eval_n and cfg.eval_at_start and start == 0:
+        # The baseline of the eval curves: the student before any update. Evaluation reseeds the
+        # global RNG; restoring it keeps the run identical to one without the baseline.
+        rng_state = torch.get_rng_state()
+        cuda_state = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        with FS.gathered(student):
+            if rank == 0:
+                ev = evaluate_student(student, tokenizer, bench, cfg)
+                sink.write({"step": -1, **ev})
+                tracker.log(ev, 0)
+            D.barrier()
+        torch.set_rng_state(rng_state)
+        if cuda_state is not None:
+            torch.cuda.set_rng_state_all(cuda_state)
     interrupt = GracefulInterrupt()
     try:
         for step in bar:
@@ -375,7 +389,8 @@ def _train(cfg: TrainConfig, resume: bool,
                         ev = evaluate_student(student, tokenizer, bench, cfg)
                         sink.write({"step": step, **ev})
                         tracker.log(ev, step)
-                        tracker.log_rollouts(rollout_rows(rollouts, tokenizer, step, metrics["tau"], cfg.termination),
+                        tracker.log_rollouts(rollout_rows(rollouts, tokenizer, step, metrics["tau"], cfg.termination,
+                                                         problems=[problems[i] for i in idx], kat=cfg.kat),
                                              step)
                     D.barrier()
             # A Ctrl-C (on any rank) ends the run here, at a step boundary, with a checkpoint.

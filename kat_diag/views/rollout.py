@@ -14,6 +14,7 @@ import numpy as np
 
 from kat_diag.kat.config import KATConfig
 from kat_diag.traces.reader import TraceReader
+from kat_diag.views.track import student_answer, verdict_of
 
 
 def token_strings(row: dict[str, Any], tokenizer: Any = None) -> list[str] | None:
@@ -25,6 +26,18 @@ def token_strings(row: dict[str, Any], tokenizer: Any = None) -> list[str] | Non
     if tokenizer is not None:
         return [tokenizer.decode([int(t)]) for t in ids]
     return None if len(ids) else []
+
+
+def id_namer(row: dict[str, Any], tokenizer: Any = None) -> Any:
+    """``name(id) -> text`` for the teacher's alternatives: the tokenizer's decoding, else the text of
+    the same id among the rollout's own stored tokens, else ``⟨id⟩``."""
+    if tokenizer is not None:
+        return lambda i: tokenizer.decode([int(i)])
+    seen: dict[int, str] = {}
+    text = row.get("token_text")
+    if text is not None and len(text) == len(row["token_ids"]):
+        seen = {int(t): str(s) for t, s in zip(row["token_ids"], text, strict=True)}
+    return lambda i: seen.get(int(i), f"⟨{int(i)}⟩")
 
 
 def rollout_marks(row: dict[str, Any], phases: tuple[int, int] | None = None) -> dict[int, list[str]]:
@@ -44,14 +57,39 @@ def rollout_marks(row: dict[str, Any], phases: tuple[int, int] | None = None) ->
         add(phases[0], "agreement")
         if phases[1] < n:
             add(phases[1], "post")
-    if row.get("onset", -1) >= 0:
+    for key, label in (("first_error", "first error"), ("loop_start", "loop")):
+        pos = row.get(key)
+        if pos is not None and int(pos) >= 0:
+            add(int(pos), label)
+    if (row.get("onset") if row.get("onset") is not None else -1) >= 0:
         add(row["onset"], "onset")
-    if row.get("fire", -1) >= 0:
+    if (row.get("fire") if row.get("fire") is not None else -1) >= 0:
         add(row["fire"] + 1, "fire")
     kept = row.get("kept_len", n)
-    if 0 <= kept < n and kept != row.get("onset", -1):
+    if kept is not None and 0 <= kept < n and kept != row.get("onset", -1):
         add(kept, "kept-end")
     return marks
+
+
+def rollout_address(rollout_id: Any) -> tuple[int, int, int] | None:
+    """(step, rank, index) of a store rollout id (``step << 32 | rank << 20 | index``, see
+    `kat_diag.traces.schema.make_rollout_id`); None for ids of another form."""
+    try:
+        rid = int(rollout_id)
+    except (TypeError, ValueError):
+        return None
+    if rid < 0:
+        return None
+    return rid >> 32, (rid >> 20) & 0xFFF, rid & 0xFFFFF
+
+
+def address_text(rollout_id: Any) -> str:
+    """``--step S --index I`` (plus ``--rank R`` when not 0): how `inspect` addresses the rollout."""
+    a = rollout_address(rollout_id)
+    if a is None:
+        return "-"
+    step, rank, index = a
+    return f"--step {step} --index {index}" + (f" --rank {rank}" if rank else "")
 
 
 class MissingSettings(ValueError):
@@ -193,7 +231,17 @@ def _header(row: dict[str, Any], phases: tuple[int, int] | None) -> list[tuple[s
         ("onset", str(row.get("onset"))), ("fire", str(row.get("fire"))), ("stop", str(row.get("stop_reason"))),
         ("gen_len", str(row.get("gen_len"))), ("kept_len", str(row.get("kept_len"))),
         ("correct", "-" if correct is None else str(correct)),
+        ("verdict", verdict_of(row)),
     ]
+    for key in ("first_error", "loop_start"):
+        v = row.get(key)
+        if v is not None and int(v) != -2:
+            items.append((key, "-" if int(v) < 0 else str(v)))
+    addr = address_text(row.get("rollout_id"))
+    if addr != "-":
+        items.insert(1, ("address", addr))
+    answer = student_answer(row.get("text"))
+    items.append(("answer", "(none)" if answer is None else answer))
     if "prompt_text" in row:
         prompt = row["prompt_text"]
         items.append(("prompt text", "(not found in the run's data)" if prompt is None else str(prompt).rstrip("\n")))

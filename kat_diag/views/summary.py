@@ -118,37 +118,101 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
-LIST_COLUMNS = ["rollout_id", "step", "policy", "prompt_id", "correct", "gen_len", "kept_len", "fire",
-                "stop_reason"]
+LIST_COLUMNS = ["rollout_id", "step", "rank", "policy", "prompt_id", "correct", "gen_len", "kept_len", "onset", "fire",
+                "tau", "stop_reason", "verdict", "first_error"]
+LIST_SORT_KEYS = ("step", "onset", "fire", "tau", "min_window", "length", "kept", "verdict", "first_error")
+VERDICT_ORDER = ("wrong", "loop", "unfinished", "right", "ungraded")
 
 
-def rollout_list(reader: TraceReader, **filters: Any) -> list[dict[str, Any]]:
-    """One dict per (filtered) rollout: id, step, policy, prompt id, correctness, length, kept, fire, stop."""
+def rollout_list(reader: TraceReader, window: int | None = None, **filters: Any) -> list[dict[str, Any]]:
+    """One dict per (filtered) rollout: id, its step/rank/index address, policy, prompt, verdict,
+    length, kept, onset, fire, tau, first error, stop reason; with ``window`` also the minimum window
+    mean of its KL (the statistic KAT's buffer holds; this reads the ``kl`` column, batch by batch)."""
+    from kat_diag.views.rollout import rollout_address
+    from kat_diag.views.track import verdicts
+
+    cols = list(LIST_COLUMNS) + (["kl"] if window else [])
     rows: list[dict[str, Any]] = []
-    for b in reader.iter_batches(LIST_COLUMNS, **filters):
+    for b in reader.iter_batches(cols, **filters):
+        v = verdicts(b["verdict"], b["correct"], b["stop_reason"])
+        mins = None
+        if window:
+            from kat_diag.kat.detector import rollout_minima
+
+            mins = rollout_minima(b["kl"].values, b["kl"].offsets, window)
         for i in range(b.num_rows):
             c = int(b["correct"][i])
-            rows.append({"rollout_id": int(b["rollout_id"][i]), "step": int(b["step"][i]),
+            rid = int(b["rollout_id"][i])
+            addr = rollout_address(rid)
+            tau = float(b["tau"][i])
+            fe = int(b["first_error"][i])
+            rows.append({"rollout_id": rid, "step": int(b["step"][i]), "rank": int(b["rank"][i]),
+                         "index": None if addr is None else addr[2],
                          "policy": str(b["policy"][i]), "prompt_id": str(b["prompt_id"][i]),
-                         "correct": None if c < 0 else bool(c), "gen_len": int(b["gen_len"][i]),
-                         "kept_len": int(b["kept_len"][i]), "fire": int(b["fire"][i]),
-                         "stop_reason": str(b["stop_reason"][i])})
+                         "correct": None if c < 0 else bool(c), "verdict": str(v[i]), "gen_len": int(b["gen_len"][i]),
+                         "kept_len": int(b["kept_len"][i]), "onset": int(b["onset"][i]), "fire": int(b["fire"][i]),
+                         "tau": tau if tau == tau else None,
+                         "min_window": None if mins is None or mins[i] != mins[i] else float(mins[i]),
+                         "first_error": None if fe == -2 else fe, "stop_reason": str(b["stop_reason"][i])})
     rows.sort(key=lambda r: (r["step"], r["rollout_id"]))
     return rows
+
+
+def filter_rows(rows: list[dict[str, Any]], verdict: list[str] | None = None, fired: bool | None = None
+                ) -> list[dict[str, Any]]:
+    """Rows whose verdict is one of ``verdict`` and whose fired state (fire >= 0) is ``fired``."""
+    out = rows
+    if verdict:
+        want = set(verdict)
+        out = [r for r in out if r["verdict"] in want]
+    if fired is not None:
+        out = [r for r in out if (r["fire"] >= 0) == fired]
+    return out
+
+
+def sort_rows(rows: list[dict[str, Any]], key: str = "step", descending: bool = False) -> list[dict[str, Any]]:
+    """Rows ordered by ``key`` (LIST_SORT_KEYS); rows without a value (not fired, no tau) go last
+    either way; ties by step and id."""
+    if key not in LIST_SORT_KEYS:
+        raise ValueError(f"--sort must be one of {', '.join(LIST_SORT_KEYS)}, got {key!r}")
+
+    def value(r: dict[str, Any]) -> Any:
+        if key == "verdict":
+            return VERDICT_ORDER.index(r["verdict"]) if r["verdict"] in VERDICT_ORDER else len(VERDICT_ORDER)
+        v = {"length": r["gen_len"], "kept": r["kept_len"]}.get(key, r.get(key))
+        if key in ("onset", "fire", "first_error") and v is not None and v < 0:
+            return None
+        return v
+
+    have = [r for r in rows if value(r) is not None]
+    missing = [r for r in rows if value(r) is None]
+    have.sort(key=lambda r: (r["step"], r["rollout_id"]))
+    have.sort(key=value, reverse=descending)
+    return have + missing
 
 
 def format_list(rows: list[dict[str, Any]], problems: dict[str, Any] | None = None) -> str:
     """The rollout list as a table (prompt text when the run's data is available)."""
     problems = problems or {}
-    headers = ["rollout", "step", "policy", "prompt", "correct", "length", "kept", "fire", "stop"]
+    headers = ["rollout", "step/index", "policy", "prompt", "verdict", "length", "kept", "onset", "fire", "tau",
+               "min z", "1st err", "stop"]
 
     def prompt(pid: str) -> str:
         p = problems.get(pid)
         text = pid if p is None else f"{pid}: {' '.join(p.prompt.split())}"
-        return text if len(text) <= 48 else text[:47] + "…"
+        return text if len(text) <= 40 else text[:39] + "…"
 
-    body = [[str(r["rollout_id"]), str(r["step"]), _printable(r["policy"]), _printable(prompt(r["prompt_id"])),
-             "-" if r["correct"] is None else ("yes" if r["correct"] else "no"), str(r["gen_len"]),
-             str(r["kept_len"]), "-" if r["fire"] < 0 else str(r["fire"]), _printable(r["stop_reason"])]
+    def pos(v: int | None) -> str:
+        return "-" if v is None or v < 0 else str(v)
+
+    def num(v: float | None) -> str:
+        return "-" if v is None else f"{v:.3g}"
+
+    body = [[str(r["rollout_id"]),
+             f"{r['step']}/{r['index']}" + (f"@{r['rank']}" if r.get("rank") else "") if r.get("index") is not None
+             else str(r["step"]),
+             _printable(r["policy"]), _printable(prompt(r["prompt_id"])), _printable(r["verdict"]), str(r["gen_len"]),
+             str(r["kept_len"]), pos(r["onset"]), pos(r["fire"]), num(r["tau"]), num(r.get("min_window")),
+             pos(r["first_error"]), _printable(r["stop_reason"])]
             for r in rows]
     return format_table(headers, body)
