@@ -79,8 +79,9 @@ def heatmap(
 
     if sort not in SORT_KEYS:
         raise typer.BadParameter(f"--sort must be one of {', '.join(SORT_KEYS)}, got {sort!r}")
-    if rows < 1 or sample < 1 or max_cols < 1:
-        raise typer.BadParameter("--rows, --sample and --max-cols must be >= 1")
+    for option, value in (("--rows", rows), ("--sample", sample), ("--max-cols", max_cols)):
+        if value < 1:
+            raise typer.BadParameter(f"{option} must be >= 1, got {value}")
     cfg, out_dir, tau_value = _setup(run, out, window, persistence, min_length, tau)
     res = run_heatmap(run, out_dir, cfg=cfg, tau=tau_value, sort=sort, rows=rows, sample=sample, max_cols=max_cols,
                       seed=seed, **_ranges(early, late))

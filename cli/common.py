@@ -9,7 +9,9 @@ failures (a read-only disk, a path that is a file), and trace store errors. Ctrl
 
 from __future__ import annotations
 
+import os
 import sys
+import warnings
 from typing import Any
 
 import typer
@@ -62,6 +64,11 @@ class KatGroup(TyperGroup):
         return code
 
     def _run(self, args: Any, prog_name: str | None, complete_var: str | None, **extra: Any) -> int:
+        with warnings.catch_warnings():  # restores the display below when the command returns
+            warnings.showwarning = _show_warning
+            return self._run_command(args, prog_name, complete_var, **extra)
+
+    def _run_command(self, args: Any, prog_name: str | None, complete_var: str | None, **extra: Any) -> int:
         try:
             rv = super().main(args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False,
                               **extra)
@@ -106,7 +113,33 @@ def _with_value(e: Exception, args: Any) -> str:
 
 
 def _echo_error(message: str) -> None:
-    typer.echo(f"error: {' '.join(message.split())}", err=True)
+    line = f"error: {' '.join(message.split())}"
+    _tell_launcher(line)
+    if os.environ.get("LOCAL_RANK", "0") == "0":  # under torchrun every process has the same error: say it once
+        typer.echo(line, err=True)
+
+
+def _tell_launcher(line: str) -> None:
+    """Under torchrun (torch elastic), leave the error where the launcher looks for it: its failure
+    report then shows this line as each process's root cause instead of "To enable traceback see ..."."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path or os.path.exists(path):
+        return
+    import json
+    import time
+
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump({"message": {"message": line, "extraInfo": {"py_callstack": line,
+                                                                   "timestamp": str(int(time.time()))}}}, f)
+    except OSError:
+        pass
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:
+    """Library warnings as one plain stderr line, `warning: ...` (not Python's two-line format)."""
+    typer.echo(f"warning: {' '.join(str(message).split())}", err=True)
 
 
 def version_callback(value: bool) -> None:

@@ -48,10 +48,11 @@ def _warnings_to_stderr() -> Iterator[None]:
                 typer.echo(f"warning: {w.message}", err=True)
 
 
-def _open(run: Path, skip_corrupt: bool) -> Any:
+def _open(run: Path, skip_corrupt: bool, allow_foreign: bool = False) -> Any:
     from kat_diag.traces.reader import TraceReader
 
-    return TraceReader(run, on_error="skip" if skip_corrupt else "raise")  # errors: `error: ...`, exit 2
+    # errors: `error: ...`, exit 2
+    return TraceReader(run, on_error="skip" if skip_corrupt else "raise", allow_foreign=allow_foreign)
 
 
 def _fail(message: str) -> None:
@@ -91,6 +92,8 @@ POLICY_HELP = "Only rollouts of this termination policy (repeatable)."
 RANK_HELP = "Only rollouts written by this rank (repeatable)."
 STOP_HELP = "Only rollouts with this stop reason, e.g. eos, max_len, policy (repeatable)."
 SKIP_HELP = "Skip unreadable trace files with a warning instead of failing."
+FOREIGN_HELP = ("Read trace files written by another run (their run id differs from the store's "
+                "manifest) instead of refusing them; rollout ids must still be unique.")
 
 
 def inspect(
@@ -138,6 +141,7 @@ def inspect(
     min_length: int | None = typer.Option(None, "--min-length", help="KAT minimum length L0 for the track and "
                                           "phase marks (default: the run config's)."),
     skip_corrupt: bool = typer.Option(False, "--skip-corrupt", help=SKIP_HELP),
+    allow_foreign: bool = typer.Option(False, "--allow-foreign", help=FOREIGN_HELP),
 ) -> None:
     """Summarise a trace store, list its rollouts, or explain one rollout: the window track against tau,
     the marks (L0, first error, loop start, onset, fire), the teacher's alternatives, the tokens by KL."""
@@ -165,13 +169,14 @@ def inspect(
                                                                      None if step_at is not None else rank,
                                                                      stop_reason),
                  color, tokenizer, kl_min, kl_max, window, persistence, min_length, skip_corrupt, listing,
-                 color_depth, tau, width)
+                 color_depth, tau, width, allow_foreign)
 
 
 def _inspect(run: Path, rollout: int | None, html: Path | None, as_json: bool, list_rollouts: bool,
              filters: dict[str, Any], color: bool | None, tokenizer: Path | None, kl_min: float, kl_max: float,
              window: int | None, persistence: int | None, min_length: int | None, skip_corrupt: bool,
-             listing: dict[str, Any], color_depth: str, tau: float | None, width: int) -> None:
+             listing: dict[str, Any], color_depth: str, tau: float | None, width: int,
+             allow_foreign: bool = False) -> None:
     if not 0 < kl_min < kl_max:
         raise typer.BadParameter(f"need 0 < --kl-min < --kl-max, got --kl-min {kl_min:g} --kl-max {kl_max:g}")
     if html is not None and rollout is None:
@@ -201,7 +206,7 @@ def _inspect(run: Path, rollout: int | None, html: Path | None, as_json: bool, l
     from kat_diag.views.terminal import render_terminal
     from kat_diag.views.track import window_track
 
-    reader = _open(run, skip_corrupt)
+    reader = _open(run, skip_corrupt, allow_foreign)
     if list_rollouts:
         config, source = _settings(reader)
         try:
@@ -278,9 +283,12 @@ def _parse_tau(tau: str | None) -> float | str | None:
     if tau is None or tau == "recorded":
         return tau
     try:
-        return float(tau)
+        value = float(tau)
     except ValueError as e:
         raise typer.BadParameter(f"--tau expects a number or 'recorded', got {tau!r}") from e
+    if not value > 0 or value == float("inf"):  # NaN fails `> 0`; KL >= 0: no window is below tau <= 0
+        raise typer.BadParameter(f"--tau must be a finite number > 0 (nats) or 'recorded', got {tau}")
+    return value
 
 
 def replay(
@@ -318,6 +326,7 @@ def replay(
     rank: list[int] | None = typer.Option(None, "--rank", help=RANK_HELP),
     stop_reason: list[str] | None = typer.Option(None, "--stop-reason", help=STOP_HELP),
     skip_corrupt: bool = typer.Option(False, "--skip-corrupt", help=SKIP_HELP),
+    allow_foreign: bool = typer.Option(False, "--allow-foreign", help=FOREIGN_HELP),
 ) -> None:
     """Run the KAT detector offline over recorded traces and report what KAT would have done."""
     tau_value = _parse_tau(tau)
@@ -328,7 +337,7 @@ def replay(
     from kat_diag.views.rollout import kat_config
 
     with _warnings_to_stderr():
-        reader = _open(run, skip_corrupt)
+        reader = _open(run, skip_corrupt, allow_foreign)
         config, source = _settings(reader)
         needed = None if tau_value is None else PHASE_FIELDS + ("keep",)  # fixed tau needs no buffer settings
         cfg = kat_config(config, source=source, needed=needed, window=window, persistence=persistence,

@@ -22,6 +22,8 @@ RECORD_NOT_CONFIG = {"overwrite", "config", "print_config"}
 CONFIG_HELP = ("YAML or JSON file with the keys of a run's config.json (partial is fine; a run's own "
                "config.json works). Options given on the command line override it.")
 PRINT_CONFIG_HELP = "Print the resolved config as JSON and exit (nothing runs)."
+TRUNCATE_HELP = ("Cut prompts longer than the models' context minus --max-new-tokens to their last tokens "
+                 "(default: refuse them, naming the longest).")
 
 
 def _kat(preset: str, **overrides):
@@ -113,6 +115,7 @@ def register(app: typer.Typer) -> None:
         overwrite: bool = typer.Option(False, help="Replace the run already in --out (its run files are deleted)."),
         trust_remote_code: bool = typer.Option(False, help="Let from_pretrained run Python code shipped "
                                                "with the checkpoints (off: such checkpoints are refused)."),
+        truncate_prompts: bool = typer.Option(False, help=TRUNCATE_HELP),
         config: Path = typer.Option(None, help=CONFIG_HELP),
         print_config: bool = typer.Option(False, help=PRINT_CONFIG_HELP),
     ) -> None:
@@ -143,7 +146,7 @@ def register(app: typer.Typer) -> None:
             eval_every=eval_every, eval_at_start=eval_at_start, eval_k=eval_k, eval_n=eval_n, ckpt_every=ckpt_every,
             trace_every=trace_every, max_steps_this_run=stop_after or None, trust_remote_code=trust_remote_code,
             report_to=parse_report_to(report_to), tracker_project=tracker_project, parallel=parallel,
-            shard_teacher=shard_teacher,
+            shard_teacher=shard_teacher, truncate_prompts=truncate_prompts,
         )
         cfg = config_io.resolve_options(ctx, TrainConfig, cfg, config_file=config, aliases=TRAIN_ALIASES,
                                         not_config=TRAIN_NOT_CONFIG, resume_from=out / CONFIG_NAME if resume else None,
@@ -174,6 +177,7 @@ def register(app: typer.Typer) -> None:
         step_label: int = typer.Option(0, help="Value written as the traces' step."),
         seed: int = typer.Option(0, help="Sampling seed."),
         overwrite: bool = typer.Option(False, help="Replace the traces already in --out."),
+        truncate_prompts: bool = typer.Option(False, help=TRUNCATE_HELP),
         config: Path = typer.Option(None, help="YAML or JSON file with the keys of a recording's "
                                      "record_config.json (partial is fine). Options given on the command line "
                                      "override it."),
@@ -189,7 +193,7 @@ def register(app: typer.Typer) -> None:
         cfg = RecordConfig(
             teacher=str(teacher), student=str(student), out=str(out), data=data, split=split,
             n_prompts=n_prompts, batch_size=batch_size, samples_per_prompt=samples, termination=termination,
-            seed=seed, step_label=step_label,
+            seed=seed, step_label=step_label, truncate_prompts=truncate_prompts,
             sampling=SamplingConfig(max_new_tokens=max_new_tokens, chunk_size=chunk_size,
                                     temperature=temperature),
         )

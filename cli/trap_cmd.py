@@ -58,6 +58,8 @@ def register(app: typer.Typer) -> None:
                                   "directory name)."),
         all_rows: bool = typer.Option(False, "--all-rows", help="--sweep --json: include every configuration's "
                                       "row (thousands), not only the presets and each detector's frontier."),
+        allow_foreign: bool = typer.Option(False, "--allow-foreign", help="Read trace files written by another "
+                                           "run instead of refusing them (rollout ids must stay unique)."),
     ) -> None:
         """Replay KAT on a store and report the trap: fire rates right vs wrong, tokens cut, low-KL
         spans, and (embedded world) onsets against the first error. --sweep scores a grid of
@@ -70,7 +72,8 @@ def register(app: typer.Typer) -> None:
             if given:
                 raise ValueError(f"--{given[0].replace('_', '-')} sets one configuration; with --sweep give the "
                                  "grid (--windows, --persistences, --min-lengths, --quantiles)")
-            _sweep(store, windows, persistences, min_lengths, quantiles, figure, label, as_json, all_rows)
+            _sweep(store, windows, persistences, min_lengths, quantiles, figure, label, as_json, all_rows,
+                   allow_foreign)
             return
         from kat_diag.analysis.trap import trap_report
         from kat_diag.kat.config import kat_preset
@@ -78,7 +81,7 @@ def register(app: typer.Typer) -> None:
         cfg = kat_preset(preset, window=window, persistence=persistence,
                          min_length=min_length, tau_quantile=tau_quantile, statistic=statistic,
                          buffer_size=buffer_size, min_fill=min_fill, warmup_steps=warmup_steps, keep=keep)
-        res = trap_report(store, cfg)
+        res = trap_report(store, cfg, allow_foreign=allow_foreign)
         if as_json:
             typer.echo(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v)
                                    for k, v in res.items()}))
@@ -99,7 +102,7 @@ def _grid_values(option: str, text: str, cast: type) -> tuple | None:
 
 
 def _sweep(store: Path, windows: str, persistences: str, min_lengths: str, quantiles: str, figure: Path | None,
-           label: str, as_json: bool, all_rows: bool) -> None:
+           label: str, as_json: bool, all_rows: bool, allow_foreign: bool) -> None:
     from kat_diag.analysis.output import clean
     from kat_diag.analysis.sweep import SweepGrid, frontier_table, plot_frontier, sweep_report
     from kat_diag.views.text import format_table
@@ -108,7 +111,7 @@ def _sweep(store: Path, windows: str, persistences: str, min_lengths: str, quant
         windows=_grid_values("--windows", windows, int), persistences=_grid_values("--persistences", persistences, int),
         min_lengths=_grid_values("--min-lengths", min_lengths, int),
         quantiles=_grid_values("--quantiles", quantiles, float)).items() if v is not None}
-    rep = sweep_report(store, SweepGrid(**over), label=label or None)
+    rep = sweep_report(store, SweepGrid(**over), label=label or None, allow_foreign=allow_foreign)
     if figure is not None:
         rep["figure"] = str(plot_frontier([rep], figure))
     if as_json:

@@ -47,9 +47,16 @@ def generate(
     seed: int = 0,
     progress: bool = False,
     desc: str = "generate",
+    truncate_prompts: bool = False,
 ) -> list[str]:
-    """Batched completions (left-padded), decoded without special tokens."""
+    """Batched completions (left-padded), decoded without special tokens.
+
+    A prompt that does not fit the model's context with `max_new_tokens` is an error naming it
+    (`kat_diag.run.preflight.fit_prompts`), or with `truncate_prompts` keeps its last tokens."""
+    from kat_diag.run.preflight import context_length
+
     device = next(model.parameters()).device
+    limit = context_length(model)
     was_training = model.training
     model.eval()
     gen = torch.Generator().manual_seed(seed)
@@ -57,7 +64,7 @@ def generate(
     starts = range(0, len(prompts), batch_size)
     for start in tqdm(starts, desc=desc, disable=not progress, mininterval=2.0):
         chunk = list(prompts[start : start + batch_size])
-        enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = _encode_fitting(tokenizer, chunk, start, max_new_tokens, limit, truncate_prompts)
         enc = {k: v.to(device) for k, v in enc.items()}
         # generate() draws from the global RNG; seed it per batch so results don't depend on history.
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
@@ -74,6 +81,20 @@ def generate(
     return out
 
 
+def _encode_fitting(tokenizer, chunk: list[str], start: int, max_new_tokens: int, limit: int | None,
+                    truncate: bool) -> dict:
+    """The batch encoding of `chunk`, each prompt checked against the context (see `generate`)."""
+    from kat_diag.run.preflight import fit_prompts
+
+    if limit is not None:
+        ids = tokenizer(chunk, add_special_tokens=False)["input_ids"]
+        fitted, n_cut = fit_prompts(ids, [f"#{start + i}" for i in range(len(ids))], max_new_tokens, limit,
+                                    truncate=truncate, source="evaluation", option=None)
+        if n_cut:
+            return tokenizer.pad({"input_ids": fitted}, return_tensors="pt")
+    return tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
+
+
 def evaluate_split(
     model,
     tokenizer,
@@ -85,19 +106,20 @@ def evaluate_split(
     max_new_tokens: int = 96,
     seed: int = 0,
     progress: bool = False,
+    truncate_prompts: bool = False,
 ) -> dict[str, float]:
     """Greedy accuracy and avg@k / pass@k (k samples per problem) on one split."""
     result: dict[str, float] = {"n": float(len(problems))}
     prompts = [p.prompt for p in problems]
     if greedy:
         outs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, progress=progress,
-                        desc="greedy")
+                        desc="greedy", truncate_prompts=truncate_prompts)
         result["greedy"] = float(np.mean([check_answer(p, o) for p, o in zip(problems, outs, strict=True)]))
     if k > 0:
         rep = [pr for pr in prompts for _ in range(k)]
         outs = generate(model, tokenizer, rep, max_new_tokens=max_new_tokens, do_sample=True,
                         temperature=temperature, top_p=top_p, seed=seed, progress=progress,
-                        desc=f"sample@{k}")
+                        desc=f"sample@{k}", truncate_prompts=truncate_prompts)
         correct_PK = np.array(
             [check_answer(problems[i // k], o) for i, o in enumerate(outs)], dtype=float
         ).reshape(len(problems), k)

@@ -395,6 +395,10 @@ def run_study(cfg: StudyConfig, out: str | Path, progress: bool = True,
     from kat_diag.run.progress import bar as tqdm
     from kat_diag.run.progress import interactive
 
+    notes = study_warnings(cfg)
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
+    check_study(cfg)  # every model and data file before any work (and before DIR is created)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _check_same_study(out, cfg)
@@ -409,11 +413,12 @@ def run_study(cfg: StudyConfig, out: str | Path, progress: bool = True,
         bar.set_description_str(f"study [{text}]", refresh=interactive())
 
     first_cfg = train_config(cfg, specs[0], out, None)
-    _, splits = load_prompts(first_cfg)
+    train_problems, splits = load_prompts(first_cfg)
     splits = {name: probs[: cfg.eval_n] for name, probs in splits.items()}
     if not splits:
         raise ValueError("study: no benchmark splits to evaluate (give --bench files with real data)")
     tok_dir = cfg.student
+    _check_prompt_lengths(cfg, train_problems, splits)
 
     baseline: dict[str, Any] = {}
     models = [("student", cfg.student)] + ([("teacher", cfg.teacher)] if cfg.eval_teacher else [])
@@ -440,10 +445,12 @@ def run_study(cfg: StudyConfig, out: str | Path, progress: bool = True,
             resume = latest_checkpoint(run) is not None if run.exists() else False
             if run.exists() and not resume:
                 shutil.rmtree(run)  # a run that never reached a checkpoint starts over cleanly
-            status(f"train {key}")
-            with warnings.catch_warnings():  # a step with nothing to train skips opt.step (supervise)
-                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
-                run_train(tcfg, resume=resume, on_step=lambda step, m: bar.update(1))
+            if not (run / "final").is_dir():  # final/: trained, only its evaluation is missing
+                status(f"train {key}")
+                with warnings.catch_warnings():  # a step with nothing to train skips opt.step (supervise)
+                    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+                    run_train(tcfg, resume=resume, on_step=lambda step, m: bar.update(1),
+                              resume_hint="run the same `kat-diag study` command again to continue")
             status(f"eval {key}")
             ev = evaluate_model(run / "final", tok_dir, splits, cfg.eval_k, cfg.max_new_tokens, spec.seed, cfg.device)
             _write_json(run / "eval.json", ev)
@@ -456,6 +463,7 @@ def run_study(cfg: StudyConfig, out: str | Path, progress: bool = True,
     bar.close()
 
     summary = summarise(cfg, results, baseline, prefix_info)
+    summary["warnings"] = notes
     summary["study_seconds_this_invocation"] = time.perf_counter() - t_start
     figure_runs = [Path(results[f"seed{cfg.seeds[0]}/{m}"]["run"]) for m in _ordered(cfg.methods)]
     status("figures")
@@ -466,6 +474,54 @@ def run_study(cfg: StudyConfig, out: str | Path, progress: bool = True,
     (out / "results.md").write_text(md)
     log(md)
     return summary
+
+
+def check_study(cfg: StudyConfig) -> None:
+    """What can be checked without loading a model: both checkpoints (and a shared vocabulary), the
+    data and benchmark files, the device. A missing teacher used to surface after the student's
+    whole baseline evaluation."""
+    from kat_diag.data.sources import check_data_file
+    from kat_diag.run.preflight import check_device, check_models
+
+    check_models(cfg.teacher, cfg.student, names=("study teacher", "study student"))
+    if cfg.data == "world":
+        from kat_diag.world.paths import world_split_names
+
+        world_split_names(cfg.student)
+    else:
+        check_data_file("study data", cfg.data, (cfg.question_field, cfg.answer_field))
+    for b in cfg.bench:
+        check_data_file("study bench", b, (cfg.question_field, cfg.answer_field))
+    check_device(cfg.device)
+
+
+def _check_prompt_lengths(cfg: StudyConfig, train: Sequence[Any], splits: dict[str, Sequence[Any]]) -> None:
+    """Every training and evaluation prompt fits the models' context with the rollout budget, before
+    any evaluation or training (`kat_diag.run.preflight.fit_prompts`; the study never truncates)."""
+    from kat_diag.models import load_tokenizer
+    from kat_diag.opd.rollout import encode_prompts
+    from kat_diag.run.preflight import context_limit, fit_prompts
+
+    limit = context_limit(cfg.teacher, cfg.student)
+    if limit is None:
+        return
+    tok = load_tokenizer(cfg.student, what="study student tokenizer")
+    fit_prompts(encode_prompts(tok, [p.prompt for p in train]), [p.id for p in train], cfg.max_new_tokens, limit,
+                source=f"study data {cfg.data}", option=None)
+    for name, probs in splits.items():
+        ids = [tok(p.prompt, add_special_tokens=False)["input_ids"] for p in probs]
+        fit_prompts(ids, [p.id for p in probs], cfg.max_new_tokens, limit, source=f"study benchmark {name}",
+                    option=None)
+
+
+def study_warnings(cfg: StudyConfig) -> list[str]:
+    """Set-ups that run but cannot show what the study is for (written into results.md too)."""
+    kat = kat_config(cfg)
+    if cfg.steps <= kat.warmup_steps:
+        return [f"study: steps={cfg.steps} is not more than KAT's warm-up K={kat.warmup_steps}: KAT never "
+                "becomes active, so every KAT-based method (and random and prefix, length-matched to KAT) "
+                "trains like plain OPD; raise steps or lower kat.warmup_steps"]
+    return []
 
 
 def _quiet_transformers() -> None:
@@ -629,7 +685,7 @@ def results_markdown(summary: dict[str, Any]) -> str:
 
     seed_note = f"{len(seeds)} seeds ({', '.join(map(str, seeds))}), mean ± sd" if sd else f"seed {seeds[0]}"
     cfg = summary["config"]
-    lines = [f"# Study: {seed_note}", "",
+    lines = [f"# Study: {seed_note}", "", *[f"**Warning:** {w}\n" for w in summary.get("warnings", [])],
              f"avg@{k} / pass@{k} in %, first {cfg['eval_n']} problems of each split, "
              f"{cfg['steps']} steps of {cfg['batch_size']} prompts per run; loss {cfg.get('loss', 'topk')} "
              f"except IW-OPD rows (gamma {cfg.get('iw_gamma', 0.5)}). "
@@ -724,32 +780,22 @@ def results_markdown(summary: dict[str, Any]) -> str:
 def load_study_file(path: str | Path, full: bool = False) -> StudyConfig:
     """A study on real checkpoints from one JSON or YAML file: teacher, student, data, bench,
     field names, `kat` (the KAT preset) and any other `StudyConfig` field; `profile: quick | full`
-    (or --full) picks the defaults the file overrides. Read here directly (json / PyYAML)."""
+    (or --full) picks the defaults the file overrides. Read and type-checked by the loader of
+    `train --config` (`kat_diag.run.config_io`): every error is one line naming the file and the key."""
+    from kat_diag.run import config_io
+
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"--config {p}: no such file")
-    text = p.read_text()
-    if p.suffix.lower() in (".yaml", ".yml"):
-        import yaml
-
-        raw = yaml.safe_load(text)
-    else:
-        raw = json.loads(text)
-    if not isinstance(raw, dict):
-        raise ValueError(f"--config {p}: expected a mapping of study fields")
-    raw = dict(raw)
-    profile = str(raw.pop("profile", "full" if full else "quick"))
+    raw = config_io.read_config_file(p)
+    profile = raw.pop("profile", "full" if full else "quick")
     if profile not in ("quick", "full"):
-        raise ValueError(f"--config {p}: profile {profile!r} must be quick or full")
+        raise config_io.ConfigError(f"--config {p}: profile {profile!r} must be quick or full")
     for need in ("teacher", "student"):
         if need not in raw:
-            raise ValueError(f"--config {p}: missing {need!r}")
-    known = {f.name for f in dataclasses.fields(StudyConfig)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ValueError(f"--config {p}: unknown field(s) {unknown}; known: {sorted(known)}")
-    for name in ("bench", "seeds", "tau_quantiles", "supervise", "prefix_scales"):
-        if name in raw:
-            raw[name] = tuple(raw[name])
+            raise config_io.ConfigError(f"--config {p}: missing {need!r}")
     make = StudyConfig.full if (full or profile == "full") else StudyConfig.quick
-    return make(**raw)
+    try:
+        return config_io.build(StudyConfig, raw, base=make("", ""))
+    except ValueError as e:  # ConfigError (key, type) or StudyConfig's own checks (range)
+        raise config_io.ConfigError(f"--config {p}: {e}") from None

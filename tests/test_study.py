@@ -134,7 +134,7 @@ def test_study_file_json_and_yaml(tmp_path):
     full = load_study_file(tmp_path / "s.yaml")
     assert full.seeds == (0, 1, 2) and full.ablations and full.steps == 500
     (tmp_path / "bad.json").write_text(json.dumps({"teacher": "T", "student": "S", "stepz": 3}))
-    with pytest.raises(ValueError, match="unknown field"):
+    with pytest.raises(ValueError, match="unknown key .stepz."):
         load_study_file(tmp_path / "bad.json")
     with pytest.raises(ValueError, match="missing 'student'"):
         (tmp_path / "x.json").write_text('{"teacher": "T"}')

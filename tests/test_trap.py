@@ -179,3 +179,30 @@ def test_stores_without_ground_truth_and_schema_1_stores(tmp_path: Path) -> None
     b = TraceReader(tmp_path / "old").read(columns=["kl", "first_error", "verdict"])
     assert (b["first_error"] == UNKNOWN_POSITION).all() and list(b["verdict"]) == [None] * 10
     assert "onset_after_error_share" not in trap_report(tmp_path / "old", _cfg(8, 4, 32))
+
+
+def test_trap_and_replay_feed_the_buffer_the_same_way_on_a_store_of_several_steps(tmp_path: Path) -> None:
+    """M2 (issue 23): the buffer gets what a rollout kept up to its fire, in `trap` as in `replay`.
+    Step 1's rollout fires at 3 on its window mean 0.1875; fed whole it would push its later 0.0
+    and step 2's threshold would be 0.125 (no fire) instead of 0.21875 (fires on 0.15625)."""
+    steps = [[[0.5, 0.5, 0.25, 0.25]],  # warm-up: pushes its minimum 0.25
+             [[0.5, 0.5, 0.1875, 0.1875, 0.0, 0.0]],  # tau 0.25: fires at 3, pushes min over [0, 3]
+             [[0.5, 0.5, 0.15625, 0.15625, 0.5, 0.5]]]  # tau = median(0.25, 0.1875) = 0.21875
+    run = tmp_path / "opd"
+    with TraceWriter(run, top_n=2) as w:
+        for i, (trace,) in enumerate(steps):
+            w.append({"step": i, "prompt_id": f"p{i}", "policy": "none", "correct": False,
+                      "token_ids": [np.zeros(len(trace), np.int32)], "kl": [np.array(trace, np.float32)]})
+    opts = ["--window", "2", "--persistence", "1", "--min-length", "0", "--warmup-steps", "1",
+            "--min-fill", "1", "--buffer-size", "64", "--tau-quantile", "0.5", "--json"]
+    cfg = KATConfig(window=2, persistence=1, min_length=0, warmup_steps=1, min_fill=1, buffer_size=64,
+                    tau_quantile=0.5)
+    b = TraceReader(run).read(["kl", "step", "rollout_id"])
+    tau = step_taus(b["kl"].values, b["kl"].offsets, b["step"], cfg, b["rollout_id"])
+    np.testing.assert_array_equal(tau, [np.nan, 0.25, 0.21875])
+    trap = CliRunner().invoke(app, ["trap", str(run), *opts])
+    replay = CliRunner().invoke(app, ["replay", str(run), *opts, "--statistic", "rollout_min", "--keep", "onset"])
+    assert trap.exit_code == 0 and replay.exit_code == 0, trap.output + replay.output
+    t, r = (json.loads(res.output[res.output.index("{"):].splitlines()[0]) for res in (trap, replay))
+    assert t["fire_rate"] == r["fired_share"] == pytest.approx(2 / 3)
+    assert r["tau"]["min"] == 0.21875 and r["tau"]["max"] == 0.25

@@ -188,6 +188,8 @@ def make_figures(run_dirs: Sequence[str | Path], out_dir: str | Path, *, analyse
     for r in runs:
         if not r.is_dir():
             raise FileNotFoundError(f"run directory {r} does not exist")
+        if not (r / "metrics.jsonl").is_file() and not (r / "traces").is_dir() and not any(r.glob("part-*.parquet")):
+            raise ValueError(f"{r}: not a run directory (no metrics.jsonl and no traces/ store): nothing to draw")
     names = analyses if analyses is not None else list(REGISTRY)
     unknown = [n for n in names if n not in REGISTRY]
     if unknown:

@@ -905,8 +905,11 @@ def run_gradproj(run_dir: str | Path, out_dir: str | Path, init: str | Path | No
         raise ValueError(f"--teacher not given and {run} has no config naming the teacher")
     if model not in ("init", "final") and not Path(model).exists():
         raise ValueError(f"--model must be init, final or a checkpoint path, got {model!r}")
-    if rollouts < 1 or tokens < 1 or micro_batch < 1 or groups < 0 or n_boot < 2:
-        raise ValueError("--rollouts, --tokens and --micro-batch must be >= 1, --groups >= 0, --boot >= 2")
+    from kat_diag.run.preflight import check_range
+
+    for option, value, lo in (("--rollouts", rollouts, 1), ("--tokens", tokens, 1), ("--micro-batch", micro_batch, 1),
+                              ("--groups", groups, 0), ("--boot", n_boot, 2)):
+        check_range(option, value, lo=lo)
     loss_name = run_loss(config) if loss == "run" else loss
     loss_fn = _make_loss(loss_name)  # a bad --loss fails here, before any model loads
     tau_fixed = parse_tau(tau)

@@ -309,8 +309,10 @@ def heatmap(reader: TraceReader, cfg: KATConfig, tau: str | float = "auto", *,
     """Build the heatmap of a store (see module docstring); reads lazily, two passes."""
     if sort not in SORT_KEYS:
         raise ValueError(f"--sort must be one of {SORT_KEYS}, got {sort!r}")
-    if rows < 1 or sample < 1:
-        raise ValueError("--rows and --sample must be >= 1")
+    from kat_diag.run.preflight import check_range
+
+    check_range("--rows", rows, lo=1)
+    check_range("--sample", sample, lo=1)
     scal = S.scan_scalars(reader, ["rollout_id", "step", "gen_len", "tau"], **filters)
     if scal["rollout_id"].size == 0:
         raise ValueError(f"no rollouts in {reader.dir} match the filters")

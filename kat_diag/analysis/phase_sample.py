@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from kat_diag.kat.config import KATConfig
-from kat_diag.kat.detector import rollout_minima
+from kat_diag.kat.detector import rollout_minima, threshold_of
 from kat_diag.kat.phases import phase_labels, segment
 
 CONFIG_FILES: tuple[str, ...] = ("config.json", "record_config.json")
@@ -61,8 +61,8 @@ def parse_tau(tau: str | float | None) -> float | str | None:
         value = float(tau)
     except ValueError as e:
         raise ValueError(f"--tau must be 'recorded', qX or a number, got {tau!r}") from e
-    if not math.isfinite(value):
-        raise ValueError(f"--tau must be finite, got {tau!r}")
+    if not (math.isfinite(value) and value > 0):  # KL >= 0: no window is below a tau <= 0
+        raise ValueError(f"--tau must be a finite number > 0, got {tau!r}")
     return value
 
 
@@ -79,7 +79,7 @@ def resolve_tau(tau: float | str | None, reader, window: int, steps: tuple[int |
     values = values[np.isfinite(values)]
     if not len(values):
         raise ValueError(f"--tau {tau}: no rollout of {reader.dir} is at least one window ({window} tokens) long")
-    return float(np.quantile(values, q))
+    return threshold_of(values, KATConfig(window=window, tau_quantile=q, min_fill=1))  # exact, as online
 
 
 def rollout_tau(recorded_R: np.ndarray, fixed: float | None) -> np.ndarray:

@@ -23,24 +23,6 @@ from kat_diag.views.text import _fmt, format_table
 REPLAY_COLUMNS = ["step", "rollout_id", "policy", "tau", "onset", "fire", "kl"]
 
 
-def _truncate(r: Ragged, lengths: np.ndarray) -> Ragged:
-    """The first ``lengths[i]`` values of each rollout (lengths never exceed the rollouts')."""
-    lengths = np.asarray(lengths, dtype=np.int64)
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    pos = np.repeat(r.offsets[:-1] - offsets[:-1], lengths) + np.arange(offsets[-1])
-    return Ragged(offsets, r.values[pos])
-
-
-def _take(r: Ragged, order: np.ndarray) -> Ragged:
-    """Rollouts ``order[0], order[1], ...`` of ``r`` as a new ragged array."""
-    lengths = r.lengths[order]
-    offsets = np.zeros(len(order) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    pos = np.repeat(r.offsets[:-1][order] - offsets[:-1], lengths) + np.arange(offsets[-1])
-    return Ragged(offsets, r.values[pos])
-
-
 class _ReplayAcc:
     """Running totals of a replay (one pass, per step or per batch)."""
 
@@ -115,6 +97,7 @@ class _ReplayAcc:
             "phase_tokens": {n: int(self.phase_tokens[i]) for i, n in enumerate(PHASE_NAMES)},
             "tau": {
                 "steps": len(self.taus), "active_steps": len(taus),
+                "at_floor_steps": sum(t <= 0 for t in taus),  # active but unable to fire (detector.at_resolution_floor)
                 "min": min(taus) if taus else None, "max": max(taus) if taus else None,
                 "mean": sum(taus) / len(taus) if taus else None,
             },
@@ -165,7 +148,8 @@ def replay_store(
     recorded onset/fire of rollouts whose recorded policy is a KAT one. With ``per_rollout`` the
     per-rollout arrays are added under ``"rows"`` (not JSON-ready; numpy arrays).
     """
-    from kat_diag.kat.detector import AdaptiveThreshold, buffer_values
+    from kat_diag.kat.detector import KATResolutionWarning, at_resolution_floor, floor_message
+    from kat_diag.kat.replay import ThresholdReplay
 
     acc = _ReplayAcc(per_rollout)
 
@@ -178,16 +162,13 @@ def replay_store(
 
     if tau is None:
         mode = "adaptive"
-        threshold = AdaptiveThreshold(cfg)
+        threshold = ThresholdReplay(cfg)  # the same buffer replay as `kat-diag trap`
         for step, b in steps_bar(reader.iter_steps(REPLAY_COLUMNS, **filters)):
             t = threshold.begin_step(step)
             acc.taus[step] = t
             fire = acc.add(b, np.full(b.num_rows, t), cfg)
             kl: Ragged = b["kl"]
-            kept = _truncate(kl, np.where(fire >= 0, fire + 1, kl.lengths))
-            order = np.argsort(np.asarray(b["rollout_id"]), kind="stable")
-            kept = _take(kept, order)
-            threshold.observe(buffer_values(kept.values, kept.offsets, cfg))
+            threshold.end_step(kl.values, kl.offsets, fire, np.asarray(b["rollout_id"]))
     else:
         mode = "recorded" if tau == "recorded" else "fixed"
         fixed = None if mode == "recorded" else float(tau)
@@ -196,6 +177,12 @@ def replay_store(
             acc.add(b, t, cfg)
             for s, v in zip(b["step"].tolist(), t.tolist(), strict=True):
                 acc.taus.setdefault(s, v)
+    floor = [t for t in acc.taus.values() if at_resolution_floor(t)]
+    if floor:
+        import warnings
+
+        warnings.warn(floor_message(max(floor), f"in {len(floor)} of {len(acc.taus)} steps"),
+                      KATResolutionWarning, stacklevel=2)
     out = {"store": str(reader.dir), "tau_mode": mode,
            "tau_value": float(tau) if mode == "fixed" else None,
            "kat": cfg.to_dict(), **acc.summary()}

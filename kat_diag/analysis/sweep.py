@@ -101,13 +101,15 @@ class SweepData:
     loop_start: np.ndarray | None
 
 
-def load_sweep_data(store: str | Path) -> SweepData:
-    """Read a trace store (run directory or store path) for the sweep; needs graded rollouts."""
+def load_sweep_data(store: str | Path, *, allow_foreign: bool = False) -> SweepData:
+    """Read a trace store (run directory or store path) for the sweep; needs graded rollouts
+    (allow_foreign: read files of other runs, see `TraceReader`)."""
     from kat_diag.traces.reader import TraceReader
     from kat_diag.traces.schema import UNKNOWN_POSITION
 
-    b = TraceReader(store).read(columns=["kl", "student_entropy", "teacher_top_probs", "token_ids", "correct",
-                                         "step", "first_error", "loop_start"])
+    columns = ["kl", "student_entropy", "teacher_top_probs", "token_ids", "correct", "step", "first_error",
+               "loop_start"]
+    b = TraceReader(store, allow_foreign=allow_foreign).read(columns=columns)
     kl = b["kl"]
     offs = np.asarray(kl.offsets, dtype=np.int64)
     for col in ("student_entropy", "teacher_top_probs", "token_ids"):
@@ -221,11 +223,12 @@ def matched(rows: Sequence[dict[str, Any]], detector: str, max_fire_right: float
     return ok[-1] if ok else None
 
 
-def sweep_report(store: str | Path, grid: SweepGrid | None = None, label: str | None = None) -> dict[str, Any]:
+def sweep_report(store: str | Path, grid: SweepGrid | None = None, label: str | None = None, *,
+                 allow_foreign: bool = False) -> dict[str, Any]:
     """The whole sweep of one store: rollouts, accuracy, the grid, every row, presets, each detector's
     frontier, and each detector's best row at KAT's world and paper presets' fire rates on right rollouts."""
     grid = grid or SweepGrid()
-    data = load_sweep_data(store)
+    data = load_sweep_data(store, allow_foreign=allow_foreign)
     rows = run_sweep(data, grid)
     presets = preset_rows(data)
     detectors = [*grid.signals, "ngram", "length"]

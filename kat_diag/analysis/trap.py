@@ -10,8 +10,10 @@ ground truth (`kat_diag.world.truth`) — whether the onsets fall at or after th
 The threshold: tau = the `tau_quantile` of the KAT buffer (with the paper's statistic, the rollout
 minima: per rollout the minimum window mean over usable windows). A store of one step (no
 training history, e.g. one `record`) uses its own rollouts as the buffer; a store of several
-steps replays the FIFO buffer step by step, each step using the values of the steps before it
-(NaN, no fire, before step K and until `min_fill` values are in).
+steps replays the FIFO buffer step by step exactly as `kat-diag replay` does (one code path,
+`kat_diag.kat.replay.ThresholdReplay`): each step uses the values of the steps before it (NaN, no
+fire, before step K and until `min_fill` values are in), and a rollout pushes only what KAT would
+have kept of it, up to its fire.
 """
 
 from __future__ import annotations
@@ -24,28 +26,36 @@ if TYPE_CHECKING:
     from kat_diag.kat.config import KATConfig
 
 
-def step_taus(kl_values: np.ndarray, offsets: np.ndarray, steps: np.ndarray, cfg: KATConfig) -> np.ndarray:
+def step_taus(kl_values: np.ndarray, offsets: np.ndarray, steps: np.ndarray, cfg: KATConfig,
+              rollout_ids: np.ndarray | None = None) -> np.ndarray:
     """Per rollout tau. A store of one step: the threshold of all its rollouts' buffer values (no
-    history: the store is its own buffer; warm-up K does not apply). Several steps: the FIFO
-    buffer (capacity B) of the values of earlier steps, NaN before step K or below B_min values."""
+    history: the store is its own buffer; warm-up K does not apply). Several steps: KAT's FIFO
+    buffer replayed as online by `kat_diag.kat.replay.ThresholdReplay`, the code path of
+    `kat-diag replay` (each step's tau from the values of the steps before it, NaN before step K
+    or below B_min values; a rollout pushes what it kept up to its fire, in rollout-id order)."""
     from kat_diag.kat.detector import buffer_values, threshold_of
+    from kat_diag.kat.replay import ThresholdReplay, replay
 
     steps = np.asarray(steps)
     offs = np.asarray(offsets, dtype=np.int64)
+    values = np.asarray(kl_values)
     uniq = np.unique(steps)
     tau = np.full(len(steps), np.nan)
     if len(uniq) <= 1:
-        tau[:] = threshold_of(buffer_values(kl_values, offs, cfg), cfg)
+        tau[:] = threshold_of(buffer_values(values, offs, cfg), cfg)
         return tau
-    buf = np.empty(0)
+    ids = np.arange(len(steps)) if rollout_ids is None else np.asarray(rollout_ids)
+    threshold = ThresholdReplay(cfg)
     for s in uniq:
         idx = np.flatnonzero(steps == s)
-        if s >= cfg.warmup_steps:
-            tau[idx] = threshold_of(buf, cfg)
-        sub = [np.asarray(kl_values[offs[i] : offs[i + 1]], dtype=np.float64) for i in idx]
-        sub_off = np.concatenate([[0], np.cumsum([len(x) for x in sub])]).astype(np.int64)
-        flat = np.concatenate(sub) if sub else np.zeros(0)
-        buf = np.concatenate([buf, buffer_values(flat, sub_off, cfg)])[-cfg.buffer_size:]
+        lengths = offs[idx + 1] - offs[idx]
+        sub_off = np.zeros(len(idx) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=sub_off[1:])
+        pos = np.repeat(offs[idx] - sub_off[:-1], lengths) + np.arange(sub_off[-1])
+        sub = values[pos]
+        t = threshold.begin_step(int(s))
+        tau[idx] = t
+        threshold.end_step(sub, sub_off, replay(sub, sub_off, cfg, t).fire, ids[idx])
     return tau
 
 
@@ -74,9 +84,10 @@ def _share(num: np.ndarray, sel: np.ndarray) -> float:
 
 def trap_stats(kl_values: np.ndarray, offsets: np.ndarray, correct: np.ndarray, cfg: KATConfig,
                steps: np.ndarray | None = None, first_error: np.ndarray | None = None,
-               loop_start: np.ndarray | None = None) -> dict[str, float]:
+               loop_start: np.ndarray | None = None, rollout_ids: np.ndarray | None = None) -> dict[str, float]:
     """The trap report of ragged per-token KL (see the module docstring). first_error / loop_start:
-    ground-truth token indices per rollout (-1 none), or None when unknown (real data)."""
+    ground-truth token indices per rollout (-1 none), or None when unknown (real data). rollout_ids:
+    the order in which a step's rollouts feed the buffer (default: the given order)."""
     from kat_diag.kat.detector import rollout_minima
     from kat_diag.kat.replay import check_ragged, replay
 
@@ -85,7 +96,15 @@ def trap_stats(kl_values: np.ndarray, offsets: np.ndarray, correct: np.ndarray, 
     n = len(offs) - 1
     steps = np.zeros(n, dtype=np.int64) if steps is None else np.asarray(steps)
     minima = rollout_minima(values, offs, cfg.window)
-    tau = step_taus(values, offs, steps, cfg)
+    tau = step_taus(values, offs, steps, cfg, rollout_ids)
+    floor = np.isfinite(tau) & (tau <= 0)
+    if floor.any():
+        import warnings
+
+        from kat_diag.kat.detector import KATResolutionWarning, floor_message
+
+        warnings.warn(floor_message(float(tau[floor].max()), f"on {int(floor.sum())} of {n} rollouts"),
+                      KATResolutionWarning, stacklevel=2)
     res = replay(values, offs, cfg, tau, return_low=True)
     fired = res.fire >= 0
     length = res.length
@@ -124,12 +143,14 @@ def trap_stats(kl_values: np.ndarray, offsets: np.ndarray, correct: np.ndarray, 
     return out
 
 
-def trap_report(store, cfg: KATConfig) -> dict[str, float]:
-    """`trap_stats` of a trace store (a run directory or store path readable by `TraceReader`)."""
+def trap_report(store, cfg: KATConfig, *, allow_foreign: bool = False) -> dict[str, float]:
+    """`trap_stats` of a trace store (a run directory or store path readable by `TraceReader`;
+    allow_foreign: read files of other runs, see `TraceReader`)."""
     from kat_diag.traces.reader import TraceReader
     from kat_diag.traces.schema import UNKNOWN_POSITION
 
-    b = TraceReader(store).read(columns=["kl", "correct", "step", "first_error", "loop_start"])
+    columns = ["kl", "correct", "step", "first_error", "loop_start", "rollout_id"]
+    b = TraceReader(store, allow_foreign=allow_foreign).read(columns=columns)
     err, loop = np.asarray(b["first_error"]), np.asarray(b["loop_start"])
     known = err != UNKNOWN_POSITION
     if not known.any():  # real data (or a schema-1 store): no ground truth
@@ -141,4 +162,5 @@ def trap_report(store, cfg: KATConfig) -> dict[str, float]:
         raise ValueError(f"{store}: {int((~graded).sum())} rollouts are not graded (correct is null)")
     kl = b["kl"]
     return trap_stats(np.asarray(kl.values, dtype=np.float64), kl.offsets, np.asarray(b["correct"]) == 1, cfg,
-                      steps=np.asarray(b["step"]), first_error=err, loop_start=loop)
+                      steps=np.asarray(b["step"]), first_error=err, loop_start=loop,
+                      rollout_ids=np.asarray(b["rollout_id"]))

@@ -529,8 +529,11 @@ def run_vocab(run_dir: str | Path, out_dir: str | Path, *, traces: str | Path | 
 
     if weight not in ("count", "prob"):
         raise ValueError(f"--weight must be count or prob, got {weight!r}")
-    if top < 1 or n_boot < 1 or prior_scale <= 0:
-        raise ValueError("--top and --boot must be >= 1 and --prior-scale > 0")
+    from kat_diag.run.preflight import check_range
+
+    check_range("--top", top, lo=1)
+    check_range("--boot", n_boot, lo=1)
+    check_range("--prior-scale", prior_scale, lo=0, lo_open=True)
     run = Path(run_dir)
     config = run_config(run)
     cfg = kat_config_of(config, **dict(kat or {}))

@@ -66,6 +66,18 @@ def _read_disk_dataset(path: Path) -> list[dict]:
     return ds.to_list()
 
 
+def _utf8_lines(path: Path, what: str) -> Iterable[str]:
+    """The lines of a text file; a line that is not UTF-8 is a ValueError naming `what` and the line
+    (the codec's own message names neither file nor line)."""
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{what}: line {lineno} is not UTF-8 text (byte 0x{raw[e.start]:02x}); "
+                                 "save the file as UTF-8") from None
+
+
 def _read_records(path: Path) -> list[dict]:
     if not path.exists():
         raise FileNotFoundError(f"data file not found: {path}")
@@ -76,13 +88,12 @@ def _read_records(path: Path) -> list[dict]:
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
         records = []
-        with path.open() as f:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
+        for lineno, line in enumerate(_utf8_lines(path, str(path)), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
         return records
     if suffix == ".parquet":
         import pyarrow.parquet as pq
@@ -157,6 +168,9 @@ def check_data_file(option: str, path: str | Path, fields: Iterable[str] = ()) -
     if is_datasets_dir(path):  # a save_to_disk directory: fields are checked when it loads
         return
     p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{option} {p}: is a directory, but not a datasets save_to_disk directory "
+                         "(no state.json); pass a .jsonl or .parquet file")
     if not p.is_file():
         raise FileNotFoundError(f"{option} {p}: no such file")
     suffix = p.suffix.lower()
@@ -172,14 +186,13 @@ def check_data_file(option: str, path: str | Path, fields: Iterable[str] = ()) -
             raise ValueError(f"{option} {p}: not a readable Parquet file ({e})") from e
         first = dict.fromkeys(names)
     else:
-        with p.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        first = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{option} {p}:{lineno}: invalid JSON ({e.msg})") from e
-                    break
+        for lineno, line in enumerate(_utf8_lines(p, f"{option} {p}"), 1):
+            if line.strip():
+                try:
+                    first = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{option} {p}:{lineno}: invalid JSON ({e.msg})") from e
+                break
     if first is None:
         raise ValueError(f"{option} {p}: the data set is empty")
     if not isinstance(first, dict):

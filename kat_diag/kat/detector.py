@@ -79,6 +79,26 @@ _QMAX_F = KL_LIMIT * KL_SCALE
 _NOT_FIRED = 2**62  # internal sentinel: min() keeps the first fire without a branch
 
 
+class KATResolutionWarning(UserWarning):
+    """KAT's threshold is at the fixed-point floor: no window of non-negative KL can be below it."""
+
+
+def at_resolution_floor(tau: float) -> bool:
+    """True when the threshold in force is finite and <= 0. The detector reads KL in steps of
+    2**-24 nats (6e-8, truncated), so when the buffer's minimum window means are 0 at that
+    resolution (per-token KL below ~6e-8 nats over whole windows: below float32 rounding of the
+    models' log-probs) the threshold is 0 and, KL being >= 0, no window is strictly below it: KAT
+    is active but cannot fire. Callers report it (`floor_message`) instead of staying silent."""
+    return tau <= 0.0  # False for NaN (inactive)
+
+
+def floor_message(tau: float, where: str) -> str:
+    """The one-line report of `at_resolution_floor` (where: e.g. 'from step 7 on')."""
+    return (f"KAT cannot fire {where}: its threshold tau = {tau:.3g} is at the detector's resolution "
+            f"floor (KL is read in steps of 2^-24 = {1 / KL_SCALE:.1e} nats and the buffer's minimum window "
+            "means are 0 at that resolution, so no window of non-negative KL is strictly below it)")
+
+
 def onset_from_fire(fire: Any, cfg: KATConfig) -> Any:
     """onset for fire positions (int, tensor or array); -1 (not fired) stays -1."""
     lag = cfg.fire_lag
@@ -205,13 +225,55 @@ def buffer_values_of(kl_by_rollout: Sequence[Any], cfg: KATConfig) -> np.ndarray
 
 
 def threshold_of(values: np.ndarray | Sequence[float], cfg: KATConfig) -> float:
-    """tau = the cfg.tau_quantile quantile of the finite values (numpy's linear interpolation);
-    NaN when fewer than cfg.min_fill finite values are given."""
+    """tau = the cfg.tau_quantile quantile of the finite values (linear interpolation, numpy's
+    default definition); NaN when fewer than cfg.min_fill finite values are given.
+
+    Exact. Buffer values are window means, k / (W 2**24) for an integer window sum k, stored as
+    the nearest float64, which can lie above k / (W 2**24) when W is not a power of two. Each value
+    is therefore read back as that exact fraction, the quantile is taken in exact arithmetic (the
+    interpolation index (n - 1) q with q the float given), and the float returned is the one
+    nearest the exact quantile among those the detector reads as the same threshold, so "window
+    mean < tau" holds exactly when it holds for the exact quantile: a window whose mean equals it
+    is not low (DESIGN §2: strictly below).
+    """
     v = np.asarray(values, dtype=np.float64).reshape(-1)
     v = v[np.isfinite(v)]
     if v.shape[0] < cfg.min_fill or v.shape[0] == 0:
         return math.nan
-    return float(np.quantile(v, cfg.tau_quantile))
+    return exact_quantile(v, cfg.tau_quantile, cfg.window)
+
+
+def exact_quantile(values: np.ndarray, q: float, window: int) -> float:
+    """The q quantile of window means (finite float64 values, see `threshold_of`), as the float that
+    the detector reads exactly as the exact quantile."""
+    denom = int(window) << KL_SCALE_BITS
+    v = np.sort(np.asarray(values, dtype=np.float64).reshape(-1))
+    n = v.shape[0]
+    h = (n - 1) * Fraction(float(q))
+    lo = math.floor(h)
+    hi = min(lo + 1, n - 1)
+    k_lo = round(Fraction(float(v[lo])) * denom)  # the integer window sums the floats stand for
+    k_hi = round(Fraction(float(v[hi])) * denom)
+    units = k_lo + (h - lo) * (k_hi - k_lo)  # exact quantile x W 2**24
+    return _deciding_float(units, denom)
+
+
+def _deciding_float(units: Fraction, denom: int) -> float:
+    """The float nearest units / denom with ceil(float * denom) == ceil(units): the detector
+    (`_threshold_units`) then calls an integer window sum s low iff s < units."""
+    t = math.ceil(units)
+    f = float(units / denom)
+
+    def ceil_of(x: float) -> int:
+        return math.ceil(Fraction(x) * denom)
+
+    if math.ulp(f) * denom >= 0.5:  # far outside the detector's range: no float to choose between
+        return f
+    while ceil_of(f) > t:  # rounded up past t / denom: step down (at most a few ulps)
+        f = math.nextafter(f, -math.inf)
+    while ceil_of(f) < t:  # rounded down to (t - 1) / denom or below: step up
+        f = math.nextafter(f, math.inf)
+    return f
 
 
 class AdaptiveThreshold:

@@ -31,7 +31,8 @@ A rollout that ends on its own (EOS, budget) trains on all its tokens; `keep_B`/
 describe rollouts the policy stopped. Metrics of every policy share the keys `rollouts`,
 `stopped_share`, `gen_len_mean`, `kept_len_mean`, `tokens_generated`, `tokens_kept`; KAT adds
 `tau` (the threshold in force: NaN while inactive), `buffer_quantile` (the buffer's quantile,
-defined once B_min values are in, active or not), `kat_active`, `fired_share`, `onset_mean`,
+defined once B_min values are in, active or not), `kat_active`, `tau_at_floor` (1: active with
+tau <= 0, where it cannot fire; warned once, see `detector.at_resolution_floor`), `fired_share`, `onset_mean`,
 `fire_mean`, `nonfinite_count`, `buffer_added`, `buffer_size`.
 
 Policies: `none` (plain OPD), `kat`, `random`, `prefix`, `kat+prefix`.
@@ -58,6 +59,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,7 +69,14 @@ import numpy as np
 import torch
 
 from kat_diag.kat.config import KATConfig
-from kat_diag.kat.detector import AdaptiveThreshold, StreamingDetector, buffer_values_of
+from kat_diag.kat.detector import (
+    AdaptiveThreshold,
+    KATResolutionWarning,
+    StreamingDetector,
+    at_resolution_floor,
+    buffer_values_of,
+    floor_message,
+)
 
 POLICY_NAMES = ("none", "kat", "random", "prefix", "kat+prefix")
 
@@ -467,6 +476,7 @@ class KATPolicy(_RowPolicy):
         self.detector = StreamingDetector(cfg, device=self.device)
         self.gather = gather
         self._nonfinite_at_begin = 0
+        self._floor_warned = False
         self._idx_cache: dict[int, torch.Tensor] = {}
         self._fired_B = torch.zeros(0, dtype=torch.bool, device=self.device)
 
@@ -479,6 +489,10 @@ class KATPolicy(_RowPolicy):
         self.threshold.begin_step(step)
         self.detector.set_tau(self.threshold.effective_tau)
         self._nonfinite_at_begin = self.detector.nonfinite_count
+        if at_resolution_floor(self.threshold.effective_tau) and not self._floor_warned:
+            self._floor_warned = True  # once per run: the metric `tau_at_floor` says it every step
+            warnings.warn(floor_message(self.threshold.effective_tau, f"at step {step}"), KATResolutionWarning,
+                          stacklevel=2)
 
     def max_new_tokens(self, default: int) -> int:
         return default if self.prefix_len is None else min(self.prefix_len, default)
@@ -538,6 +552,7 @@ class KATPolicy(_RowPolicy):
             "tau": self.threshold.effective_tau,
             "buffer_quantile": self.threshold.tau,
             "kat_active": float(self.threshold.active),
+            "tau_at_floor": float(at_resolution_floor(self.threshold.effective_tau)),
             "fired_share": _mean(fired),
             "onset_mean": _mean(done["onset"][fired]),
             "fire_mean": _mean(done["fire"][fired]),

@@ -8,6 +8,11 @@ that were truncated online at fire: the recorded prefix contains every token the
 depended on). Input is ragged: one flat array of per-token KL and offsets, as the trace store
 keeps it; rollouts are sorted by length and padded into blocks so millions of tokens replay
 in a few vectorised calls.
+
+`ThresholdReplay` replays KAT's adaptive threshold over recorded steps the way training ran it:
+each step's tau from the buffer of the steps before it, and after the step the buffer fed with
+what each rollout kept in its trace (up to and including its fire), in rollout-id order. Every
+offline path that replays the buffer (`kat-diag replay`, `kat-diag trap`) goes through it.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kat_diag.kat.config import KATConfig
-from kat_diag.kat.detector import StreamingDetector, kept_tokens
+from kat_diag.kat.detector import AdaptiveThreshold, StreamingDetector, buffer_values, kept_tokens
 
 
 @dataclass(frozen=True)
@@ -106,3 +111,42 @@ def _replay_block(values: np.ndarray, starts_R: np.ndarray, len_R: np.ndarray, t
             low_RC = det.last_low_BC.numpy() & valid_RC & (pos_C >= cfg.window - 1)
             low_out[flat_RC[valid_RC]] = low_RC[valid_RC]
     fire_out[idx_R] = det.fire_B.numpy()
+
+
+class ThresholdReplay:
+    """KAT's FIFO threshold buffer over recorded steps, fed as online (see the module docstring).
+
+        tr = ThresholdReplay(cfg)
+        for each step, in increasing order:
+            tau = tr.begin_step(step)                     # NaN before step K or below B_min values
+            fire = replay(kl, offsets, cfg, tau).fire     # (or any replay of these rollouts at tau)
+            tr.end_step(kl, offsets, fire, rollout_ids)   # the buffer gets the kept tokens' values
+
+    Online, a rollout cut at fire stores (and pushes) its tokens up to fire; a replayed rollout of
+    an uncut trace (e.g. plain OPD) must push the same, so the values are taken from
+    [0, fire] of each fired rollout and from the whole of the others. Rollouts are pushed in
+    rollout-id order (rank, then position in the step), as online.
+    """
+
+    def __init__(self, cfg: KATConfig) -> None:
+        self.cfg = cfg
+        self.threshold = AdaptiveThreshold(cfg)
+
+    def begin_step(self, step: int) -> float:
+        """The threshold in force at `step` (NaN: inactive)."""
+        return self.threshold.begin_step(step)
+
+    def end_step(self, kl_values: np.ndarray, offsets: np.ndarray, fire: np.ndarray,
+                 rollout_ids: np.ndarray | None = None) -> int:
+        """Push what this step's rollouts contribute; returns the number of values added."""
+        values, offs = check_ragged(kl_values, offsets)
+        fire = np.asarray(fire, dtype=np.int64)
+        length = np.diff(offs)
+        kept = np.where(fire >= 0, np.minimum(fire + 1, length), length)
+        order = (np.arange(len(length)) if rollout_ids is None
+                 else np.argsort(np.asarray(rollout_ids), kind="stable"))
+        new_len = kept[order]
+        new_offs = np.zeros(len(order) + 1, dtype=np.int64)
+        np.cumsum(new_len, out=new_offs[1:])
+        pos = np.repeat(offs[:-1][order] - new_offs[:-1], new_len) + np.arange(new_offs[-1])
+        return self.threshold.observe(buffer_values(values[pos], new_offs, self.cfg))

@@ -146,7 +146,13 @@ def save_checkpoint(run: Path, step: int, student, tokenizer, opt, sched, policy
 
 
 def _discard_traces_after(run: Path, step: int, rank: int) -> int:
-    """On resume: move trace files written after the checkpoint aside (their steps are redone)."""
+    """On resume: move trace files written after the checkpoint aside (their steps are redone).
+
+    A file that also holds steps up to the checkpoint (the writer flushes on its own when its buffer
+    fills, so a file can straddle a checkpoint) is moved aside too and replaced by a copy with only
+    those steps: otherwise the redone steps would be stored twice (the reader refuses duplicates).
+    """
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     tdir = run / "traces"
@@ -158,9 +164,18 @@ def _discard_traces_after(run: Path, step: int, rank: int) -> int:
             steps = pq.read_table(f, columns=["step"]).column("step").to_numpy()
         except Exception:
             continue  # the reader reports corrupt files itself
-        if steps.size and steps.min() > step:
-            dest = run / "traces_discarded"
-            dest.mkdir(exist_ok=True)
+        if not steps.size or steps.max() <= step:
+            continue
+        dest = run / "traces_discarded"
+        dest.mkdir(exist_ok=True)
+        if steps.min() <= step:  # straddles the checkpoint: keep its earlier steps in a new file
+            table = pq.read_table(f)
+            kept = table.filter(pa.array(steps <= step))
+            tmp = f.with_name(f".tmp-{f.name}.{os.getpid()}")
+            pq.write_table(kept, tmp, compression="snappy", write_page_checksum=True)  # keeps the run metadata
+            shutil.copy2(f, dest / f.name)  # a crash from here on leaves the original in place
+            os.replace(tmp, f)
+        else:
             os.replace(f, dest / f.name)
-            moved += 1
+        moved += 1
     return moved

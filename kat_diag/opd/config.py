@@ -32,12 +32,14 @@ class SamplingConfig:
     refill_share: float = 0.25
 
     def __post_init__(self) -> None:
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not self.temperature > 0:
+            raise ValueError(f"--temperature (sampling.temperature) must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.max_new_tokens < 1 or self.chunk_size < 1 or self.slots < 0 or self.top_n < 0:
-            raise ValueError("max_new_tokens and chunk_size must be >= 1, slots and top_n >= 0")
+            raise ValueError(f"--top-p (sampling.top_p) must be in (0, 1], got {self.top_p}")
+        for name, lo in (("max_new_tokens", 1), ("chunk_size", 1), ("slots", 0), ("top_n", 0)):
+            value = getattr(self, name)
+            if value < lo:
+                raise ValueError(f"--{name.replace('_', '-')} (sampling.{name}) must be >= {lo}, got {value}")
 
 
 # Settings a resumed run may change (everything else must match its config.json): they decide how
@@ -91,14 +93,16 @@ class TrainConfig:
     max_steps_this_run: int | None = None  # stop early (simulates an interruption; for tests)
     progress: bool = True
     trust_remote_code: bool = False  # let from_pretrained run a checkpoint's own Python code
+    truncate_prompts: bool = False  # prompts longer than the context minus the budget: keep their end (else refuse)
     report_to: tuple[str, ...] = ()  # tensorboard | trackio | wandb (kat_diag.opd.tracking)
     tracker_project: str = "kat-diag"
     parallel: str = "ddp"  # ddp | fsdp (kat_diag.opd.fsdp) under several processes
     shard_teacher: bool = False  # fsdp: shard the teacher too
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1 or self.micro_batch < 1:
-            raise ValueError("steps, batch_size and micro_batch must be >= 1")
+        for name in ("steps", "batch_size", "micro_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} ({name}) must be >= 1, got {getattr(self, name)}")
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"schedule must be cosine|constant, got {self.schedule!r}")
         resolve_dtype(self.dtype)

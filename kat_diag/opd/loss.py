@@ -50,6 +50,20 @@ class LossInputs:
     lengths_B: torch.Tensor | None = None  # tokens of each rollout, in order, summing to N (IW-OPD)
 
 
+def p_log_ratio(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """exp(logp) (logp - logq) elementwise, with 0 where p = 0 (logp = -inf, e.g. masked logits).
+
+    The plain product is 0 x -inf = NaN there, in value and (through the unselected branch of a
+    `where`) in gradient; both branches are therefore made finite before the product. Where p > 0
+    and q = 0 the term stays +inf: an infinite reverse KL is the true value (the trainer refuses it).
+    """
+    has_p = logp > float("-inf")
+    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    logp_safe = torch.where(has_p, logp, zero)
+    logq_safe = torch.where(has_p, logq.to(logp.dtype), zero)
+    return torch.where(has_p, logp_safe.exp() * (logp_safe - logq_safe), zero)
+
+
 class OPDLoss(Protocol):
     name: str
     teacher_state: str  # what the rollout engine keeps of the teacher: "none" | "full" | "topk"
@@ -67,7 +81,7 @@ class FullReverseKL:
         if x.teacher_logprobs_NV is None:
             raise ValueError("full reverse KL needs the teacher's full log-probs")
         s_logp_NV = torch.log_softmax(x.student_logits_NV.float(), dim=-1)
-        kl_N = (s_logp_NV.exp() * (s_logp_NV - x.teacher_logprobs_NV.float())).sum(-1)
+        kl_N = p_log_ratio(s_logp_NV, x.teacher_logprobs_NV.float()).sum(-1)
         return kl_N.sum()
 
 
@@ -87,10 +101,15 @@ class TopKReverseKL:
         ids_NK = x.topk_ids_NK.long()
         s_top_NK = s_logp_NV.gather(-1, ids_NK)
         t_top_NK = x.teacher_topk_logprobs_NK.float()
-        kl_N = (s_top_NK.exp() * (s_top_NK - t_top_NK)).sum(-1)
+        kl_N = p_log_ratio(s_top_NK, t_top_NK).sum(-1)
         if ids_NK.shape[-1] < s_logp_NV.shape[-1]:  # k < V: one tail bucket per model
-            s_tail_N = torch.logsumexp(s_logp_NV.scatter(-1, ids_NK, float("-inf")), dim=-1)
-            kl_N = kl_N + s_tail_N.exp() * (s_tail_N - x.teacher_tail_logprob_N.float())
+            outside_NV = s_logp_NV.scatter(-1, ids_NK, float("-inf"))
+            # No student mass outside the top-k (masked logits): the tail is exactly 0. logsumexp
+            # of a row of -inf has a NaN gradient, so such rows are summed over zeros and reset.
+            empty_N1 = torch.isneginf(outside_NV).all(-1, keepdim=True)
+            s_tail_N = torch.logsumexp(outside_NV.masked_fill(empty_N1, 0.0), dim=-1)
+            s_tail_N = s_tail_N.masked_fill(empty_N1.squeeze(-1), float("-inf"))
+            kl_N = kl_N + p_log_ratio(s_tail_N, x.teacher_tail_logprob_N.float())
         return kl_N.sum()
 
 

@@ -34,6 +34,7 @@ framework buffers are not counted, so keep a margin (the `fits` verdict leaves 1
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -131,8 +132,13 @@ class PlanConfig:
         for name in ("dtype", "student_dtype"):
             if getattr(self, name) not in ("fp32", "bf16"):
                 raise ValueError(f"{name} must be fp32|bf16, got {getattr(self, name)!r}")
-        if min(self.devices, self.batch_size, self.budget, self.chunk_size, self.micro_batch) < 1:
-            raise ValueError("devices, batch_size, budget, chunk_size and micro_batch must be >= 1")
+        for name, lo in (("devices", 1), ("batch_size", 1), ("budget", 1), ("chunk_size", 1), ("micro_batch", 1),
+                         ("top_k", 1), ("prompt_len", 0), ("slots", 0)):
+            value = getattr(self, name)
+            if value < lo:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= {lo}, got {value}")
+        if not (self.device_gb > 0 and math.isfinite(self.device_gb)):
+            raise ValueError(f"--device-gb must be a finite number > 0, got {self.device_gb}")
 
 
 def _bytes(dtype: str) -> int:

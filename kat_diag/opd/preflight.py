@@ -19,6 +19,7 @@ def check_train(cfg: Any, *, resume: bool = False, overwrite: bool = False) -> N
     """Every option of a `train` config that can be checked without loading a model or a data set."""
     from kat_diag.kat.policies import POLICY_NAMES
     from kat_diag.opd.loss import LOSSES
+    from kat_diag.opd.tracking import check_report_to
 
     check_choice("--termination", cfg.termination, POLICY_NAMES)
     check_choice("--loss", cfg.loss, LOSSES)
@@ -44,6 +45,7 @@ def check_train(cfg: Any, *, resume: bool = False, overwrite: bool = False) -> N
         elif not (Path(cfg.random_from) / "metrics.jsonl").is_file():
             raise FileNotFoundError(f"--random-from {cfg.random_from}: no metrics.jsonl to length-match")
     check_device(cfg.device)
+    check_report_to(cfg.report_to)  # every tracker backend before anything starts or is written
     check_models(cfg.teacher, cfg.student)
     if cfg.data == "world":
         world_split_names(cfg.student)

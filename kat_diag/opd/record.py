@@ -8,6 +8,7 @@ This is the trainer's rollout path with no update: same engine, same trace forma
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from kat_diag.opd.config import SamplingConfig, TrainConfig
 from kat_diag.opd.rollout import RolloutEngine, encode_prompts
 from kat_diag.opd.trace_rows import trace_batch
 from kat_diag.opd.trainer import load_prompts, step_generator
+from kat_diag.run.preflight import context_limit, fit_prompts
 from kat_diag.run.progress import bar as tqdm  # few lines in a log, live on a terminal
 from kat_diag.traces.writer import TraceWriter
 
@@ -39,6 +41,7 @@ class RecordConfig:
     kat: KATConfig = field(default_factory=KATConfig)
     step_label: int = 0  # written as the traces' `step` (e.g. the checkpoint's training step)
     progress: bool = True
+    truncate_prompts: bool = False  # see TrainConfig.truncate_prompts
 
 
 def record(cfg: RecordConfig) -> dict[str, float]:
@@ -59,6 +62,11 @@ def record(cfg: RecordConfig) -> dict[str, float]:
         raise ValueError(f"unknown split {cfg.split!r}; available: train, {', '.join(bench)}")
     problems = [p for p in pool[: cfg.n_prompts] for _ in range(cfg.samples_per_prompt)]
     encoded = encode_prompts(tok, [p.prompt for p in problems])
+    encoded, n_cut = fit_prompts(encoded, [p.id for p in problems], cfg.sampling.max_new_tokens,
+                                 context_limit(teacher, student), truncate=cfg.truncate_prompts,
+                                 source=f"--data {cfg.data}")
+    if n_cut:
+        print(f"warning: --truncate-prompts: {n_cut} of {len(encoded)} prompts cut to fit the context", file=sys.stderr)
     policy = make_policy(cfg.termination, kat=cfg.kat, prefix_len=None, random_target=None, seed=cfg.seed)
     engine = RolloutEngine(student, teacher, tok.eos_token_id, tok.pad_token_id, cfg.sampling)
     device = next(student.parameters()).device

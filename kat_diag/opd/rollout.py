@@ -31,7 +31,7 @@ import torch
 
 from kat_diag.opd import kvcache
 from kat_diag.opd.config import SamplingConfig
-from kat_diag.opd.loss import topk_teacher_state
+from kat_diag.opd.loss import p_log_ratio, topk_teacher_state
 
 _TEACHER_STATES = ("none", "full", "topk")
 
@@ -88,8 +88,7 @@ def token_stats(
     s_logp_BCV: torch.Tensor, t_logp_BCV: torch.Tensor, tokens_BC: torch.Tensor, top_n: int
 ) -> dict[str, torch.Tensor]:
     """Per-token reverse KL (full and sampled), logprobs, student entropy, teacher top-n."""
-    p_s = s_logp_BCV.exp()
-    kl = (p_s * (s_logp_BCV - t_logp_BCV)).sum(-1)
+    kl = p_log_ratio(s_logp_BCV, t_logp_BCV).sum(-1)  # 0, not NaN, where the student's p is 0
     s_lp = s_logp_BCV.gather(-1, tokens_BC[..., None]).squeeze(-1)
     t_lp = t_logp_BCV.gather(-1, tokens_BC[..., None]).squeeze(-1)
     out = {
@@ -97,7 +96,8 @@ def token_stats(
         "kl_sampled": s_lp - t_lp,
         "student_logprob": s_lp,
         "teacher_logprob": t_lp,
-        "student_entropy": -(p_s * s_logp_BCV).sum(-1),
+        "student_entropy": -p_log_ratio(s_logp_BCV, torch.zeros((), dtype=s_logp_BCV.dtype,
+                                                                 device=s_logp_BCV.device)).sum(-1),
     }
     n = min(top_n, t_logp_BCV.shape[-1])
     top_lp, top_i = t_logp_BCV.topk(n, dim=-1)

@@ -47,6 +47,20 @@ def parse_report_to(values: str | list[str] | tuple[str, ...] | None) -> tuple[s
     return tuple(dict.fromkeys(names))
 
 
+_MODULES = {"tensorboard": "tensorboard", "trackio": "trackio", "wandb": "wandb"}
+
+
+def check_report_to(names: tuple[str, ...] | list[str]) -> None:
+    """Every selected backend is installed, checked before any starts and before anything is written
+    (a missing wandb used to be found after trackio had created its run and config.json was written)."""
+    import importlib.util
+
+    for n in parse_report_to(list(names)):
+        if importlib.util.find_spec(_MODULES[n]) is None:
+            raise ValueError(f"--report-to {n} needs the {n} package: pip install 'kat-diag[{n}]' "
+                             "(nothing was started or written)")
+
+
 def scalars(metrics: dict[str, Any]) -> dict[str, float]:
     """The numeric, finite entries of a metrics dict (NaN, e.g. tau before warm-up, is left out)."""
     out = {}
@@ -228,8 +242,9 @@ class TrackioTracker(Tracker):
         self.trackio = _require("trackio", "trackio")
         state.setdefault("project", project)
         state.setdefault("name", f"{run.name}-{secrets.token_hex(3)}")
-        self.run = self.trackio.init(project=state["project"], name=state["name"], config=config, resume="allow",
-                                     embed=False, auto_log_gpu=False, auto_log_cpu=False)
+        with _stdout_to_stderr():  # trackio prints a banner; stdout is the command's JSON result
+            self.run = self.trackio.init(project=state["project"], name=state["name"], config=config,
+                                         resume="allow", embed=False, auto_log_gpu=False, auto_log_cpu=False)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         self.run.log(scalars(metrics), step=step)
@@ -242,7 +257,13 @@ class TrackioTracker(Tracker):
         self.run.log(logged, step=step)
 
     def close(self) -> None:
-        self.run.finish()
+        with _stdout_to_stderr():
+            try:
+                # The module-level finish also clears trackio's current run: `run.finish()` alone
+                # leaves it to trackio's exit hook, which finishes it again and prints on stdout.
+                self.trackio.finish()
+            except RuntimeError:  # not the current run any more
+                self.run.finish()
 
 
 class WandbTracker(Tracker):
@@ -254,8 +275,9 @@ class WandbTracker(Tracker):
         self.wandb = _require("wandb", "wandb")
         state.setdefault("project", project)
         state.setdefault("id", secrets.token_hex(4))
-        self.run = self.wandb.init(project=state["project"], id=state["id"], name=run.name, resume="allow",
-                                   dir=str(run), config=config)
+        with _stdout_to_stderr():
+            self.run = self.wandb.init(project=state["project"], id=state["id"], name=run.name, resume="allow",
+                                       dir=str(run), config=config)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         self.run.log(scalars(metrics), step=step)
@@ -268,7 +290,16 @@ class WandbTracker(Tracker):
         self.run.log(logged, step=step)
 
     def close(self) -> None:
-        self.run.finish()
+        with _stdout_to_stderr():
+            self.run.finish()
+
+
+def _stdout_to_stderr() -> Any:
+    """Backends' banners and links go to stderr: a command's stdout is its strict-JSON result."""
+    import contextlib
+    import sys
+
+    return contextlib.redirect_stdout(sys.stderr)
 
 
 def make_tracker(report_to: tuple[str, ...], run: Path, config: dict[str, Any], *, resumed: bool,
@@ -277,6 +308,7 @@ def make_tracker(report_to: tuple[str, ...], run: Path, config: dict[str, Any], 
     names = parse_report_to(list(report_to))
     if not names:
         return MultiTracker([])
+    check_report_to(names)  # all of them before any starts
     path = run / STATE_NAME
     saved = json.loads(path.read_text()) if resumed and path.exists() else {}
     state = {n: dict(saved.get(n, {})) for n in names}

@@ -43,9 +43,10 @@ from kat_diag.opd.loss import LossInputs, make_loss
 from kat_diag.opd.rollout import Rollout, RolloutEngine, encode_prompts
 from kat_diag.opd.supervise import select_training_tokens, with_supervision
 from kat_diag.opd.trace_rows import trace_batch
-from kat_diag.opd.tracking import make_tracker, rollout_rows
+from kat_diag.opd.tracking import check_report_to, make_tracker, rollout_rows
 from kat_diag.run import rundir
 from kat_diag.run.config_io import check_resumed
+from kat_diag.run.preflight import context_limit, fit_prompts
 from kat_diag.run.progress import bar as progress_bar
 
 # ---------------------------------------------------------------------------------------------
@@ -214,7 +215,8 @@ def evaluate_student(student, tokenizer, bench: dict[str, list[Problem]], cfg: T
 
     subset = {k: v[: cfg.eval_n] for k, v in bench.items()}
     res = evaluate_benchmarks(student, tokenizer, subset, k=cfg.eval_k, greedy=True,
-                              max_new_tokens=cfg.sampling.max_new_tokens, seed=cfg.seed)
+                              max_new_tokens=cfg.sampling.max_new_tokens, seed=cfg.seed,
+                              truncate_prompts=cfg.truncate_prompts)
     return {f"eval/{split}/{m}": v for split, r in res.items() for m, v in r.items()}  # n: problems (for CIs)
 
 
@@ -226,19 +228,40 @@ class TrainResult:
 
 
 def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
-          on_step: Callable[[int, dict[str, Any]], None] | None = None) -> TrainResult:
+          on_step: Callable[[int, dict[str, Any]], None] | None = None, *,
+          resume_hint: str = "continue with --resume") -> TrainResult:
     """Run OPD with the configured termination policy. Rank 0 owns (locks) the run directory while it
     runs; an existing run is refused unless `resume` (its config.json must match, see RESUME_MUTABLE)
     or `overwrite` (see `kat_diag.run.rundir`). `on_step(step, metrics)` is called on rank 0 after each
-    step's metrics are written (e.g. an outer progress display)."""
+    step's metrics are written (e.g. an outer progress display). `resume_hint` ends the message a
+    Ctrl-C prints (how the caller's user continues)."""
+    check_report_to(cfg.report_to)  # every tracker backend before anything starts or is written
     if resume:
         check_resumed(cfg, Path(cfg.out) / CONFIG_NAME, RESUME_MUTABLE)
+        check_resume_steps(Path(cfg.out), cfg.steps)
     with rundir.owned(cfg.out, resume=resume, overwrite=overwrite, enabled=int(os.environ.get("RANK", "0")) == 0):
-        return _train(cfg, resume, on_step)
+        return _train(cfg, resume, on_step, resume_hint)
+
+
+def check_resume_steps(run: Path, steps: int) -> None:
+    """A resumed run must have steps left: never shrink a run below what it has done, never redo a
+    finished one (both used to exit 0 and rewrite config.json to a step count final/ does not hold)."""
+    ckpt = latest_checkpoint(run)
+    if ckpt is None:
+        return
+    done = int(ckpt.name.split("-")[-1]) + 1
+    if steps <= done and (run / "final").is_dir():
+        shrink = f"; --steps {steps} cannot make it shorter" if steps < done else ""
+        raise ValueError(f"--resume: {run} is complete ({done} steps trained, final/ written), nothing to "
+                         f"resume{shrink}; --steps N with N > {done} trains it further")
+    if steps < done:
+        raise ValueError(f"--steps {steps}: {run} has already trained {done} steps (checkpoint {ckpt.name}); "
+                         "a resumed run cannot have fewer steps than it has done")
 
 
 def _train(cfg: TrainConfig, resume: bool,
-           on_step: Callable[[int, dict[str, Any]], None] | None = None) -> TrainResult:
+           on_step: Callable[[int, dict[str, Any]], None] | None = None,
+           resume_hint: str = "continue with --resume") -> TrainResult:
     device = D.local_device(resolve_device(cfg.device))
     rank, world = D.init(device)
     run = Path(cfg.out)
@@ -264,6 +287,16 @@ def _train(cfg: TrainConfig, resume: bool,
 
     problems, bench = load_prompts(cfg)
     encoded = encode_prompts(tokenizer, [p.prompt for p in problems])
+    limit = context_limit(teacher, student)
+    encoded, n_cut = fit_prompts(encoded, [p.id for p in problems], cfg.sampling.max_new_tokens, limit,
+                                 truncate=cfg.truncate_prompts, source=f"--data {cfg.data}")
+    for name, probs in bench.items():  # evaluation prompts too, before any training
+        ids = [tokenizer(p.prompt, add_special_tokens=False)["input_ids"] for p in probs[: cfg.eval_n]]
+        n_cut += fit_prompts(ids, [p.id for p in probs], cfg.sampling.max_new_tokens, limit,
+                             truncate=cfg.truncate_prompts, source=f"benchmark {name}")[1]
+    if n_cut and rank == 0:
+        print(f"warning: --truncate-prompts: {n_cut} prompts cut to their last "
+              f"{limit - cfg.sampling.max_new_tokens} tokens to fit the models' context of {limit}", file=sys.stderr)
     policy = make_policy(cfg.termination, kat=cfg.kat, prefix_len=cfg.prefix_len,
                          random_target=_random_target(cfg), seed=cfg.seed * 131 + rank, device=device,
                          gather=lambda v: D.all_gather_values(v, device))
@@ -404,7 +437,7 @@ def _train(cfg: TrainConfig, resume: bool,
                     saved = step
                 D.barrier()
             if stop_now:
-                print(f"interrupted: step {step} checkpointed in {run}; continue with --resume", file=sys.stderr)
+                print(f"interrupted: step {step} checkpointed in {run}; {resume_hint}", file=sys.stderr)
                 raise KeyboardInterrupt
     except KeyboardInterrupt:
         # A second Ctrl-C aborts mid-step: keep the flushed traces, and checkpoint the last finished
@@ -413,7 +446,7 @@ def _train(cfg: TrainConfig, resume: bool,
             writer.flush()
         if rank == 0 and not updating and last_done >= start and saved != last_done and not FS.is_sharded(student):
             save_checkpoint(run, last_done, student, tokenizer, opt, sched, policy, cfg.keep_checkpoints)
-            print(f"aborted: step {last_done} checkpointed in {run}; continue with --resume", file=sys.stderr)
+            print(f"aborted: step {last_done} checkpointed in {run}; {resume_hint}", file=sys.stderr)
         raise
     finally:
         interrupt.restore()

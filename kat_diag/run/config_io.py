@@ -40,38 +40,101 @@ class ConfigError(ValueError):
 # Reading and building
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """The mapping in a JSON or YAML file (.json -> JSON; .yaml/.yml -> YAML; else JSON, then YAML)."""
+def read_config_file(path: str | Path, option: str = "--config") -> dict[str, Any]:
+    """The mapping in a JSON or YAML file (.json -> JSON; .yaml/.yml -> YAML; else JSON, then YAML).
+
+    Strict where a silent reading would be wrong: a key repeated in one mapping is an error (JSON
+    and YAML parsers keep the last value without a word), and so is text that is not UTF-8 (the
+    message gives the line). YAML floats written without a dot (`lr: 1e-4`, as Hugging Face configs
+    write them) are read as numbers, not as the strings YAML 1.1 makes of them.
+    """
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{option} {p}: is a directory, not a JSON or YAML file")
     try:
-        text = p.read_text(encoding="utf-8")
+        raw = p.read_bytes()
     except OSError as e:
-        raise ConfigError(f"--config {p}: cannot read ({e.strerror or e})") from e
+        raise ConfigError(f"{option} {p}: cannot read ({e.strerror or e})") from e
+    text = decode_utf8(raw, f"{option} {p}")
     suffix = p.suffix.lower()
     data: Any
     try:
         if suffix == ".json":
-            data = json.loads(text)
+            data = strict_json_loads(text)
         elif suffix in (".yaml", ".yml"):
             data = _yaml(text)
         else:
             try:
-                data = json.loads(text)
+                data = strict_json_loads(text)
             except json.JSONDecodeError:
                 data = _yaml(text)
+    except DuplicateKeyError as e:
+        raise ConfigError(f"{option} {p}: {e}") from e
     except (json.JSONDecodeError, ValueError) as e:
-        raise ConfigError(f"--config {p}: not valid {'JSON' if suffix == '.json' else 'JSON or YAML'} "
+        raise ConfigError(f"{option} {p}: not valid {'JSON' if suffix == '.json' else 'JSON or YAML'} "
                           f"({str(e).splitlines()[0]})") from e
     if not isinstance(data, dict):
-        raise ConfigError(f"--config {p}: expected a mapping of settings at the top, got {type(data).__name__}")
+        raise ConfigError(f"{option} {p}: expected a mapping of settings at the top, got {type(data).__name__}")
     return data
+
+
+class DuplicateKeyError(ValueError):
+    """A key given twice in one mapping of a config file."""
+
+
+def decode_utf8(raw: bytes, what: str) -> str:
+    """raw as UTF-8 text; else ValueError naming `what` and the line and byte that are not UTF-8."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{what}: line {line} is not UTF-8 text (byte 0x{raw[e.start]:02x}); "
+                          "save the file as UTF-8") from None
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise DuplicateKeyError(f"key '{key}' is given twice in one mapping (which one is meant?)")
+        out[key] = value
+    return out
+
+
+def strict_json_loads(text: str) -> Any:
+    """json.loads that refuses a key repeated in one object (json keeps the last one silently)."""
+    return json.loads(text, object_pairs_hook=_unique_pairs)
+
+
+def _yaml_loader() -> type:
+    """yaml.SafeLoader (plain data only, never Python objects) that refuses repeated keys and reads
+    exponent floats without a dot (1e-4) as floats."""
+    import re
+
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise DuplicateKeyError(f"key '{key}' is given twice in one mapping "
+                                            f"(line {key_node.start_mark.line + 1}; which one is meant?)")
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    StrictLoader.add_implicit_resolver(
+        "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+        list("-+0123456789"))
+    return StrictLoader
 
 
 def _yaml(text: str) -> Any:
     import yaml
 
     try:
-        return yaml.safe_load(text)  # safe_load: plain data only, never Python objects
+        return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         raise ValueError(" ".join(str(e).split())) from e
 
@@ -104,6 +167,10 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
         return tuple(_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value))
     if hint is Any:
         return value
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
     if dataclasses.is_dataclass(hint):
         if isinstance(value, hint):
             return value
@@ -301,8 +368,8 @@ def load_run_config(cls: type[C], path: str | Path) -> C:
     if not p.exists():
         raise ConfigError(f"{p} does not exist: nothing to resume")
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
+        data = strict_json_loads(decode_utf8(p.read_bytes(), str(p)))
+    except (OSError, json.JSONDecodeError, DuplicateKeyError) as e:
         raise ConfigError(f"{p}: unreadable run config ({e})") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: not a run config (expected a JSON object)")

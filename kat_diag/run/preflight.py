@@ -11,8 +11,9 @@ FileNotFoundError whose one-line message names the option and its value; the CLI
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 
 def _option(field: str) -> str:
@@ -38,6 +39,8 @@ def check_range(option: str, value: float | None, *, lo: float | None = None, lo
 def model_vocab(path: str | Path, option: str) -> int | None:
     """The output vocabulary of a checkpoint directory from its config.json (None if not stated)."""
     p = Path(path)
+    if p.is_file():
+        raise FileNotFoundError(f"{option} {p}: a file, not a checkpoint directory")
     if not p.is_dir():
         raise FileNotFoundError(f"{option} {p}: no such checkpoint directory")
     cfg_path = p / "config.json"
@@ -53,10 +56,11 @@ def model_vocab(path: str | Path, option: str) -> int | None:
     return int(vocab) if isinstance(vocab, int) else None
 
 
-def check_models(teacher: str, student: str) -> None:
-    vt, vs = model_vocab(teacher, "--teacher"), model_vocab(student, "--student")
+def check_models(teacher: str, student: str, names: tuple[str, str] = ("--teacher", "--student")) -> None:
+    """Both checkpoints exist and share the vocabulary; `names` are what the messages call them."""
+    vt, vs = model_vocab(teacher, names[0]), model_vocab(student, names[1])
     if vt is not None and vs is not None and vt != vs:
-        raise ValueError(f"vocabulary mismatch: --teacher {teacher} has {vt} tokens, --student {student} has {vs}; "
+        raise ValueError(f"vocabulary mismatch: {names[0]} {teacher} has {vt} tokens, {names[1]} {student} has {vs}; "
                          "on-policy distillation needs a shared vocabulary")
 
 
@@ -80,3 +84,64 @@ def check_device(device: str) -> None:
             raise ValueError("--device mps: MPS is not available on this machine")
         return
     raise ValueError(f"--device {device!r} is not one of auto, cpu, cuda, cuda:N, mps")
+
+
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def context_length(model_or_path: Any) -> int | None:
+    """Positions the model was built for (config `max_position_embeddings` or its older names), from a
+    loaded model, its config, or a checkpoint directory (its config.json, no weights); None if unstated."""
+    cfg: Any = model_or_path
+    if isinstance(model_or_path, (str, Path)):
+        try:
+            cfg = json.loads((Path(model_or_path) / "config.json").read_text())
+        except (OSError, ValueError):
+            return None
+    cfg = getattr(cfg, "config", cfg)
+
+    def get(c: Any, key: str) -> Any:
+        return c.get(key) if isinstance(c, dict) else getattr(c, key, None)
+
+    for c in (cfg, get(cfg, "text_config")):
+        for key in _CONTEXT_KEYS:
+            value = get(c, key) if c is not None else None
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
+def context_limit(*models: Any) -> int | None:
+    """The smallest `context_length` of the given models (None if none states one)."""
+    lengths = [n for n in (context_length(m) for m in models) if n is not None]
+    return min(lengths) if lengths else None
+
+
+def fit_prompts(prompts: Sequence[Sequence[int]], names: Sequence[str], max_new_tokens: int, limit: int | None,
+                *, truncate: bool = False, source: str = "prompts",
+                option: str | None = "--truncate-prompts") -> tuple[list[list[int]], int]:
+    """Prompts (token ids) checked against the models' context: a prompt plus the rollout budget must
+    fit in `limit` positions. Past it a model computes garbage (RoPE beyond its range: it trains
+    on nonsense and exits 0) or runs out of memory (a 1 MB prompt), so a prompt that does not fit
+    is an error naming it, unless `truncate`: then each such prompt keeps its last
+    `limit - max_new_tokens` tokens (the end of a prompt holds the question). `option` is the
+    caller's truncation option, named in the message (None: it has none). Returns (prompts, number cut)."""
+    out = [list(p) for p in prompts]
+    if limit is None:
+        return out, 0
+    room = limit - max_new_tokens
+    if room < 1:
+        raise ValueError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt: the models' context "
+                         f"is {limit} positions (max_position_embeddings)")
+    too_long = [i for i, p in enumerate(out) if len(p) > room]
+    if not too_long:
+        return out, 0
+    if truncate:
+        return [p[-room:] if len(p) > room else p for p in out], len(too_long)
+    i = max(too_long, key=lambda j: len(out[j]))
+    raise ValueError(
+        f"{source}: prompt {names[i]!r} has {len(out[i])} tokens, which with --max-new-tokens {max_new_tokens} "
+        f"needs {len(out[i]) + max_new_tokens} positions; the models have {limit} (max_position_embeddings). "
+        f"{len(too_long)} of {len(out)} prompts are too long: shorten them"
+        + (f", lower --max-new-tokens, or pass {option} (keeps the last {room} tokens of each)" if option
+           else " or lower the rollout budget"))

@@ -36,8 +36,11 @@ from kat_diag.traces.schema import (
     TRUTH_COLUMNS,
     UNKNOWN_POSITION,
     TraceStoreError,
+    part_identity,
     read_manifest,
     schema,
+    split_rollout_id,
+    store_identity,
 )
 
 
@@ -225,9 +228,15 @@ class TraceReader:
     ``on_error="raise"`` (default) raises :class:`TraceStoreError` naming the first corrupt, truncated
     or foreign file; ``on_error="skip"`` warns and reads the rest (a file damaged inside a data page is
     detected only when that row group is read: the rows already returned from it stay returned).
+
+    A store is one run's: every part file carries the run identity of the store's manifest
+    (`kat_diag.traces.schema.part_identity`), so a file copied in from another run is refused like a
+    foreign file (``allow_foreign=True`` reads it anyway), and rollout ids must be unique across the
+    store (a file copied in twice is refused, whatever ``on_error``). The id check reads the
+    ``rollout_id`` column only of row groups whose id ranges overlap (several ranks, or a copy).
     """
 
-    def __init__(self, path: str | os.PathLike[str], on_error: str = "raise") -> None:
+    def __init__(self, path: str | os.PathLike[str], on_error: str = "raise", *, allow_foreign: bool = False) -> None:
         if on_error not in ("raise", "skip"):
             raise ValueError("on_error must be 'raise' or 'skip'")
         self.on_error = on_error
@@ -252,9 +261,11 @@ class TraceReader:
         self.files: list[Path] = []
         self.skipped: list[tuple[Path, str]] = []
         self._row_groups: list[_RowGroup] = []
+        self.run_identity = store_identity(self.manifest)
         for f in files:
             try:
                 md, top_n = _check_file(f)
+                self._check_identity(f, md, top_n, allow_foreign)
             except TraceStoreError as e:
                 self._fail(f, e)
                 continue
@@ -262,6 +273,66 @@ class TraceReader:
             self.files.append(f)
             for i in range(md.num_row_groups):
                 self._row_groups.append(_RowGroup(f, i, md.row_group(i).num_rows, _column_stats(md, i)))
+        self._check_unique_ids()
+
+    def _check_identity(self, path: Path, md: pq.FileMetaData, top_n: int, allow_foreign: bool) -> None:
+        """A part file belongs to this store: same run identity (unless allow_foreign) and top_n."""
+        if "top_n" in self.manifest and top_n != int(self.manifest["top_n"]):
+            raise TraceStoreError(f"{path}: holds top_n={top_n} teacher tokens, the store's manifest says "
+                                  f"{self.manifest['top_n']} (a file from another store?)")
+        mine = part_identity(md.metadata or {})
+        if mine is None:
+            return
+        if self.run_identity is None:  # no manifest: the first file names the run
+            self.run_identity = mine
+        elif mine != self.run_identity and not allow_foreign:
+            raise TraceStoreError(
+                f"{path}: written by another run ({mine!r}; this store is run {self.run_identity!r}): a trace "
+                f"file copied in from elsewhere? Move it out of {self.dir}, or pass --allow-foreign "
+                "(allow_foreign=True) to read it")
+
+    def _check_unique_ids(self) -> None:
+        """Rollout ids are unique across the store; duplicates (a file copied in twice, two runs'
+        files merged) would be counted twice by every analysis, so they are refused."""
+        ranges = []
+        for i, rg in enumerate(self._row_groups):
+            lo, hi = rg.stats.get("rollout_id", (-(2**63), 2**63 - 1))
+            ranges.append((lo, hi, i))
+        ranges.sort()
+        suspect: set[int] = set()
+        reach, reach_i = None, -1
+        for lo, hi, i in ranges:  # row groups whose id ranges overlap another's
+            if reach is not None and lo <= reach:
+                suspect.update((i, reach_i))
+            if reach is None or hi > reach:
+                reach, reach_i = hi, i
+        if not suspect:
+            return
+        ids, where = [], []
+        by_file: dict[Path, list[int]] = {}
+        for i in sorted(suspect):
+            by_file.setdefault(self._row_groups[i].path, []).append(self._row_groups[i].index)
+        for path, groups in by_file.items():
+            try:
+                col = pq.ParquetFile(path).read_row_groups(groups, columns=["rollout_id"]).column(0).to_numpy()
+            except Exception:  # noqa: BLE001 - a damaged page is reported when its row group is read
+                continue
+            ids.append(col)
+            where.append(np.full(len(col), len(where)))
+        if not ids:
+            return
+        flat, src = np.concatenate(ids), np.concatenate(where)
+        order = np.argsort(flat, kind="stable")
+        dup = np.flatnonzero(np.diff(flat[order]) == 0)
+        if len(dup):
+            a, b = order[dup[0]], order[dup[0] + 1]
+            files = list(by_file)
+            rid = int(flat[a])
+            step, rank, index = split_rollout_id(rid)
+            raise TraceStoreError(
+                f"{self.dir}: rollout id {rid} (step {step}, rank {rank}, #{index}) is stored twice, in "
+                f"{files[src[a]].name} and {files[src[b]].name}: a trace file copied in twice or from another "
+                "run? Move the extra file out of the store")
 
     def _fail(self, path: Path, error: Exception) -> None:
         if self.on_error == "raise":

@@ -63,6 +63,11 @@ _META_RUN = b"kat_diag.run"
 
 _META_RANK = b"kat_diag.rank"
 
+# The store's run identity (a random id made with its manifest, `run_id` there): every part file
+# carries it, so readers refuse a file copied in from another run. Stores made before it existed use
+# the run name (`run`) as their identity.
+_META_RUN_ID = b"kat_diag.run_id"
+
 _PART_RE = re.compile(r"^part-r(\d{5})-(\d{8})\.parquet$")
 
 _TMP_PREFIX = ".tmp-"
@@ -156,6 +161,18 @@ def split_rollout_id(rollout_id: int) -> tuple[int, int, int]:
 
 # --------------------------------------------------------------------------------------------------
 # Reader
+
+
+def store_identity(manifest: dict[str, Any]) -> str | None:
+    """The run identity of a store from its manifest: `run_id`, else (older stores) the run name."""
+    value = manifest.get("run_id") or manifest.get("run")
+    return None if value is None else str(value)
+
+
+def part_identity(metadata: dict[bytes, bytes]) -> str | None:
+    """The run identity a part file carries (`kat_diag.run_id`, else the run name); None if neither."""
+    value = metadata.get(_META_RUN_ID) or metadata.get(_META_RUN)
+    return None if value is None else value.decode("utf-8", "replace")
 
 
 def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:

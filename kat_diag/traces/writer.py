@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from kat_diag.traces.schema import (
     _ID_RANK_BITS,
     _META_RANK,
     _META_RUN,
+    _META_RUN_ID,
     _PART_RE,
     _STATS_COLUMNS,
     _TMP_PREFIX,
@@ -40,6 +42,7 @@ from kat_diag.traces.schema import (
     make_rollout_id,
     read_manifest,
     schema,
+    store_identity,
 )
 
 # --------------------------------------------------------------------------------------------------
@@ -80,6 +83,29 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+def _create_exclusive(path: Path, data: bytes) -> bool:
+    """Write `path` atomically unless it exists; False if it did. The ranks of a run start their
+    writers at once: exactly one manifest (one run id) must win, and nobody may read half of it."""
+    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.link(tmp, path)  # atomic, and fails if path exists
+    except FileExistsError:
+        return False
+    except OSError:  # a filesystem without hard links: last writer wins (one process per store there)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        return True
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+    return True
 
 
 def _to_numpy(x: Any, dtype: Any = None) -> np.ndarray:
@@ -129,7 +155,7 @@ class TraceWriter:
         if not 0 <= rank < 1 << _ID_RANK_BITS:
             raise ValueError(f"rank must be in [0, {1 << _ID_RANK_BITS})")
         if top_n < 1:
-            raise ValueError("top_n must be >= 1")
+            raise ValueError(f"top_n must be >= 1, got {top_n}")
         self.run_dir = Path(run_dir)
         self.dir = self.run_dir / TRACES_DIRNAME
         self.rank = int(rank)
@@ -139,24 +165,26 @@ class TraceWriter:
         self.top_n = int(top_n)
         self.row_group_tokens = row_group_tokens
         self.compression = compression
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.run_id = self._write_manifest(config)
         self.schema = schema(self.top_n).with_metadata(
             {**schema(self.top_n).metadata, _META_RUN: self.run_name.encode(),
-             _META_RANK: str(self.rank).encode()}
+             _META_RANK: str(self.rank).encode(), _META_RUN_ID: self.run_id.encode()}
         )
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self._write_manifest(config)
         self._seq = self._next_seq()
         self._buffer: list[pa.RecordBatch] = []
         self._buffered_rows = 0
         self._buffered_tokens = 0
         self._step_counts: dict[int, int] = {}
+        self._ids = np.zeros(0, dtype=np.int64)  # sorted ids this writer was given
         self.files_written: list[Path] = []
         self.rows_written = 0
         self._closed = False
 
     # -- setup
 
-    def _write_manifest(self, config: dict[str, Any] | None) -> None:
+    def _write_manifest(self, config: dict[str, Any] | None) -> str:
+        """Create the manifest if the store is new; returns the store's run identity (`store_identity`)."""
         path = self.dir / MANIFEST_NAME
         if path.exists():
             existing = read_manifest(path)  # raises on a newer version / corrupt manifest
@@ -164,11 +192,13 @@ class TraceWriter:
                 raise TraceStoreError(
                     f"{path}: store has top_n={existing.get('top_n')}, writer was given top_n={self.top_n}"
                 )
-            return
+            return store_identity(existing) or self.run_name
+        run_id = uuid.uuid4().hex
         manifest = {
             "format": "kat-diag-traces",
             "schema_version": SCHEMA_VERSION,
             "run": self.run_name,
+            "run_id": run_id,  # every part file carries it (readers refuse files of other runs)
             "top_n": self.top_n,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "config": config or {},
@@ -176,9 +206,11 @@ class TraceWriter:
             # detector saw); None for stores written without training (record).
             "loss": {"estimator": (config or {}).get("loss"), "topk": (config or {}).get("topk"),
                      "iw_gamma": (config or {}).get("iw_gamma")},
-            "columns": {f.name: str(f.type) for f in self.schema},
+            "columns": {f.name: str(f.type) for f in schema(self.top_n)},
         }
-        _atomic_write_bytes(path, json.dumps(manifest, indent=2, default=str).encode())
+        if not _create_exclusive(path, json.dumps(manifest, indent=2, default=str).encode()):
+            return self._write_manifest(config)  # another rank created it first: use its run id
+        return run_id
 
     def _next_seq(self) -> int:
         seq = 0
@@ -201,6 +233,7 @@ class TraceWriter:
         record = self._to_record_batch(batch)
         if record.num_rows == 0:
             return
+        self._check_new_ids(record.column("rollout_id").to_numpy())
         self._buffer.append(record)
         self._buffered_rows += record.num_rows
         self._buffered_tokens += int(pc.sum(record.column("gen_len")).as_py() or 0)
@@ -302,6 +335,20 @@ class TraceWriter:
         else:
             cols[TEXT_COLUMN] = pa.nulls(n, pa.list_(pa.string()))
         return pa.RecordBatch.from_arrays([cols[f.name] for f in self.schema], schema=self.schema)
+
+    def _check_new_ids(self, ids: np.ndarray) -> None:
+        """Rollout ids are unique in a store: refuse an append that repeats one of this writer's
+        (readers refuse duplicates across files too)."""
+        new = np.sort(ids)
+        again = np.zeros(len(new), dtype=bool)
+        if len(self._ids):
+            pos = np.minimum(np.searchsorted(self._ids, new), len(self._ids) - 1)
+            again = self._ids[pos] == new
+        twice = np.flatnonzero(np.diff(new) == 0)
+        if again.any() or len(twice):
+            dup = int(new[np.flatnonzero(again)[0]] if again.any() else new[twice[0]])
+            raise ValueError(f"rollout_id {dup} appended twice to {self.dir} (rollout ids must be unique in a store)")
+        self._ids = np.sort(np.concatenate([self._ids, new]))
 
     def _ragged(self, value: Any, name: str, top: bool = False) -> Ragged:
         dtype = _TOKEN_DTYPES[name]
