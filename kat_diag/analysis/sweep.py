@@ -248,9 +248,7 @@ def plot_frontier(reports: Sequence[dict[str, Any]], path: str | Path,
     configuration of each detector (faint), its Pareto frontier (step line), KAT's world and paper
     presets (markers)."""
     from kat_diag.analysis import style
-
-    colors = {"kl": "#1F77B4", "student_entropy": "#FF7F0E", "teacher_entropy": "#9467BD", "ngram": "#2CA02C",
-              "length": "#8C564B"}
+    from kat_diag.views.palette import DETECTOR_COLORS as colors
     per = 2 if zoom else 1
     fig, axes = style.figure(1, per * len(reports), size=(5.2 * per * len(reports) + 2.2, 4.8), squeeze=False)
     for i, rep in enumerate(reports):
@@ -269,8 +267,8 @@ def plot_frontier(reports: Sequence[dict[str, Any]], path: str | Path,
                 p = rep["presets"].get(name)
                 if p is not None:
                     ax.scatter([p["fire_right"]], [p["fire_wrong"]], marker=marker, s=160 if marker == "*" else 60,
-                               color="black", zorder=5, label=f"KAT {name} preset")
-            ax.plot([0, 1], [0, 1], color="#999999", lw=0.8, ls=":")
+                               color=style.INK, zorder=5, label=f"KAT {name} preset")
+            ax.plot([0, 1], [0, 1], color=style.MARK_COLORS["reference"], lw=0.8, ls=":")
             x0, x1, y0, y1 = zoom if j == 1 and zoom else (0.0, 1.0, 0.0, 1.0)
             pad = 0.02 * (x1 - x0)
             ax.set_xlim(x0 - pad, x1 + pad)
