@@ -52,7 +52,8 @@ def gradproj(
     init: Path | None = typer.Option(None, "--init", help="Checkpoint before training (default: the run "
                                      "config's student)."),
     final: Path | None = typer.Option(None, "--final", help="Checkpoint after training (default: RUN/final, "
-                                      "else the newest RUN/checkpoints/step-*)."),
+                                      "else a model saved into RUN, else the newest RUN/checkpoints/step-* or "
+                                      "RUN/checkpoint-N)."),
     out: Path | None = typer.Option(None, "--out", help="Output directory (default: RUN/analysis)."),
     model: str = typer.Option("init", "--model", help="Weights the gradients are taken at: init, final or a "
                               "checkpoint path."),

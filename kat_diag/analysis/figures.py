@@ -66,9 +66,11 @@ def _phase_tau(run_dir: Path) -> str:
 
 
 def _needs_checkpoints(run_dir: Path) -> str | None:
-    if (run_dir / "final").is_dir() or any((run_dir / "checkpoints").glob("step-*")):
+    from kat_diag.analysis.gradproj import trained_checkpoints
+
+    if trained_checkpoints(run_dir):
         return _no_traces(run_dir)
-    return "no final/ or checkpoints/step-*/ (gradient geometry needs the trained student)"
+    return "no final/, checkpoints/step-*/ or checkpoint-N/ (gradient geometry needs the trained student)"
 
 
 def _gradproj(run_dir: Path, out_dir: Path) -> dict[str, Any]:

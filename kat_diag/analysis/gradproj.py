@@ -862,18 +862,40 @@ def _prompt_lookup(config: dict[str, Any]) -> dict[str, str]:
     return {p.id: p.prompt for split in (train, *bench.values()) for p in split}
 
 
+def _is_model_dir(path: Path) -> bool:
+    """A directory holding a Hugging Face model (its config.json names a model_type)."""
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        return "model_type" in json.loads(cfg.read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def trained_checkpoints(run: Path) -> list[Path]:
+    """Checkpoints of the trained student, preferred first: RUN/final (kat-diag train), RUN itself when
+    a Hugging Face trainer saved the model there (TRL's `trainer.save_model()`), the newest
+    RUN/checkpoints/step-* (kat-diag train), the newest RUN/checkpoint-N (TRL / transformers)."""
+    steps = sorted((run / "checkpoints").glob("step-*"), reverse=True)
+    numbered = sorted((p for p in run.glob("checkpoint-*") if p.name.split("-", 1)[1].isdigit()),
+                      key=lambda p: int(p.name.split("-", 1)[1]), reverse=True)
+    return [c for c in [run / "final", run, *steps, *numbered] if _is_model_dir(c)]
+
+
 def resolve_checkpoints(run: Path, config: dict[str, Any], init: str | None, final: str | None) -> tuple[Path, Path]:
-    """--init default: the run's starting student (config.json); --final default: RUN/final, else the
-    newest RUN/checkpoints/step-*."""
+    """--init default: the run's starting student (config.json); --final default: `trained_checkpoints`'s
+    first."""
     if init is None:
         if not config.get("student"):
-            raise ValueError(f"--init not given and {run} has no config.json naming the student")
+            raise ValueError(f"--init not given and {run} has no run config naming the student "
+                             "(config.json, or the trace manifest's config)")
         init = config["student"]
     if final is None:
-        cands = [run / "final"] + sorted((run / "checkpoints").glob("step-*"), reverse=True)
-        found = [c for c in cands if (c / "config.json").exists()]
+        found = trained_checkpoints(run)
         if not found:
-            raise ValueError(f"--final not given and {run} has no final/ or checkpoints/step-*/")
+            raise ValueError(f"--final not given and {run} has no final/, checkpoints/step-*/ or checkpoint-N/ "
+                             "(TRL: save_steps or trainer.save_model())")
         final = str(found[0])
     return Path(init), Path(final)
 

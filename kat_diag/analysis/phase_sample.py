@@ -28,7 +28,9 @@ def run_config(run_dir: str | Path) -> dict[str, Any]:
     run = Path(run_dir)
     for name in CONFIG_FILES:
         if (run / name).exists():
-            return json.loads((run / name).read_text())
+            config = json.loads((run / name).read_text())
+            if isinstance(config, dict) and "model_type" not in config:  # not a model saved into RUN (TRL)
+                return config
     manifest = run / "traces" / "_manifest.json"
     if manifest.exists():
         return json.loads(manifest.read_text()).get("config") or {}

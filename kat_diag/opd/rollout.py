@@ -141,11 +141,16 @@ class _Model:
 class RolloutEngine:
     """Generates and scores rollouts for a list of prompts under a termination policy."""
 
-    def __init__(self, student, teacher, eos_token_id: int, pad_token_id: int, cfg: SamplingConfig):
+    def __init__(self, student, teacher, eos_token_id: int | Sequence[int], pad_token_id: int, cfg: SamplingConfig):
+        """eos_token_id: one id, or every id that ends a rollout (chat models declare several)."""
         self.student, self.teacher = student, teacher
-        self.eos, self.pad = eos_token_id, pad_token_id
+        eos_ids = [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(i) for i in eos_token_id]
+        if not eos_ids:
+            raise ValueError("eos_token_id: at least one end-of-sequence id is needed")
+        self.eos, self.pad = eos_ids[0], pad_token_id
         self.cfg = cfg
         self.device = next(student.parameters()).device
+        self._eos_ids = torch.tensor(eos_ids, dtype=torch.long, device=self.device)
 
     # -- batch surgery -------------------------------------------------------------------------
 
@@ -262,7 +267,7 @@ class RolloutEngine:
                 tok_B = torch.where(valid_BC[:, c], tok_B, torch.full_like(tok_B, self.pad))
                 toks_BC[:, c] = tok_B
                 s_logp.append(logp_BV)
-                ended_B |= tok_B == self.eos
+                ended_B |= torch.isin(tok_B, self._eos_ids)
                 # The student's distribution for the next token (also needed after the chunk).
                 pos = (self.T - self.start)[:, None]
                 self.s.next_logp_BV = self.s.forward(tok_B[:, None], self._mask(1), pos)[:, -1]

@@ -137,7 +137,7 @@ def store_config(reader: TraceReader) -> tuple[dict[str, Any] | None, str]:
                 data = json.loads(path.read_text(encoding="utf-8"))
             except (OSError, ValueError) as e:
                 raise MissingSettings(f"{path}: unreadable run config ({e})") from e
-            if isinstance(data, dict):
+            if isinstance(data, dict) and "model_type" not in data:  # not a model saved into RUN (TRL)
                 return data, str(path)
     return None, f"neither {reader.dir / '_manifest.json'} nor {run / 'config.json'} holds the run config"
 
