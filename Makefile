@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The study's quick profile (kat-diag study): 5 methods, results.md / results.json / figures in runs/demo.
+# The study's quick profile (kat-diag study): 6 methods (OPD, KAT, IW-OPD, random, prefix, KAT + prefix), results.md / results.json / figures in runs/demo.
 demo: $(STAMP)
 	$(VENV)/bin/kat-diag study --out runs/demo
 

@@ -1,4 +1,4 @@
-"""CLI command `study`: the paper's comparison (OPD, KAT, length-matched random, prefix, KAT + prefix)."""
+"""CLI command `study`: the paper's comparison (OPD, KAT, IW-OPD, length-matched random, prefix, KAT + prefix)."""
 
 from __future__ import annotations
 
@@ -25,13 +25,19 @@ def register(app: typer.Typer) -> None:
         steps: int = typer.Option(0, help="Training steps per run (0: the profile's)."),
         batch_size: int = typer.Option(0, help="Prompts per step (0: the profile's)."),
         eval_n: int = typer.Option(0, help="Problems per split in the evaluation (0: the profile's)."),
+        seeds: str = typer.Option("", help="Comma-separated training seeds, e.g. 0,1,2,3,4 (empty: the profile's)."),
         device: str = typer.Option("auto", help="auto | cpu | cuda."),
         progress: bool = typer.Option(True, help="Show one progress bar for the whole study."),
     ) -> None:
         """Train every method from the same student and prompts, evaluate, write the results table."""
         from kat_diag.study import StudyConfig, load_study_file, run_study
 
-        over = {k: v for k, v in dict(steps=steps, batch_size=batch_size, eval_n=eval_n).items() if v}
+        over: dict = {k: v for k, v in dict(steps=steps, batch_size=batch_size, eval_n=eval_n).items() if v}
+        if seeds.strip():
+            try:
+                over["seeds"] = tuple(int(x) for x in seeds.split(","))
+            except ValueError:
+                raise ValueError(f"--seeds {seeds!r}: expected comma-separated integers") from None
         if config is not None:
             import dataclasses
 

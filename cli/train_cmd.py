@@ -59,8 +59,12 @@ def register(app: typer.Typer) -> None:
         grad_clip: float = typer.Option(1.0, help="Gradient-norm clipping."),
         loss: str = typer.Option("topk", help="OPD estimator: topk (reverse KL over the student's top-k tokens "
                                  "plus one tail bucket, the paper's) | full (full-vocabulary reverse KL) | "
-                                 "sampled (sampled-token policy gradient)."),
+                                 "sampled (sampled-token policy gradient) | iwopd (IW-OPD: the sampled-token "
+                                 "signal re-weighted by the prefix's accumulated discrepancy, TRL's "
+                                 "iw_opd; composes with any --termination)."),
         topk: int = typer.Option(64, help="k of --loss topk (capped at the vocabulary size, where it equals full)."),
+        iw_gamma: float = typer.Option(0.5, help="gamma of --loss iwopd: w_t = 1 + gamma (1 - prefix |a| / "
+                                       "total |a|) (0: unweighted sampled-token OPD)."),
         max_new_tokens: int = typer.Option(192, help="Rollout budget in tokens (the world's loops run to 192)."),
         chunk_size: int = typer.Option(16, help="Tokens generated between teacher scoring calls (C)."),
         slots: int = typer.Option(0, help="Rollouts in flight at once (0: the whole batch)."),
@@ -131,7 +135,7 @@ def register(app: typer.Typer) -> None:
             question_field=question_field, answer_field=answer_field, answer_format=answer_format,
             bench=tuple(str(b) for b in bench), steps=steps, batch_size=batch_size, micro_batch=micro_batch,
             lr=lr, warmup_steps=warmup_steps, schedule=schedule, grad_clip=grad_clip, dtype=dtype,
-            device=device, seed=seed, loss=loss, topk=topk, termination=termination,
+            device=device, seed=seed, loss=loss, topk=topk, iw_gamma=iw_gamma, termination=termination,
             prefix_len=prefix_len or None, random_target=random_target or None,
             random_from=str(random_from) if random_from else None, supervise=supervise or None,
             sampling=SamplingConfig(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,

@@ -2,9 +2,13 @@
 
 Why it exists: KAT's claim is comparative. From the same initial student and the same prompt
 stream (prompts and sampling are functions of the seed) the study trains plain OPD (`none`),
-`kat`, `random` length-matched to this study's KAT run, `prefix` and `kat+prefix`, evaluates
-avg@k and pass@k per split on the same problems with the same sampling seed, and writes
-DIR/results.md (Table-1 style), DIR/results.json and DIR/figures/.
+`kat`, IW-OPD (`iwopd`: the other published fix for late tokens, re-weighting instead of cutting,
+`kat_diag.opd.loss.ImportanceWeightedOPD`), `random` length-matched to this study's KAT run,
+`prefix` and `kat+prefix` (and, with `--full`, `kat+iwopd`: KAT's cut with IW-OPD's weights),
+evaluates avg@k and pass@k per split on the same problems with the same sampling seed, and writes
+DIR/results.md (Table-1 style), DIR/results.json and DIR/figures/. Every method is a
+(termination policy, loss) pair (`METHODS`); the others use the study's `loss` (the paper's top-k).
+Each run's tokens generated, tokens trained and training time sit beside its accuracy.
 
 Choices the paper leaves open, made here:
 - `random` is length-matched to the KAT run's realised mean kept length (`RandomPolicy`, with
@@ -14,10 +18,13 @@ Choices the paper leaves open, made here:
   (a rollout KAT stopped is censored at its length). `kat+prefix` uses the same P.
 - Evaluation: k samples per problem at temperature 1 with the rollout budget, the first
   `eval_n` problems of every split, one seeded batch (paired across methods).
-- `--full` adds seeds (mean, spread, paired bootstrap CI of KAT minus OPD per split, resampling
-  problems) and ablations: several KAT quantiles, stage-wise supervision of untruncated rollouts
-  (`--supervise`, `kat_diag.opd.supervise`; `pre` is KAT as a loss mask: generate everything, train
-  only on what KAT would keep), and `prefix` / `kat+prefix` at several budgets.
+- `--full` adds seeds (mean, spread, paired bootstrap CIs of KAT minus OPD and KAT minus IW-OPD
+  per split and over all problems, resampling problems; plus each seed's own difference) and
+  ablations: several KAT quantiles, stage-wise supervision of untruncated rollouts (`--supervise`,
+  `kat_diag.opd.supervise`; `pre` is KAT as a loss mask: generate everything, train only on what
+  KAT would keep), `prefix` / `kat+prefix` at several budgets, and OPD with the unweighted
+  sampled-token estimator (`opd-sampled`: IW-OPD at gamma 0, so IW-OPD's weighting is separated
+  from its estimator).
 
 Every method is its own run directory (DIR/seed<S>/<method>, DIR/ablations/<name>); a rerun skips
 finished runs (final/ and eval.json present) and resumes unfinished ones from their checkpoint.
@@ -41,9 +48,36 @@ import numpy as np
 from kat_diag.kat.config import KATConfig, upgrade_kat_dict
 from kat_diag.kat.policies import survival
 
-MAIN_METHODS = ("none", "kat", "random", "prefix", "kat+prefix")
-LABELS = {"none": "OPD", "kat": "KAT", "random": "random (length-matched)", "prefix": "prefix",
-          "kat+prefix": "KAT + prefix"}
+
+@dataclass(frozen=True)
+class Method:
+    """A row of the main table: a termination policy and a loss (None: the study's `loss`)."""
+
+    termination: str
+    loss: str | None
+    label: str
+
+
+METHODS: dict[str, Method] = {
+    "none": Method("none", None, "OPD"),
+    "kat": Method("kat", None, "KAT"),
+    "iwopd": Method("none", "iwopd", "IW-OPD"),
+    "kat+iwopd": Method("kat", "iwopd", "KAT + IW-OPD"),
+    "random": Method("random", None, "random (length-matched)"),
+    "prefix": Method("prefix", None, "prefix"),
+    "kat+prefix": Method("kat+prefix", None, "KAT + prefix"),
+}
+QUICK_METHODS = ("none", "kat", "iwopd", "random", "prefix", "kat+prefix")
+FULL_METHODS = ("none", "kat", "iwopd", "kat+iwopd", "random", "prefix", "kat+prefix")
+MAIN_METHODS = QUICK_METHODS  # the quick profile's rows (kept for callers of the old name)
+LABELS = {m: v.label for m, v in METHODS.items()}
+# Paired differences the summary bootstraps (when both methods ran): KAT against each baseline.
+CONTRASTS = (("kat", "none"), ("kat", "iwopd"), ("iwopd", "none"), ("kat+iwopd", "iwopd"), ("kat+iwopd", "kat"),
+             ("kat", "random"), ("kat", "prefix"))
+# Seed-0 contrasts with the opd-sampled ablation: IW-OPD's weighting alone (same estimator), and the
+# sampled-token estimator against the study's loss (both unweighted, untruncated).
+ABLATION_CONTRASTS = (("iwopd", "ablations/opd-sampled"), ("ablations/opd-sampled", "none"))
+ABLATION_LABELS = {"ablations/opd-sampled": "OPD with the sampled-token estimator (IW-OPD at gamma 0)"}
 
 
 @dataclass(frozen=True)
@@ -57,6 +91,9 @@ class StudyConfig:
     question_field: str = "question"
     answer_field: str = "answer"
     answer_format: str = "auto"
+    methods: tuple[str, ...] = QUICK_METHODS  # rows of the main table, keys of METHODS
+    loss: str = "topk"  # the OPD estimator of every method that does not name its own (METHODS)
+    iw_gamma: float = 0.5  # IW-OPD's gamma (methods with loss "iwopd")
     steps: int = 10
     batch_size: int = 24
     lr: float = 1e-4
@@ -84,6 +121,18 @@ class StudyConfig:
                 raise ValueError(f"study: {name}={getattr(self, name)!r} must be >= 1")
         if not self.seeds:
             raise ValueError("study: seeds must not be empty")
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise ValueError(f"study: methods {list(self.methods)!r}: unknown {unknown}; known: {list(METHODS)}")
+        for need, by in (("none", "the reference"), ("kat", "random, prefix and kat+prefix")):
+            if need not in self.methods:
+                raise ValueError(f"study: methods must include {need!r} ({by})")
+        from kat_diag.opd.loss import LOSSES
+
+        if self.loss not in LOSSES:
+            raise ValueError(f"study: loss {self.loss!r}; choose one of {sorted(LOSSES)}")
+        if not self.iw_gamma >= 0:
+            raise ValueError(f"study: iw_gamma={self.iw_gamma!r} must be >= 0")
         kat_config(self)  # a bad KAT preset fails here, naming the field
 
     @classmethod
@@ -93,9 +142,10 @@ class StudyConfig:
 
     @classmethod
     def full(cls, teacher: str, student: str, **kw: Any) -> StudyConfig:
-        """`--full`: 3 seeds, 100 steps, 100 problems per split, the teacher row, all ablations."""
+        """`--full`: 3 seeds, 100 steps, 100 problems per split, the teacher row, KAT + IW-OPD, all ablations."""
         base: dict[str, Any] = dict(steps=100, batch_size=32, warmup_steps=5, eval_n=100, eval_teacher=True,
-                                    seeds=(0, 1, 2), ablations=True, ckpt_every=25, kat={"warmup_steps": 5})
+                                    seeds=(0, 1, 2), ablations=True, ckpt_every=25, kat={"warmup_steps": 5},
+                                    methods=FULL_METHODS)
         return cls(teacher=teacher, student=student, **{**base, **kw})
 
     @classmethod
@@ -150,6 +200,7 @@ class RunSpec:
     group: str  # "seed<S>" or "ablations"
     termination: str
     seed: int
+    loss: str | None = None  # None: the study's loss
     prefix_scale: float | None = None  # P = scale * the P derived from the KAT run
     supervise: str | None = None
     kat: dict[str, Any] = field(default_factory=dict)
@@ -160,8 +211,9 @@ class RunSpec:
 
 def plan(cfg: StudyConfig) -> list[RunSpec]:
     """Every run, in an order that has each seed's KAT run before what is matched to it."""
-    runs = [RunSpec(m, f"seed{s}", m, s, prefix_scale=1.0 if "prefix" in m else None)
-            for s in cfg.seeds for m in MAIN_METHODS]
+    runs = [RunSpec(m, f"seed{s}", METHODS[m].termination, s, loss=METHODS[m].loss,
+                    prefix_scale=1.0 if "prefix" in m else None)
+            for s in cfg.seeds for m in _ordered(cfg.methods)]
     if not cfg.ablations:
         return runs
     s0 = cfg.seeds[0]
@@ -172,7 +224,14 @@ def plan(cfg: StudyConfig) -> list[RunSpec]:
         if scale != 1.0:
             abl += [RunSpec(f"prefix-x{scale:g}", "ablations", "prefix", s0, prefix_scale=scale),
                     RunSpec(f"kat+prefix-x{scale:g}", "ablations", "kat+prefix", s0, prefix_scale=scale)]
+    if "iwopd" in cfg.methods and cfg.loss != "sampled":
+        abl.append(RunSpec("opd-sampled", "ablations", "none", s0, loss="sampled"))
     return runs + abl
+
+
+def _ordered(methods: Sequence[str]) -> list[str]:
+    """The methods with `kat` before everything matched to it (random, prefix, kat+prefix)."""
+    return sorted(methods, key=lambda m: (m not in ("none", "kat"), list(METHODS).index(m)))
 
 
 def _kat_run(out: Path, seed: int) -> Path:
@@ -211,6 +270,7 @@ def train_config(cfg: StudyConfig, spec: RunSpec, out: Path, prefix_len: int | N
         teacher=cfg.teacher, student=cfg.student, out=str(spec.path(out)), data=cfg.data,
         question_field=cfg.question_field, answer_field=cfg.answer_field, answer_format=cfg.answer_format,
         bench=tuple(cfg.bench), steps=cfg.steps, batch_size=cfg.batch_size, micro_batch=cfg.batch_size,
+        loss=spec.loss or cfg.loss, iw_gamma=cfg.iw_gamma,
         lr=cfg.lr, warmup_steps=cfg.warmup_steps, dtype=cfg.dtype, device=cfg.device, seed=spec.seed,
         termination=spec.termination, prefix_len=prefix_len,
         random_from=str(_kat_run(out, spec.seed)) if spec.termination == "random" else None,
@@ -394,7 +454,10 @@ def run_study(cfg: StudyConfig, out: str | Path, progress: bool = True,
             status(f"eval {key}")
             ev = evaluate_model(run / "final", tok_dir, splits, cfg.eval_k, cfg.max_new_tokens, spec.seed, cfg.device)
             _write_json(run / "eval.json", ev)
-        results[key] = {"method": spec.termination if not spec.supervise else f"supervise {spec.supervise}",
+        method = spec.name if spec.group != "ablations" else spec.termination
+        if spec.supervise:
+            method = f"supervise {spec.supervise}"
+        results[key] = {"method": method, "termination": spec.termination, "loss": spec.loss or cfg.loss,
                         "seed": spec.seed, "run": str(run), "prefix_len": prefix_len, "kat": spec.kat,
                         "train": run_summary(run), "eval": json.loads((run / "eval.json").read_text())}
     bar.close()
@@ -402,7 +465,7 @@ def run_study(cfg: StudyConfig, out: str | Path, progress: bool = True,
     summary = summarise(cfg, results, baseline, prefix_info)
     summary["warnings"] = notes
     summary["study_seconds_this_invocation"] = time.perf_counter() - t_start
-    figure_runs = [Path(results[f"seed{cfg.seeds[0]}/{m}"]["run"]) for m in MAIN_METHODS]
+    figure_runs = [Path(results[f"seed{cfg.seeds[0]}/{m}"]["run"]) for m in _ordered(cfg.methods)]
     status("figures")
     summary["figures"] = _figures(figure_runs, out / "figures")
     _write_json(out / "results.json", summary)
@@ -513,61 +576,106 @@ def _mean_sd(xs: Sequence[float]) -> dict[str, float]:
     return {"mean": float(a.mean()), "sd": float(a.std(ddof=1)) if a.size > 1 else 0.0, "n": int(a.size)}
 
 
+TRAIN_COLS = ("gen_len_mean", "kept_len_mean", "tokens_generated", "tokens_trained", "train_seconds",
+              "rollout_seconds")
+
+
+def _metric_cols(ev: dict[str, Any], cols: Sequence[str], k: int) -> dict[str, float]:
+    return {f"{c}/{met}@{k}": ev[c][f"{met}@{k}"] for c in cols for met in ("avg", "pass")}
+
+
+def paired_contrast(results: dict[str, Any], a: str | Sequence[str], b: str | Sequence[str], seeds: Sequence[int],
+                    splits: Sequence[str], k: int, n_boot: int) -> dict[str, Any]:
+    """Method a minus method b: per split and over all problems ("all"), the paired bootstrap CI of the
+    per-problem difference averaged over seeds (resampling problems), its half-width, and each
+    seed's own difference (mean over problems) so the spread between seeds shows beside the CI.
+    a and b name methods (run `seed<S>/<method>` for each seed) or lists of result keys, one per seed."""
+    a_keys = [f"seed{s}/{a}" for s in seeds] if isinstance(a, str) else list(a)
+    b_keys = [f"seed{s}/{b}" for s in seeds] if isinstance(b, str) else list(b)
+    out: dict[str, Any] = {}
+    for met in ("avg", "pass"):
+        per_split = {}
+        for c in splits:
+            per_split[c] = np.array([per_problem(results[ka]["eval"], c, k, met)
+                                     - per_problem(results[kb]["eval"], c, k, met)
+                                     for ka, kb in zip(a_keys, b_keys, strict=True)])
+        per_split["all"] = np.concatenate([per_split[c] for c in splits], axis=1)
+        for c, d_SP in per_split.items():
+            ci = paired_bootstrap(d_SP.mean(0), np.zeros(d_SP.shape[1]), n_boot, seed=0)
+            out[f"{c}/{met}@{k}"] = {**ci, "half_width": (ci["hi"] - ci["lo"]) / 2, "n_problems": int(d_SP.shape[1]),
+                                     "per_seed": [float(x) for x in d_SP.mean(1)]}
+    return out
+
+
 def summarise(cfg: StudyConfig, results: dict[str, Any], baseline: dict[str, Any],
               prefix_info: dict[int, dict[str, Any]]) -> dict[str, Any]:
-    """results.json: per run, the main table (mean and spread over seeds), length matching,
-    bootstrap CIs of KAT minus OPD per split, ablations."""
+    """results.json: per run, the main table (mean and spread over seeds, with each method's cost:
+    tokens generated, tokens trained, training time, also as ratios to OPD), length matching,
+    paired bootstrap CIs of the `CONTRASTS` per split, ablations."""
     k = cfg.eval_k
+    methods = _ordered(cfg.methods)
     splits = [s for s in next(iter(results.values()))["eval"] if s != "mean"]
     cols = [*splits, "mean"]
     table: dict[str, Any] = {}
-    for m in MAIN_METHODS:
+    for m in methods:
         rows = [results[f"seed{s}/{m}"] for s in cfg.seeds]
         table[m] = {
             **{f"{c}/{met}@{k}": _mean_sd([r["eval"][c][f"{met}@{k}"] for r in rows])
                for c in cols for met in ("avg", "pass")},
-            **{t: _mean_sd([r["train"][t] for r in rows])
-               for t in ("gen_len_mean", "kept_len_mean", "tokens_generated", "tokens_trained", "train_seconds")},
+            **{t: _mean_sd([r["train"][t] for r in rows]) for t in TRAIN_COLS},
         }
+    for m in methods:
+        table[m]["cost_vs_opd"] = {t: table[m][t]["mean"] / table["none"][t]["mean"]
+                                   for t in ("tokens_generated", "tokens_trained", "train_seconds")}
     match = []
-    for s in cfg.seeds:
+    for s in cfg.seeds if "random" in methods else ():
         r, kat = results[f"seed{s}/random"]["train"], results[f"seed{s}/kat"]["train"]
         match.append({"seed": s, "target": r.get("random_target", kat["kept_len_mean"]),
                       "kat_kept_len_mean": kat["kept_len_mean"], "random_kept_len_mean": r["kept_len_mean"],
                       "rel_error": r["kept_len_mean"] / kat["kept_len_mean"] - 1.0})
-    boot = {}
-    for c in splits:
-        for met in ("avg", "pass"):
-            a = np.mean([per_problem(results[f"seed{s}/kat"]["eval"], c, k, met) for s in cfg.seeds], axis=0)
-            b = np.mean([per_problem(results[f"seed{s}/none"]["eval"], c, k, met) for s in cfg.seeds], axis=0)
-            boot[f"{c}/{met}@{k}"] = paired_bootstrap(a, b, cfg.n_boot, seed=0)
-    opd, katr = table["none"], table["kat"]
-    savings = {"tokens_generated_ratio": katr["tokens_generated"]["mean"] / opd["tokens_generated"]["mean"],
-               "tokens_trained_ratio": katr["tokens_trained"]["mean"] / opd["tokens_trained"]["mean"],
-               "train_seconds_ratio": katr["train_seconds"]["mean"] / opd["train_seconds"]["mean"]}
-    ablations = {key: {"method": r["method"], "prefix_len": r["prefix_len"], "kat": r["kat"],
-                       **{f"{c}/{met}@{k}": r["eval"][c][f"{met}@{k}"] for c in cols for met in ("avg", "pass")},
+    paired = {f"{a} - {b}": paired_contrast(results, a, b, cfg.seeds, splits, k, cfg.n_boot)
+              for a, b in CONTRASTS if a in methods and b in methods}
+    s0 = cfg.seeds[0]
+
+    def key(m: str) -> str:
+        return m if m.startswith("ablations/") else f"seed{s0}/{m}"
+
+    for a, b in ABLATION_CONTRASTS:
+        if key(a) in results and key(b) in results:
+            paired[f"{a} - {b} (seed {s0})"] = paired_contrast(results, [key(a)], [key(b)], [s0], splits, k,
+                                                               cfg.n_boot)
+    boot = {key: {x: v[x] for x in ("diff", "lo", "hi")} for key, v in paired["kat - none"].items()
+            if not key.startswith("all/")}
+    savings = {f"{t}_ratio": table["kat"]["cost_vs_opd"][t]
+               for t in ("tokens_generated", "tokens_trained", "train_seconds")}
+    ablations = {key: {"method": r["method"], "loss": r.get("loss", cfg.loss), "prefix_len": r["prefix_len"],
+                       "kat": r["kat"], **_metric_cols(r["eval"], cols, k),
                        **{t: r["train"][t] for t in ("gen_len_mean", "kept_len_mean", "tokens_trained",
                                                       "train_seconds")}}
                  for key, r in results.items() if key.startswith("ablations/")}
-    if ablations:  # the reference rows of the ablation tables: this seed's OPD and KAT
-        for m in ("none", "kat"):
+    if ablations:  # the reference rows of the ablation tables: this seed's OPD, KAT (and IW-OPD)
+        for m in ("none", "kat", "iwopd"):
+            if m not in methods:
+                continue
             r = results[f"seed{cfg.seeds[0]}/{m}"]
             ablations[f"seed{cfg.seeds[0]}/{m}"] = {
-                "method": m, "prefix_len": None, "kat": {},
-                **{f"{c}/{met}@{k}": r["eval"][c][f"{met}@{k}"] for c in cols for met in ("avg", "pass")},
+                "method": m, "loss": r.get("loss", cfg.loss), "prefix_len": None, "kat": {},
+                **_metric_cols(r["eval"], cols, k),
                 **{t: r["train"][t] for t in ("gen_len_mean", "kept_len_mean", "tokens_trained", "train_seconds")}}
     return {"config": {**cfg.to_dict(), "kat_min_length": kat_config(cfg).min_length}, "k": k, "splits": splits,
-            "seeds": list(cfg.seeds), "table": table,
-            "baseline": {w: {f"{c}/{met}@{k}": ev[c][f"{met}@{k}"] for c in cols for met in ("avg", "pass")}
-                         for w, ev in baseline.items()},
+            "seeds": list(cfg.seeds), "methods": methods, "labels": {m: LABELS[m] for m in methods},
+            "table": table,
+            "baseline": {w: _metric_cols(ev, cols, k) for w, ev in baseline.items()},
             "length_match": match, "prefix": {str(s): v for s, v in prefix_info.items()},
-            "bootstrap_kat_minus_opd": boot, "kat_vs_opd": savings, "ablations": ablations, "runs": results}
+            "paired": paired, "bootstrap_kat_minus_opd": boot, "kat_vs_opd": savings, "ablations": ablations,
+            "runs": results}
 
 
 def results_markdown(summary: dict[str, Any]) -> str:
-    """results.md: the Table-1-style table, per-split table, length matching, CIs, ablations."""
+    """results.md: the Table-1-style table with each method's cost, per-split table, length matching,
+    paired CIs, ablations."""
     k, splits, seeds = summary["k"], summary["splits"], summary["seeds"]
+    labels = summary.get("labels", LABELS)
     cols = [*splits, "mean"]
     sd = len(seeds) > 1
 
@@ -576,59 +684,89 @@ def results_markdown(summary: dict[str, Any]) -> str:
         return s + (" ± " + fmt.format(x["sd"] * scale) if sd else "")
 
     seed_note = f"{len(seeds)} seeds ({', '.join(map(str, seeds))}), mean ± sd" if sd else f"seed {seeds[0]}"
+    cfg = summary["config"]
     lines = [f"# Study: {seed_note}", "", *[f"**Warning:** {w}\n" for w in summary.get("warnings", [])],
-             f"avg@{k} / pass@{k} in %, first {summary['config']['eval_n']} problems of each split, "
-             f"{summary['config']['steps']} steps of {summary['config']['batch_size']} prompts per run. "
-             "Length: mean generated tokens per rollout in training; trained: tokens the loss saw; "
-             "train s: sum of step times.", "",
-             f"| method | avg@{k} | pass@{k} | gen len | kept len | tokens trained | train s |",
-             "|---|---|---|---|---|---|---|"]
+             f"avg@{k} / pass@{k} in %, first {cfg['eval_n']} problems of each split, "
+             f"{cfg['steps']} steps of {cfg['batch_size']} prompts per run; loss {cfg.get('loss', 'topk')} "
+             f"except IW-OPD rows (gamma {cfg.get('iw_gamma', 0.5)}). "
+             "gen len: mean generated tokens per rollout in training; kept len: tokens per rollout the loss saw; "
+             "tokens gen / trained: totals over the run; train s: sum of step times "
+             "(rollouts + updates; excludes loading and evaluation); cost: tokens generated / tokens trained / "
+             "train s as a share of OPD's.", "",
+             f"| method | avg@{k} | pass@{k} | gen len | kept len | tokens gen | tokens trained | train s "
+             "| cost vs OPD |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for who, row in summary["baseline"].items():
         lines.append(f"| {who} (no training) | {row[f'mean/avg@{k}'] * 100:.1f} | {row[f'mean/pass@{k}'] * 100:.1f} "
-                     "| | | | |")
+                     "| | | | | | |")
     for m, row in summary["table"].items():
-        lines.append(f"| {LABELS[m]} | {cell(row[f'mean/avg@{k}'])} | {cell(row[f'mean/pass@{k}'])} | "
+        cost = row.get("cost_vs_opd")
+        cost_s = (f"{cost['tokens_generated']:.2f} / {cost['tokens_trained']:.2f} / {cost['train_seconds']:.2f}"
+                  if cost else "")
+        lines.append(f"| {labels[m]} | {cell(row[f'mean/avg@{k}'])} | {cell(row[f'mean/pass@{k}'])} | "
                      f"{cell(row['gen_len_mean'], 1)} | {cell(row['kept_len_mean'], 1)} | "
-                     f"{cell(row['tokens_trained'], 1, '{:.0f}')} | {cell(row['train_seconds'], 1)} |")
+                     f"{cell(row['tokens_generated'], 1, '{:.0f}')} | "
+                     f"{cell(row['tokens_trained'], 1, '{:.0f}')} | {cell(row['train_seconds'], 1)} | {cost_s} |")
     lines += ["", f"Per split (avg@{k} / pass@{k}, %):", "",
               "| method | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for who, row in summary["baseline"].items():
         lines.append(f"| {who} | " + " | ".join(f"{row[f'{c}/avg@{k}'] * 100:.1f} / {row[f'{c}/pass@{k}'] * 100:.1f}"
                                                 for c in cols) + " |")
     for m, row in summary["table"].items():
-        lines.append(f"| {LABELS[m]} | " + " | ".join(
+        lines.append(f"| {labels[m]} | " + " | ".join(
             f"{row[f'{c}/avg@{k}']['mean'] * 100:.1f} / {row[f'{c}/pass@{k}']['mean'] * 100:.1f}" for c in cols) + " |")
     sv = summary["kat_vs_opd"]
     lines += ["", f"KAT / OPD: tokens generated {sv['tokens_generated_ratio']:.3f}, tokens trained "
                   f"{sv['tokens_trained_ratio']:.3f}, training time {sv['train_seconds_ratio']:.3f}.", ""]
-    lines += ["Random length matching (mean kept tokens per rollout): " + "; ".join(
-        f"seed {m['seed']}: KAT {m['kat_kept_len_mean']:.1f}, random {m['random_kept_len_mean']:.1f} "
-        f"({m['rel_error'] * 100:+.1f} %)" for m in summary["length_match"]) + "."]
-    lines += ["Prefix budget P (from the KAT run): " + "; ".join(
-        f"seed {s}: P = {v['P']} (KAT kept {v['kat_kept_len_mean']:.1f}, E[min(P, N)] = {v['expected_kept_len']:.1f})"
-        for s, v in summary["prefix"].items()) + "."]
-    l0 = summary["config"].get("kat_min_length")
+    if summary["length_match"]:
+        lines += ["Random length matching (mean kept tokens per rollout): " + "; ".join(
+            f"seed {m['seed']}: KAT {m['kat_kept_len_mean']:.1f}, random {m['random_kept_len_mean']:.1f} "
+            f"({m['rel_error'] * 100:+.1f} %)" for m in summary["length_match"]) + "."]
+    if summary["prefix"]:
+        lines += ["Prefix budget P (from the KAT run): " + "; ".join(
+            f"seed {s}: P = {v['P']} (KAT kept {v['kat_kept_len_mean']:.1f}, "
+            f"E[min(P, N)] = {v['expected_kept_len']:.1f})" for s, v in summary["prefix"].items()) + "."]
+    l0 = cfg.get("kat_min_length")
     if l0 is not None and any(v["P"] < l0 for v in summary["prefix"].values()):
         lines.append(f"Note: P < KAT's minimum length L0 = {l0}, so KAT cannot fire inside the budget and "
                      "`kat+prefix` trains exactly like `prefix` here (the ablations' larger budgets give it room).")
     lines.append("")
-    lines += [f"Paired bootstrap, KAT minus OPD (points, 95 % CI, resampling problems; {summary['config']['n_boot']} "
-              "resamples):", "", "| split | avg diff [CI] | pass diff [CI] |", "|---|---|---|"]
-    for c in splits:
-        a, p = (summary["bootstrap_kat_minus_opd"][f"{c}/{m}@{k}"] for m in ("avg", "pass"))
-        lines.append(f"| {c} | {a['diff'] * 100:+.1f} [{a['lo'] * 100:+.1f}, {a['hi'] * 100:+.1f}] | "
-                     f"{p['diff'] * 100:+.1f} [{p['lo'] * 100:+.1f}, {p['hi'] * 100:+.1f}] |")
+    paired = summary.get("paired") or {"kat - none": summary["bootstrap_kat_minus_opd"]}
+    names = {**labels, **ABLATION_LABELS}
+    for name, ci in paired.items():
+        a, b = name.split(" (seed")[0].split(" - ")
+        multi = len(ci[f"{splits[0]}/avg@{k}"].get("per_seed", [])) > 1
+        where = f", seed {name.split('(seed ')[1].rstrip(')')} only" if "(seed" in name else ""
+        lines += [f"Paired bootstrap, {names.get(a, a)} minus {names.get(b, b)}{where} (points, 95 % CI, resampling "
+                  f"problems, per-problem values averaged over seeds; {cfg['n_boot']} resamples"
+                  + ("; per seed: each seed's own difference" if multi else "") + "):", "",
+                  "| split | avg diff [CI] | ± | pass diff [CI] |" + (" avg per seed |" if multi else ""),
+                  "|---|---|---|---|" + ("---|" if multi else "")]
+        for c in [*splits, "all"]:
+            if f"{c}/avg@{k}" not in ci:
+                continue
+            av, pa = ci[f"{c}/avg@{k}"], ci[f"{c}/pass@{k}"]
+            hw = av.get("half_width", (av["hi"] - av["lo"]) / 2)
+            per_seed = ""
+            if multi and "per_seed" in av:
+                per_seed = " " + ", ".join(f"{x * 100:+.1f}" for x in av["per_seed"]) + " |"
+            lines.append(f"| {c} | {av['diff'] * 100:+.1f} [{av['lo'] * 100:+.1f}, {av['hi'] * 100:+.1f}] | "
+                         f"{hw * 100:.1f} | {pa['diff'] * 100:+.1f} [{pa['lo'] * 100:+.1f}, {pa['hi'] * 100:+.1f}] |"
+                         + per_seed)
+        lines.append("")
     if summary["ablations"]:
-        lines += ["", f"## Ablations (seed {seeds[0]})", "",
-                  f"| run | P | KAT | avg@{k} | pass@{k} | gen len | kept len | tokens trained | train s |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"## Ablations (seed {seeds[0]})", "",
+                  f"| run | loss | P | KAT | avg@{k} | pass@{k} | gen len | kept len | tokens trained | train s |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for key, r in summary["ablations"].items():
             kat = ", ".join(f"{a}={b}" for a, b in r["kat"].items())
-            name = key.split('/', 1)[1] if key.startswith("ablations/") else f"{LABELS[r['method']]} (reference)"
-            lines.append(f"| {name} ({r['method']}) | {r['prefix_len'] or ''} | {kat} | "
+            name = (key.split('/', 1)[1] + f" ({r['method']})" if key.startswith("ablations/")
+                    else f"{labels.get(r['method'], r['method'])} (reference)")
+            lines.append(f"| {name} | {r.get('loss', '')} | {r['prefix_len'] or ''} | {kat} | "
                          f"{r[f'mean/avg@{k}'] * 100:.1f} | {r[f'mean/pass@{k}'] * 100:.1f} | "
                          f"{r['gen_len_mean']:.1f} | {r['kept_len_mean']:.1f} | {r['tokens_trained']:.0f} | "
                          f"{r['train_seconds']:.1f} |")
+        lines.append("")
     fig = summary.get("figures", {})
     where = f"skipped: {fig['skipped']}" if "skipped" in fig else f"`{fig.get('summary', 'figures/')}`"
     lines += ["", "Figures: " + where]

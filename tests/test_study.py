@@ -52,6 +52,23 @@ def test_study_end_to_end_and_rerun_skips_finished_runs(quick_world, tmp_path):
     assert printed == [md] and "| KAT |" in md and "random (length-matched)" in md
     # The KAT run trained on fewer tokens than plain OPD.
     assert saved["table"]["kat"]["tokens_trained"]["mean"] < saved["table"]["none"]["tokens_trained"]["mean"]
+    # IW-OPD is a row: its run trained with the iwopd loss, untruncated (as many tokens as it generated).
+    assert "iwopd" in MAIN_METHODS and "| IW-OPD |" in md
+    iw_cfg = json.loads((out / "seed0" / "iwopd" / "config.json").read_text())
+    assert iw_cfg["loss"] == "iwopd" and iw_cfg["termination"] == "none" and iw_cfg["iw_gamma"] == 0.5
+    assert json.loads((out / "seed0" / "kat" / "config.json").read_text())["loss"] == cfg.loss
+    iw = saved["table"]["iwopd"]
+    assert iw["tokens_trained"]["mean"] == pytest.approx(iw["tokens_generated"]["mean"])
+    assert saved["table"]["none"]["cost_vs_opd"] == {"tokens_generated": 1.0, "tokens_trained": 1.0,
+                                                      "train_seconds": 1.0}
+    # Paired CIs: KAT minus OPD and KAT minus IW-OPD, per split and over all problems, with half-widths.
+    assert {"kat - none", "kat - iwopd", "iwopd - none", "kat - random", "kat - prefix"} <= set(saved["paired"])
+    ci = saved["paired"]["kat - iwopd"]["all/avg@8"]
+    assert ci["lo"] <= ci["diff"] <= ci["hi"] and ci["half_width"] == pytest.approx((ci["hi"] - ci["lo"]) / 2)
+    assert ci["n_problems"] == 4 * cfg.eval_n and len(ci["per_seed"]) == 1
+    kat_ev, iw_ev = saved["runs"]["seed0/kat"]["eval"], saved["runs"]["seed0/iwopd"]["eval"]
+    direct = np.mean([np.mean(kat_ev[c]["correct"]) - np.mean(iw_ev[c]["correct"]) for c in saved["splits"]]) / k
+    assert ci["diff"] == pytest.approx(direct)  # equal split sizes: the pooled mean is the mean over splits
 
     # A rerun trains nothing and gives the same table; an unfinished run is resumed, not restarted.
     (out / "seed0" / "kat+prefix" / "eval.json").unlink()
@@ -72,6 +89,16 @@ def test_plan_orders_kat_before_its_matches_and_lists_ablations():
     assert any(r.termination == "kat+prefix" and r.prefix_scale == 2.0 for r in abl)
     assert len([r for r in abl if r.kat]) >= 3  # the quantile sweep
     assert all(r.termination == "none" for r in abl if r.supervise)
+    main = [r for r in runs if r.group == "seed0"]
+    assert {r.name: (r.termination, r.loss) for r in main if "iwopd" in r.name} == {
+        "iwopd": ("none", "iwopd"), "kat+iwopd": ("kat", "iwopd")}
+    assert [(r.termination, r.loss) for r in abl if r.name == "opd-sampled"] == [("none", "sampled")]
+    quick = [r.name for r in plan(StudyConfig.quick("t", "s"))]
+    assert "iwopd" in quick and "kat+iwopd" not in quick
+    with pytest.raises(ValueError, match="unknown"):
+        StudyConfig.quick("t", "s", methods=("none", "kat", "iw"))
+    with pytest.raises(ValueError, match="must include 'kat'"):
+        StudyConfig.quick("t", "s", methods=("none", "iwopd"))
 
 
 def test_kat_preset_and_errors():

@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 
 LABELS = {"none": "OPD", "kat": "KAT", "random": "random (len.-matched)", "prefix": "prefix",
-          "kat+prefix": "KAT + prefix", "iw-opd": "IW-OPD", "iw_opd": "IW-OPD"}
+          "kat+prefix": "KAT + prefix", "iw-opd": "IW-OPD", "iw_opd": "IW-OPD", "iwopd": "IW-OPD",
+          "kat+iwopd": "KAT + IW-OPD"}
 N_BOOT = 2000
 
 

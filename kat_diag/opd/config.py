@@ -73,8 +73,9 @@ class TrainConfig:
     dtype: str = "fp32"  # fp32 | bf16 (teacher in bf16, student under autocast)
     device: str = "auto"
     seed: int = 0
-    loss: str = "topk"  # topk (the paper's: top-k + tail bucket) | full | sampled
+    loss: str = "topk"  # topk (the paper's: top-k + tail bucket) | full | sampled | iwopd
     topk: int = 64  # k of the topk loss (capped at the vocabulary size)
+    iw_gamma: float = 0.5  # gamma of the iwopd loss (IW-OPD's position weights)
     termination: str = "kat"  # none | kat | random | prefix | kat+prefix
     prefix_len: int | None = None
     random_target: float | None = None  # mean kept length for `random` ...

@@ -1,4 +1,4 @@
-"""OPD losses on the kept tokens of student rollouts, three estimators behind one interface.
+"""OPD losses on the kept tokens of student rollouts, four estimators behind one interface.
 
 * `FullReverseKL` — the full-vocabulary reverse KL sum_v pi_s(v) (log pi_s(v) - log pi_T(v)),
   differentiated through pi_s (GKD with beta = 1 on on-policy samples). Needs the teacher's full
@@ -14,8 +14,16 @@
   A_t = log pi_T(y_t) - log pi_old(y_t) (minus the per-token reverse-KL estimate), importance
   sampled policy gradient -ratio_t * A_t with ratio_t = pi_theta(y_t) / pi_old(y_t). Needs only the
   teacher logprob of the sampled token.
+* `ImportanceWeightedOPD` — IW-OPD ("On the Position Bias of On-Policy Distillation", arXiv
+  2606.22600; TRL's `trl.experimental.iw_opd`): the sampled-token signal with advantage
+  a_t = log pi_T(y_t) - log pi_old(y_t), re-weighted per rollout by
+  w_t = 1 + gamma (1 - sum_{s<t} |a_s| / max(sum_s |a_s|, eps)), so tokens after the prefix has
+  accumulated its discrepancy count less. The weights are taken over the tokens the loss sees
+  (under a termination policy: the kept prefix), per rollout; `LossInputs.lengths_B` marks the
+  rollouts in the flat token list. Loss -log pi_theta(y_t) w_t a_t, TRL's surrogate term for term
+  (its gradient equals `SampledTokenKL`'s times w_t where pi_theta = pi_old).
 
-Both return the SUM over kept tokens; the trainer divides by the number of kept tokens of the whole
+All return the SUM over kept tokens; the trainer divides by the number of kept tokens of the whole
 step (over micro-batches and ranks), so the gradient does not depend on how the step is split.
 """
 
@@ -39,6 +47,7 @@ class LossInputs:
     topk_ids_NK: torch.Tensor | None = None  # the student's top-k ids at sampling time (TopKReverseKL)
     teacher_topk_logprobs_NK: torch.Tensor | None = None  # teacher log-probs at those ids
     teacher_tail_logprob_N: torch.Tensor | None = None  # teacher log-mass outside them (-inf: none)
+    lengths_B: torch.Tensor | None = None  # tokens of each rollout, in order, summing to N (IW-OPD)
 
 
 def p_log_ratio(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
@@ -117,14 +126,62 @@ class SampledTokenKL:
         return -(ratio_N * adv_N).sum()
 
 
-LOSSES: dict[str, type] = {"topk": TopKReverseKL, "full": FullReverseKL, "sampled": SampledTokenKL}
+def iw_opd_weights(adv_N: torch.Tensor, lengths_B: torch.Tensor, gamma: float = 0.5,
+                   eps: float = 1e-8) -> torch.Tensor:
+    """IW-OPD's position weights w_t = 1 + gamma (1 - sum_{s<t} |a_s| / max(sum_s |a_s|, eps)),
+    per rollout, for rollouts laid end to end in `adv_N` (`lengths_B` tokens each). Vectorised:
+    one cumulative sum over the flat list minus each rollout's starting offset (in float64, so a
+    long flat list does not lose the small prefix sums of a late rollout)."""
+    lengths_B = lengths_B.to(adv_N.device, torch.long)
+    if int(lengths_B.sum()) != adv_N.shape[0]:
+        raise ValueError(f"IW-OPD: rollout lengths sum to {int(lengths_B.sum())}, not to the {adv_N.shape[0]} tokens")
+    a_N = adv_N.detach().double().abs()
+    seg_N = torch.repeat_interleave(torch.arange(len(lengths_B), device=a_N.device), lengths_B)
+    total_B = torch.zeros(len(lengths_B), dtype=a_N.dtype, device=a_N.device).index_add_(0, seg_N, a_N)
+    start_B = total_B.cumsum(0) - total_B  # |a| summed over the rollouts before each one
+    prefix_N = a_N.cumsum(0) - a_N - start_B[seg_N]  # exclusive: tokens before t in its rollout
+    w_N = 1.0 + gamma * (1.0 - prefix_N / total_B.clamp_min(eps)[seg_N])
+    return w_N.to(adv_N.dtype)
 
 
-def make_loss(name: str, topk: int = 64) -> OPDLoss:
-    """The estimator `name` ("topk" | "full" | "sampled"); `topk` is k of "topk"."""
+class ImportanceWeightedOPD:
+    name = "iwopd"
+    teacher_state = "none"
+    k = 0
+
+    def __init__(self, gamma: float = 0.5, eps: float = 1e-8) -> None:
+        if not isinstance(gamma, (int, float)) or isinstance(gamma, bool) or not gamma >= 0:
+            raise ValueError(f"iw_gamma={gamma!r}: must be a number >= 0")
+        if not eps > 0:
+            raise ValueError(f"iw_eps={eps!r}: must be > 0")
+        self.gamma, self.eps = float(gamma), float(eps)
+
+    def __call__(self, x: LossInputs) -> torch.Tensor:
+        if x.lengths_B is None:
+            raise ValueError("IW-OPD needs the rollout lengths (LossInputs.lengths_B)")
+        if not bool(torch.isfinite(x.teacher_logprob_N).all()):
+            raise ValueError("IW-OPD: non-finite teacher logprob of a sampled token")
+        s_logp_NV = torch.log_softmax(x.student_logits_NV.float(), dim=-1)
+        new_lp_N = s_logp_NV.gather(-1, x.token_ids_N[:, None]).squeeze(-1)
+        adv_N = (x.teacher_logprob_N.float() - x.old_logprob_N.float()).detach()
+        w_N = iw_opd_weights(adv_N, x.lengths_B, self.gamma, self.eps)
+        return -(new_lp_N * (w_N * adv_N)).sum()
+
+
+LOSSES: dict[str, type] = {"topk": TopKReverseKL, "full": FullReverseKL, "sampled": SampledTokenKL,
+                           "iwopd": ImportanceWeightedOPD}
+
+
+def make_loss(name: str, topk: int = 64, iw_gamma: float = 0.5) -> OPDLoss:
+    """The estimator `name` ("topk" | "full" | "sampled" | "iwopd"); `topk` is k of "topk",
+    `iw_gamma` the gamma of "iwopd" (0: the plain sampled-token signal, TRL's surrogate)."""
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}")
-    return TopKReverseKL(topk) if name == "topk" else LOSSES[name]()
+    if name == "topk":
+        return TopKReverseKL(topk)
+    if name == "iwopd":
+        return ImportanceWeightedOPD(iw_gamma)
+    return LOSSES[name]()
 
 
 def topk_teacher_state(s_logp_BCV: torch.Tensor, t_logp_BCV: torch.Tensor, k: int

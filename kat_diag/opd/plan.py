@@ -119,7 +119,7 @@ class PlanConfig:
     prompt_len: int = 256
     chunk_size: int = 16
     micro_batch: int = 8
-    loss: str = "topk"  # topk (the train default) | full | sampled
+    loss: str = "topk"  # topk (the train default) | full | sampled | iwopd
     top_k: int = 64
     dtype: str = "bf16"  # teacher weights and compute dtype: fp32 | bf16
     student_dtype: str = "fp32"  # student weights: fp32 | bf16 (then fp32 master weights)
@@ -127,8 +127,8 @@ class PlanConfig:
     device_gb: float = 80.0
 
     def __post_init__(self) -> None:
-        if self.loss not in ("full", "topk", "sampled"):
-            raise ValueError(f"loss must be full|topk|sampled, got {self.loss!r}")
+        if self.loss not in ("full", "topk", "sampled", "iwopd"):
+            raise ValueError(f"loss must be full|topk|sampled|iwopd, got {self.loss!r}")
         for name in ("dtype", "student_dtype"):
             if getattr(self, name) not in ("fp32", "bf16"):
                 raise ValueError(f"{name} must be fp32|bf16, got {getattr(self, name)!r}")

@@ -24,6 +24,7 @@ def check_train(cfg: Any, *, resume: bool = False, overwrite: bool = False) -> N
     check_choice("--termination", cfg.termination, POLICY_NAMES)
     check_choice("--loss", cfg.loss, LOSSES)
     check_choice("--answer-format", cfg.answer_format, ("auto", "gsm8k", "boxed", "plain"))
+    check_range("--iw-gamma", cfg.iw_gamma, lo=0)
     check_range("--lr", cfg.lr, lo=0, lo_open=True)
     check_range("--grad-clip", cfg.grad_clip, lo=0, lo_open=True)
     check_range("--warmup-steps", cfg.warmup_steps, lo=0)

@@ -155,6 +155,7 @@ def opd_update(student, rollouts: list[Rollout], loss_fn, opt, cfg: TrainConfig,
             token_ids_N=torch.cat([r.token_ids[: r.keep] for r in micro]).to(device),
             old_logprob_N=torch.cat([r.student_logprob[: r.keep] for r in micro]).to(device),
             teacher_logprob_N=torch.cat([r.teacher_logprob[: r.keep] for r in micro]).to(device),
+            lengths_B=torch.tensor([r.keep for r in micro], device=device),
             **_teacher_inputs(micro, loss_fn.teacher_state, device),
         )
         loss = loss_fn(x)
@@ -300,7 +301,7 @@ def _train(cfg: TrainConfig, resume: bool,
                          random_target=_random_target(cfg), seed=cfg.seed * 131 + rank, device=device,
                          gather=lambda v: D.all_gather_values(v, device))
     policy = with_supervision(policy, cfg.supervise, cfg.kat, device, gather=lambda v: D.all_gather_values(v, device))
-    loss_fn = make_loss(cfg.loss, cfg.topk)
+    loss_fn = make_loss(cfg.loss, cfg.topk, cfg.iw_gamma)
     decay = [p for p in student.parameters() if p.ndim >= 2]
     no_decay = [p for p in student.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},

@@ -256,7 +256,8 @@ class TraceWriter:
             "config": config or {},
             # The training loss's estimator (with kl_source "full" the `kl` column is the
             # full-vocabulary KL the detector saw); None for stores written without training (record).
-            "loss": {"estimator": (config or {}).get("loss"), "topk": (config or {}).get("topk")},
+            "loss": {"estimator": (config or {}).get("loss"), "topk": (config or {}).get("topk"),
+                     "iw_gamma": (config or {}).get("iw_gamma")},
             "columns": {f.name: str(f.type) for f in schema(self.top_n)},
         }
         if not _create_exclusive(path, json.dumps(manifest, indent=2, default=str).encode()):

@@ -41,10 +41,16 @@ VERDICTS: tuple[str, ...] = tuple(VERDICT_COLORS)
 # Training methods (termination policies and losses) in curves and the study figure.
 METHOD_COLORS: dict[str, str] = {
     "none": "#4D4D4D", "kat": "#EE7733", "random": "#0077BB", "prefix": "#009988", "kat+prefix": "#AA3377",
-    "iw-opd": "#33BBEE", "iw_opd": "#33BBEE",
+    "iw-opd": "#33BBEE", "iw_opd": "#33BBEE", "iwopd": "#33BBEE", "kat+iwopd": "#CCBB44",
 }
 EXTRA_COLORS: tuple[str, ...] = ("#4D4D4D", "#EE7733", "#0077BB", "#009988", "#AA3377", "#33BBEE", "#CCBB44",
                                  "#882255")  # runs without a known method, in order
+
+# Detectors of the trap sweep (kat_diag.analysis.sweep): KAT in its method colour, the references apart.
+DETECTOR_COLORS: dict[str, str] = {
+    "kl": "#EE7733", "student_entropy": "#0077BB", "teacher_entropy": "#AA3377", "ngram": "#009988",
+    "length": "#8C8C8C",
+}
 
 # Marks on KL pictures (onset, fire, ground truth) and neutral reference lines.
 MARK_COLORS: dict[str, str] = {
