@@ -39,7 +39,7 @@ bench: $(STAMP)
 # of both and the study's headline figure from FIG_STUDY (docs/diagnostics.md). FIG_STEPS=50 for a quick
 # look; `make figures-draw` redraws from the existing runs without training.
 FIG_STEPS ?= 200
-FIG_STUDY ?= figures/study_seed0/results.json
+FIG_STUDY ?= figures/study/results.json
 figures: $(STAMP)
 	rm -rf runs/fig_opd runs/fig_kat
 	$(VENV)/bin/kat-diag train --termination none --steps $(FIG_STEPS) --eval-every 50 --eval-at-start --out runs/fig_opd

@@ -275,9 +275,9 @@ def test_study_paired_differences_equal_a_direct_computation(tmp_path):
 def test_committed_study_results_draw():
     from kat_diag.analysis.study_figure import study_numbers
 
-    path = REPO / "figures" / "study_seed0" / "results.json"
+    path = REPO / "figures" / "study" / "results.json"
     nums = study_numbers(json.loads(path.read_text()))
-    assert set(nums["methods"]) >= {"none", "kat"} and nums["methods"]["kat"]["avg@8 - OPD"]["problems"] == 160
+    assert set(nums["methods"]) >= {"none", "kat", "iwopd"} and nums["methods"]["kat"]["avg@8 - OPD"]["problems"] == 400
 
 
 # --------------------------------------------------------------------------------------------------

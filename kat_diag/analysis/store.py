@@ -41,8 +41,10 @@ def kl_note(reader: TraceReader) -> str | None:
 def mark_estimator(fig: Any, reader: TraceReader) -> None:
     """Label a figure of a sampled-estimator store with the estimator it shows (nothing for full KL)."""
     if reader.kl_source != "full":
+        from kat_diag.views.palette import WARNING
+
         fig.text(0.005, 0.003, f"KL = {KL_SOURCE_LABELS[reader.kl_source]} (kl_source {reader.kl_source})",
-                 fontsize=8, color="#B00020", ha="left", va="bottom")
+                 fontsize=8, color=WARNING, ha="left", va="bottom")
 
 
 def require_columns(reader: TraceReader, columns: Sequence[str], analysis: str) -> None:

@@ -65,6 +65,7 @@ GRID = "#B0B0B0"
 NO_DATA = "#F4F4F4"
 NONFINITE = "#9E9E9E"
 PAPER = "#FFFFFF"
+WARNING = "#B00020"  # captions that qualify a figure (KL from a sampled estimator, not the full KL)
 CUT_SHADE = "#000000"  # drawn translucent / hatched over tokens that were generated but not trained on
 
 # --------------------------------------------------------------------------------------------------
