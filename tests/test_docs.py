@@ -174,3 +174,21 @@ def test_the_checks_can_fail(tmp_path: Path):
     with pytest.raises(AssertionError, match="no such file"):
         test_relative_links_resolve(page)
     assert slug("The agreement trap in this world, measured") == "the-agreement-trap-in-this-world-measured"
+
+
+MACHINE_PATH = re.compile(r"(?<![\w.])/(?:work|home|Users|tmp|root|private)/[\w.-]")
+
+
+def test_committed_results_and_docs_name_no_machine_paths():
+    # Results and docs are read on other machines: they must name paths relative to the project.
+    # A fresh copy (an sdist, a tarball) has no .git: then there is nothing tracked to check.
+    if not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    files = subprocess.run(["git", "ls-files", "README.md", "docs", "figures", "data/world", "examples/configs"],
+                           cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    texts = [f for f in files if f.endswith((".md", ".json", ".jsonl", ".csv", ".yaml", ".txt"))]
+    assert len(texts) > 20
+    bad = [f"{f}:{i}: {line.strip()[:100]}" for f in texts
+           for i, line in enumerate((REPO / f).read_text(errors="replace").splitlines(), 1)
+           if MACHINE_PATH.search(line)]
+    assert not bad, "absolute machine paths in committed files:\n" + "\n".join(bad[:20])
