@@ -10,6 +10,7 @@ real `KATPolicy` driven the way the rollout engine drives it (chunks, compaction
 from __future__ import annotations
 
 import math
+import warnings
 from collections import deque
 from fractions import Fraction
 
@@ -314,6 +315,20 @@ def test_kl_below_the_detector_resolution_is_reported_not_silent(tmp_path):
     flat, offsets, step_of = _steps_as_ragged(steps)
     with pytest.warns(KATResolutionWarning, match="on 2 of 3 rollouts"):
         trap_stats(flat, offsets, np.zeros(3, bool), cfg, steps=step_of)
+
+    # A sampled estimate (k1 = log p_s - log p_T of the sampled token) can be negative: a tau <= 0 is
+    # then no floor, windows go below it and KAT fires; neither trap nor replay may claim otherwise.
+    k1 = [[[-0.01] * 8], [[-0.05] * 8], [[-0.05] * 8]]
+    flat, offsets, step_of = _steps_as_ragged(k1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", KATResolutionWarning)
+        rep = trap_stats(flat, offsets, np.zeros(3, bool), cfg, steps=step_of)
+        assert rep["tau"] < 0 and rep["fire_rate"] > 0
+        with TraceWriter(tmp_path / "k1", top_n=1, kl_source="k1") as w:
+            for i, (trace,) in enumerate(k1):
+                w.append({"step": i, "prompt_id": "p", "policy": "none", "correct": False,
+                          "token_ids": [np.zeros(8, np.int32)], "kl": [np.array(trace, np.float32)]})
+        assert replay_store(TraceReader(tmp_path / "k1"), cfg)["fired_share"] > 0
 
 
 def engine_run_policy(policy: KATPolicy, step: int, traces: list[list[float]]) -> dict:

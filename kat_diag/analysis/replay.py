@@ -178,7 +178,7 @@ def replay_store(
             for s, v in zip(b["step"].tolist(), t.tolist(), strict=True):
                 acc.taus.setdefault(s, v)
     floor = [t for t in acc.taus.values() if at_resolution_floor(t)]
-    if floor:
+    if floor and reader.kl_source != "k1":  # k1 can be negative: windows can go below a tau <= 0
         import warnings
 
         warnings.warn(floor_message(max(floor), f"in {len(floor)} of {len(acc.taus)} steps"),

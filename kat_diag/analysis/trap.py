@@ -98,7 +98,7 @@ def trap_stats(kl_values: np.ndarray, offsets: np.ndarray, correct: np.ndarray, 
     minima = rollout_minima(values, offs, cfg.window)
     tau = step_taus(values, offs, steps, cfg, rollout_ids)
     floor = np.isfinite(tau) & (tau <= 0)
-    if floor.any():
+    if floor.any() and not (values < 0).any():  # a sampled estimate (k1) can go below a tau <= 0
         import warnings
 
         from kat_diag.kat.detector import KATResolutionWarning, floor_message
