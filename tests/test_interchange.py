@@ -8,12 +8,12 @@ k1 log in tinker-cookbook's Datum layout goes through import, heatmap, phases, t
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from test_score import _foreign_runs  # examples/foreign_runs.py as a module
 from typer.testing import CliRunner
 
 from cli.main import app
@@ -23,7 +23,6 @@ from kat_diag.kat.config import KATConfig
 from kat_diag.traces import TraceReader, TraceStoreError, TraceWriter
 from kat_diag.traces.interchange import FORMAT_NAME, export_store, import_file, k1, k3, read_header
 
-REPO = Path(__file__).resolve().parent.parent
 CFG = KATConfig(window=4, persistence=2, min_length=4, warmup_steps=0, min_fill=1)
 
 
@@ -31,11 +30,6 @@ def invoke(*args: str):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
-def _foreign_runs():
-    spec = importlib.util.spec_from_file_location("foreign_runs", REPO / "examples" / "foreign_runs.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 # ------------------------------------------------------------------------------------------- estimators
