@@ -313,3 +313,26 @@ def test_a_tinker_style_k1_log_through_import_heatmap_phases_trap_and_inspect(re
     figs = make_figures([run], tmp_path / "figs", analyses=["heatmap", "vocab"], curves=False)
     assert "teacher_top_ids" in figs["analyses"]["k1"]["vocab"]["skipped"]
     assert "files" in figs["analyses"]["k1"]["heatmap"]
+
+
+def test_the_phases_figure_of_a_k1_store_shows_negative_estimates(tmp_path):
+    # k1 = log p_s - log p_T of the sampled token goes below 0 (so can its tau): a log axis would drop
+    # those means and break the layout; the KL panels go symlog instead, and the entropy panel says
+    # why it is empty when the log had no entropies.
+    from kat_diag.analysis.phase_stats import phase_report, plot
+
+    rng = np.random.default_rng(0)
+    with TraceWriter(tmp_path / "k1", top_n=1, kl_source="k1") as w:
+        for step in range(3):
+            kl = [np.concatenate([rng.normal(0.3, 0.1, 12), rng.normal(-0.02, 0.005, 24)]).astype(np.float32)
+                  for _ in range(8)]
+            w.append({"step": step, "prompt_id": "p", "policy": "none", "correct": False,
+                      "token_ids": [np.zeros(36, np.int32)] * 8, "kl": kl})
+    report = phase_report(TraceReader(tmp_path / "k1"), CFG)
+    assert min(v for s in report.stages for v in s.phase_kl if np.isfinite(v)) < 0
+    fig = plot(report)
+    (_, a_kl, a_ent), (_, _, a_seg) = np.array(fig.axes[:6]).reshape(2, 3)
+    assert a_kl.get_xscale() == "symlog" and a_seg.get_xscale() == "symlog"
+    shown = [x for line in a_kl.get_lines() for x in line.get_xdata() if len(line.get_xdata()) == 1]
+    assert min(shown) < 0  # the negative mean is drawn, not dropped
+    assert not a_ent.axison and "no entropies" in a_ent.texts[0].get_text()

@@ -514,25 +514,41 @@ def plot(report: PhaseReport, fig: Any = None) -> Any:
     a_share.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=3, fontsize=6.5)
     a_share.grid(False)
 
-    # (b) mean KL per phase: dots with CIs, log x
+    # (b) mean KL per phase: dots with CIs, log x. A sampled estimate (k1, imported) can be <= 0, and
+    # so can its tau: then the KL axes are symlog (linear near 0) and no value is dropped.
+    tau_med = report.tau.get("median")
+    kl_seen = [v for s in stages for v in (*s.phase_kl, *s.segment_kl) if np.isfinite(v)]
+    signed = min(kl_seen, default=1.0) <= 0 or (tau_med is not None and np.isfinite(tau_med) and tau_med <= 0)
+
+    def shown(v: np.ndarray) -> np.ndarray:
+        return v if signed else np.where(v > 0, v, np.nan)
+
+    def kl_axis(ax: Any, what: str) -> None:
+        if signed:
+            ax.set_xscale("symlog", linthresh=1e-3)
+            ax.set_xlabel(f"{what} (nats, symlog)")
+        else:
+            ax.set_xscale("log")
+            ax.set_xlabel(f"{what} (nats, log)")
+
     offs = np.array([-0.22, 0.0, 0.22])
     for i, ph in enumerate(PHASES):
         v = np.array([s.phase_kl[i] for s in stages], dtype=float)
         cis = [s.ci.get("kl", ((math.nan, math.nan),) * 3)[i] for s in stages]
-        _dots(a_kl, x + offs[i], np.where(v > 0, v, np.nan), cis, [style.PHASE_COLORS[ph]] * len(stages))
-    tau_med = report.tau.get("median")
+        _dots(a_kl, x + offs[i], shown(v), cis, [style.PHASE_COLORS[ph]] * len(stages))
     for ax in (a_kl, a_seg):  # tau on every KL scale
         if tau_med:
             ax.axvline(tau_med, color=style.MARK_COLORS["tau"], linestyle="--", linewidth=0.8)
             ax.text(tau_med, 1.0, " tau", transform=ax.get_xaxis_transform(), fontsize=6, va="bottom")
-    a_kl.set_xscale("log")
+    kl_axis(a_kl, "mean reverse KL")
     a_kl.set_yticks(x, [s.stage for s in stages])
     a_kl.invert_yaxis()
-    a_kl.set_xlabel("mean reverse KL (nats, log)")
     a_kl.set_title("KL per phase")
 
     # (c) entropy per phase: student filled, teacher (lower bound) hollow
-    for j, s in enumerate(stages):
+    has_entropy = any(np.isfinite(v) for s in stages
+                      for v in (*s.phase_student_entropy, *s.phase_teacher_entropy))
+    for j, s in enumerate(stages if has_entropy else []):
         for i, ph in enumerate(PHASES):
             y = j + offs[i]
             for key, val, filled in (("student_entropy", s.phase_student_entropy[i], True),
@@ -540,14 +556,17 @@ def plot(report: PhaseReport, fig: Any = None) -> Any:
                 ci = s.ci.get(key, ((math.nan, math.nan),) * 3)[i]
                 _dots(a_ent, np.array([y + (0.0 if filled else 0.06)]), np.array([val], dtype=float), [ci],
                       [style.PHASE_COLORS[ph]], markers=["o" if filled else "D"], filled=[filled])
-    a_ent.set_yticks(x, [s.stage for s in stages])
-    a_ent.invert_yaxis()
-    a_ent.set_xlabel("mean entropy (nats)")
     a_ent.set_title("entropy per phase")
-    a_ent.legend(handles=[Line2D([], [], marker="o", color=style.INK, linestyle="none", label="student"),
-                          Line2D([], [], marker="D", color=style.INK, markerfacecolor=style.PAPER, linestyle="none",
-                                 label="teacher (lower bound)")], fontsize=6, loc="upper center",
-                 bbox_to_anchor=(0.5, -0.22), ncol=2)
+    if not has_entropy:  # e.g. a store imported from log-probs of the sampled tokens only
+        style.no_panel(a_ent, "no entropies in this store:\nit has no student_entropy column\nand no teacher top-n")
+    else:
+        a_ent.set_yticks(x, [s.stage for s in stages])
+        a_ent.invert_yaxis()
+        a_ent.set_xlabel("mean entropy (nats)")
+        a_ent.legend(handles=[Line2D([], [], marker="o", color=style.INK, linestyle="none", label="student"),
+                              Line2D([], [], marker="D", color=style.INK, markerfacecolor=style.PAPER,
+                                     linestyle="none", label="teacher (lower bound)")], fontsize=6,
+                     loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2)
 
     # (d) accuracy with vs without a trap
     if all(s.policy_artefact or (s.graded_trap + s.graded_no_trap) == 0 for s in stages):
@@ -597,12 +616,11 @@ def plot(report: PhaseReport, fig: Any = None) -> Any:
     for k, part in enumerate(SEGMENT_PARTS):
         v = np.array([s.segment_kl[k] for s in stages], dtype=float)
         cis = [s.ci.get("seg_kl", ((math.nan, math.nan),) * 3)[k] for s in stages]
-        _dots(a_seg, x + offs[k], np.where(v > 0, v, np.nan), cis, [part_colors[k]] * len(stages))
+        _dots(a_seg, x + offs[k], shown(v), cis, [part_colors[k]] * len(stages))
         a_seg.plot([], [], marker="o", color=part_colors[k], linestyle="none", label=f"{part}")
-    a_seg.set_xscale("log")
+    kl_axis(a_seg, "mean reverse KL")
     a_seg.set_yticks(x, [s.stage for s in stages])
     a_seg.invert_yaxis()
-    a_seg.set_xlabel("mean reverse KL (nats, log)")
     a_seg.set_title("KL around the first segment")
     a_seg.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=3, fontsize=6)
     tau = report.tau
