@@ -315,7 +315,7 @@ def test_a_tinker_style_k1_log_through_import_heatmap_phases_trap_and_inspect(re
     assert "files" in figs["analyses"]["k1"]["heatmap"]
 
 
-def test_the_phases_figure_of_a_k1_store_shows_negative_estimates(tmp_path):
+def test_phases_and_heatmap_figures_of_a_k1_store_show_negative_estimates(tmp_path):
     # k1 = log p_s - log p_T of the sampled token goes below 0 (so can its tau): a log axis would drop
     # those means and break the layout; the KL panels go symlog instead, and the entropy panel says
     # why it is empty when the log had no entropies.
@@ -336,3 +336,9 @@ def test_the_phases_figure_of_a_k1_store_shows_negative_estimates(tmp_path):
     shown = [x for line in a_kl.get_lines() for x in line.get_xdata() if len(line.get_xdata()) == 1]
     assert min(shown) < 0  # the negative mean is drawn, not dropped
     assert not a_ent.axison and "no entropies" in a_ent.texts[0].get_text()
+    from kat_diag.analysis.heatmap import heatmap
+    from kat_diag.analysis.heatmap import plot as plot_heatmap
+
+    fig = plot_heatmap(heatmap(TraceReader(tmp_path / "k1"), CFG, "auto"))
+    profile = [ax for ax in fig.axes if ax.get_title() == "mean KL by relative position"]
+    assert len(profile) == 1 and profile[0].get_yscale() == "symlog"

@@ -470,8 +470,14 @@ def plot(result: HeatmapResult, fig: Any = None, kl_range: tuple[float, float] |
                     label="tau")
     ax3.set_title("mean KL by relative position", fontsize=8)
     ax3.set_xlabel("position / rollout length")
-    ax3.set_ylabel("mean KL (nats, log)")
-    ax3.set_yscale("log")
+    # A sampled estimate (k1, imported) can average <= 0, and so can its tau: symlog keeps those visible.
+    drawn = [y for line in ax3.get_lines() for y in np.asarray(line.get_ydata(), dtype=float) if np.isfinite(y)]
+    if min(drawn, default=1.0) <= 0:
+        ax3.set_ylabel("mean KL (nats, symlog)")
+        ax3.set_yscale("symlog", linthresh=1e-3)
+    else:
+        ax3.set_ylabel("mean KL (nats, log)")
+        ax3.set_yscale("log")
     ax3.legend(fontsize=6)
     tau = result.tau
     fig.suptitle(f"KL dynamics (tau {tau['mode']}"
