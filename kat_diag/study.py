@@ -480,18 +480,10 @@ def check_study(cfg: StudyConfig) -> None:
     """What can be checked without loading a model: both checkpoints (and a shared vocabulary), the
     data and benchmark files, the device. A missing teacher used to surface after the student's
     whole baseline evaluation."""
-    from kat_diag.data.sources import check_data_file
-    from kat_diag.run.preflight import check_device, check_models
+    from kat_diag.opd.preflight import check_sources
+    from kat_diag.run.preflight import check_device
 
-    check_models(cfg.teacher, cfg.student, names=("study teacher", "study student"))
-    if cfg.data == "world":
-        from kat_diag.world.paths import world_split_names
-
-        world_split_names(cfg.student)
-    else:
-        check_data_file("study data", cfg.data, (cfg.question_field, cfg.answer_field))
-    for b in cfg.bench:
-        check_data_file("study bench", b, (cfg.question_field, cfg.answer_field))
+    check_sources(cfg, names=("study teacher", "study student", "study data", "study bench"))
     check_device(cfg.device)
 
 

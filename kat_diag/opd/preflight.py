@@ -15,6 +15,19 @@ from kat_diag.run.preflight import _option, check_choice, check_device, check_mo
 from kat_diag.world.paths import world_split_names
 
 
+def check_sources(cfg: Any, names: tuple[str, str, str, str] = ("--teacher", "--student", "--data", "--bench")) -> None:
+    """Both checkpoints (and a shared vocabulary), and the data and benchmark files of a `train` or
+    `study` config (`names`: what the messages call teacher, student, data and bench)."""
+    check_models(cfg.teacher, cfg.student, names=names[:2])
+    fields = (cfg.question_field, cfg.answer_field)
+    if cfg.data == "world":
+        world_split_names(cfg.student)
+    else:
+        check_data_file(names[2], cfg.data, fields)
+    for b in cfg.bench:
+        check_data_file(names[3], b, fields)
+
+
 def check_train(cfg: Any, *, resume: bool = False, overwrite: bool = False) -> None:
     """Every option of a `train` config that can be checked without loading a model or a data set."""
     from kat_diag.kat.policies import POLICY_NAMES
@@ -46,13 +59,7 @@ def check_train(cfg: Any, *, resume: bool = False, overwrite: bool = False) -> N
             raise FileNotFoundError(f"--random-from {cfg.random_from}: no metrics.jsonl to length-match")
     check_device(cfg.device)
     check_report_to(cfg.report_to)  # every tracker backend before anything starts or is written
-    check_models(cfg.teacher, cfg.student)
-    if cfg.data == "world":
-        world_split_names(cfg.student)
-    else:
-        check_data_file("--data", cfg.data, (cfg.question_field, cfg.answer_field))
-    for b in cfg.bench:
-        check_data_file("--bench", b, (cfg.question_field, cfg.answer_field))
+    check_sources(cfg)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun rank 0 owns the directory; the others follow it
         rundir.check_out(cfg.out, resume=resume, overwrite=overwrite)
 
