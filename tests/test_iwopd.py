@@ -189,3 +189,14 @@ def test_kat_plus_iwopd_trains_and_weights_per_rollout_whatever_the_micro_batch(
     assert json.loads((tmp_path / "a" / "config.json").read_text())["loss"] == "iwopd"
     assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
     assert any(r["fired_share"] > 0 for r in rows if "loss" in r)  # KAT cut while IW-OPD weighted
+
+
+def test_the_store_manifest_names_gamma_only_for_iwopd(tmp_path):
+    from kat_diag.traces.reader import TraceReader
+    from kat_diag.traces.writer import TraceWriter
+
+    for loss, want in (("iwopd", {"estimator": "iwopd", "topk": 64, "iw_gamma": 0.5}),
+                       ("topk", {"estimator": "topk", "topk": 64})):
+        with TraceWriter(tmp_path / loss, config={"loss": loss, "topk": 64, "iw_gamma": 0.5}) as w:
+            w.append({"step": 0, "prompt_id": "p", "policy": "none", "token_ids": [[1, 2]], "kl": [[0.1, 0.2]]})
+        assert TraceReader(tmp_path / loss).manifest["loss"] == want

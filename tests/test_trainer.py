@@ -63,7 +63,7 @@ def test_training_changes_parameters_and_writes_the_run(quick_world, tmp_path):
         rec = replay_store(reader, kat, tau)["recorded"]
         assert rec["compared"] == 12 and rec["fire_match"] == 1.0 and rec["onset_match"] == 1.0, tau
     manifest = json.loads((run / "traces" / "_manifest.json").read_text())
-    assert manifest["loss"] == {"estimator": "topk", "topk": 64, "iw_gamma": 0.5}
+    assert manifest["loss"] == {"estimator": "topk", "topk": 64}
 
 
 def test_resume_reproduces_the_uninterrupted_run(quick_world, tmp_path):

@@ -150,6 +150,14 @@ def _create_exclusive(path: Path, data: bytes) -> bool:
     return True
 
 
+def _loss_of(config: dict[str, Any]) -> dict[str, Any]:
+    """The training loss as the manifest names it: its estimator, k of top-k, and gamma for iwopd."""
+    loss = {"estimator": config.get("loss"), "topk": config.get("topk")}
+    if config.get("loss") == "iwopd":
+        loss["iw_gamma"] = config.get("iw_gamma")
+    return loss
+
+
 def _to_numpy(x: Any, dtype: Any = None) -> np.ndarray:
     if hasattr(x, "detach"):  # torch tensor, without importing torch here
         x = x.detach().cpu().numpy()
@@ -256,8 +264,7 @@ class TraceWriter:
             "config": config or {},
             # The training loss's estimator (with kl_source "full" the `kl` column is the
             # full-vocabulary KL the detector saw); None for stores written without training (record).
-            "loss": {"estimator": (config or {}).get("loss"), "topk": (config or {}).get("topk"),
-                     "iw_gamma": (config or {}).get("iw_gamma")},
+            "loss": _loss_of(config or {}),
             "columns": {f.name: str(f.type) for f in schema(self.top_n)},
         }
         if not _create_exclusive(path, json.dumps(manifest, indent=2, default=str).encode()):
