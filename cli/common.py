@@ -112,11 +112,20 @@ def _with_value(e: Exception, args: Any) -> str:
     return message
 
 
+_OTHER_RANKS_WAIT_S = 10.0  # costs nothing when rank 0 fails too: the launcher ends this process then
+
+
 def _echo_error(message: str) -> None:
     line = f"error: {' '.join(message.split())}"
     _tell_launcher(line)
     if os.environ.get("LOCAL_RANK", "0") == "0":  # under torchrun every process has the same error: say it once
         typer.echo(line, err=True)
+    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # The launcher stops every process once one exits: had this rank exited first, local rank 0 could
+        # be killed before it said the line. Wait (bounded) for rank 0 to fail first and end us.
+        import time
+
+        time.sleep(_OTHER_RANKS_WAIT_S)
 
 
 def _tell_launcher(line: str) -> None:

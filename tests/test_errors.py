@@ -422,7 +422,13 @@ def test_a_bad_option_under_torchrun_is_said_once_and_is_the_launchers_root_caus
     import subprocess
 
     repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    # Local rank 0 starts 3 s late (a sitecustomize on its path): rank 1 fails first, and the launcher
+    # must not kill rank 0 before it says the line (it did, now and then, on a loaded machine).
+    slow = tmp_path / "slow_rank0"
+    slow.mkdir()
+    (slow / "sitecustomize.py").write_text("import os, time\nif os.environ.get('LOCAL_RANK') == '0':\n"
+                                           "    time.sleep(3)\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{slow}{os.pathsep}{repo}"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "cli.main",
                            "train", "--steps", "0"], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)
