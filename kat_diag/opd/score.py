@@ -47,7 +47,7 @@ from kat_diag.opd.trace_rows import trace_batch
 from kat_diag.run import config_io
 from kat_diag.run.preflight import check_choice, check_device, check_range, model_vocab
 from kat_diag.run.progress import bar
-from kat_diag.traces.interchange import input_files, iter_records
+from kat_diag.traces.interchange import FieldMap, input_files, iter_records
 from kat_diag.traces.schema import TRACES_DIRNAME, make_rollout_id
 from kat_diag.traces.writer import TraceWriter, publish_staged, staging_dir
 
@@ -193,36 +193,27 @@ class RowReader:
     def __init__(self, cfg: ScoreConfig, tokenizer: Any, problems: _Problems, vocab_size: int,
                  contexts: dict[int, int | None]) -> None:
         self.cfg, self.tok, self.problems = cfg, tokenizer, problems
-        self.fields = cfg.field_map
+        self.fields = FieldMap(cfg.field_map, known=SCORE_FIELDS)
         self.vocab_size = vocab_size
         self.contexts = contexts  # student step -> min(teacher, student) context length
         self.eos = tokenizer.eos_token_id
 
-    def _key(self, name: str) -> str:
-        return self.fields.get(name, name)
-
-    def _label(self, name: str) -> str:
-        key = self._key(name)
-        return f"field {name!r}" if key == name else f"field {name!r} (file field {key!r})"
-
-    def _get(self, rec: dict[str, Any], name: str) -> Any:
-        return rec.get(self._key(name))
-
     def _ids(self, rec: dict[str, Any], name: str, where: str) -> list[int]:
-        value = self._get(rec, name)
+        value = self.fields.get(rec, name)
         if not isinstance(value, (list, tuple, np.ndarray)):
-            raise ValueError(f"{where}: {self._label(name)} must be a list of token ids, got {type(value).__name__}")
+            raise ValueError(f"{where}: {self.fields.label(name)} must be a list of token ids, "
+                             f"got {type(value).__name__}")
         ids = list(value)
         for j, t in enumerate(ids):
             if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
-                raise ValueError(f"{where}: {self._label(name)}[{j}] must be an integer token id, got {t!r}")
+                raise ValueError(f"{where}: {self.fields.label(name)}[{j}] must be an integer token id, got {t!r}")
             if not 0 <= t < self.vocab_size:
-                raise ValueError(f"{where}: {self._label(name)}[{j}] = {t} is outside the vocabulary "
+                raise ValueError(f"{where}: {self.fields.label(name)}[{j}] = {t} is outside the vocabulary "
                                  f"(size {self.vocab_size})")
         return [int(t) for t in ids]
 
     def _encode_prompt(self, value: Any, where: str) -> tuple[list[int], str]:
-        label = self._label("prompt")
+        label = self.fields.label("prompt")
         tok, mode = self.tok, self.cfg.chat_template
         if isinstance(value, list):  # chat messages, as TRL's conversational format
             if mode == "off":
@@ -243,20 +234,21 @@ class RowReader:
         return tok(text, add_special_tokens=False)["input_ids"], text
 
     def _correct(self, rec: dict[str, Any], where: str) -> bool | None:
-        value = self._get(rec, "correct")
+        value = self.fields.get(rec, "correct")
         if value is None:
             return None
         if isinstance(value, (bool, np.bool_)):
             return bool(value)
         if isinstance(value, (int, float, np.integer, np.floating)) and math.isfinite(value):
             return bool(value > 0)  # a reward: verl's score is 1 / 0 (or 1 / -1) for right / wrong
-        raise ValueError(f"{where}: {self._label('correct')} must be true/false or a number (> 0 = correct), "
+        raise ValueError(f"{where}: {self.fields.label('correct')} must be true/false or a number (> 0 = correct), "
                          f"got {value!r}")
 
     def student_step(self, step: int, where: str) -> int:
         firsts = [s for s, _ in self.cfg.students]
         if step < firsts[0]:
-            raise ValueError(f"{where}: {self._label('step')} {step} is before the first --student step {firsts[0]}")
+            raise ValueError(f"{where}: {self.fields.label('step')} {step} is before the first --student step "
+                             f"{firsts[0]}")
         return max(s for s in firsts if s <= step)
 
     def rows(self) -> Iterator[ScoreRow]:
@@ -265,21 +257,21 @@ class RowReader:
             yield self.row(rec, where, counts)
 
     def row(self, rec: dict[str, Any], where: str, counts: dict[int, int]) -> ScoreRow:
-        get = self._get
+        get = self.fields.get
         step_v = get(rec, "step")
         if step_v is None:
             step = 0
         elif isinstance(step_v, (int, np.integer)) and not isinstance(step_v, bool) and step_v >= 0:
             step = int(step_v)
         else:
-            raise ValueError(f"{where}: {self._label('step')} must be an integer >= 0, got {step_v!r}")
+            raise ValueError(f"{where}: {self.fields.label('step')} must be an integer >= 0, got {step_v!r}")
         if get(rec, "prompt_ids") is not None:
             prompt_ids = self._ids(rec, "prompt_ids", where)
             prompt_text = self.tok.decode(prompt_ids, skip_special_tokens=False)
         elif get(rec, "prompt") is not None:
             prompt_ids, prompt_text = self._encode_prompt(get(rec, "prompt"), where)
         else:
-            raise ValueError(f"{where}: missing {self._label('prompt')} (or {self._label('prompt_ids')})")
+            raise ValueError(f"{where}: missing {self.fields.label('prompt')} (or {self.fields.label('prompt_ids')})")
         if not prompt_ids:
             raise ValueError(f"{where}: the prompt is empty (the first completion token is predicted from it)")
         if get(rec, "completion_ids") is not None:
@@ -287,13 +279,14 @@ class RowReader:
         elif get(rec, "completion") is not None:
             text = get(rec, "completion")
             if not isinstance(text, str):
-                raise ValueError(f"{where}: {self._label('completion')} must be text, got {type(text).__name__}")
+                raise ValueError(f"{where}: {self.fields.label('completion')} must be text, got {type(text).__name__}")
             comp = self.tok(text, add_special_tokens=False)["input_ids"]
         else:
-            raise ValueError(f"{where}: missing {self._label('completion')} (or {self._label('completion_ids')})")
+            raise ValueError(f"{where}: missing {self.fields.label('completion')} "
+                             f"(or {self.fields.label('completion_ids')})")
         stop = get(rec, "stop_reason")
         if stop is not None and not isinstance(stop, str):
-            raise ValueError(f"{where}: {self._label('stop_reason')} must be a string, got {stop!r}")
+            raise ValueError(f"{where}: {self.fields.label('stop_reason')} must be a string, got {stop!r}")
         stop_norm = None if stop is None else _EOS_WORDS.get(stop.lower(), stop)
         ends = bool(comp) and comp[-1] == self.eos
         if self.eos is not None and not ends and (self.cfg.eos == "always" or
@@ -307,8 +300,9 @@ class RowReader:
                              f"the models' context ({context} positions, max_position_embeddings)")
         pid_v = get(rec, "prompt_id")
         if pid_v is not None and (isinstance(pid_v, bool) or not isinstance(pid_v, (str, int))):
-            raise ValueError(f"{where}: {self._label('prompt_id')} must be a string or an integer, got {pid_v!r}")
-        problem = self.problems.find(None if pid_v is None else str(pid_v), prompt_text, where, self._label("prompt"))
+            raise ValueError(f"{where}: {self.fields.label('prompt_id')} must be a string or an integer, got {pid_v!r}")
+        problem = self.problems.find(None if pid_v is None else str(pid_v), prompt_text, where,
+                                     self.fields.label("prompt"))
         prompt_id = (str(pid_v) if pid_v is not None else problem.id if problem is not None
                      else "p" + hashlib.sha1(json.dumps(prompt_ids).encode()).hexdigest()[:12])
         answer = get(rec, "answer")
@@ -322,7 +316,7 @@ class RowReader:
         elif isinstance(rid_v, (int, np.integer)) and not isinstance(rid_v, bool) and 0 <= rid_v < 2**63:
             rollout_id = int(rid_v)
         else:
-            raise ValueError(f"{where}: {self._label('rollout_id')} must be an integer >= 0, got {rid_v!r}")
+            raise ValueError(f"{where}: {self.fields.label('rollout_id')} must be an integer >= 0, got {rid_v!r}")
         return ScoreRow(where=where, step=step, rollout_id=rollout_id, prompt_id=prompt_id, prompt_text=prompt_text,
                         prompt_ids=list(prompt_ids), completion_ids=comp, stop_reason=stop_reason,
                         correct=self._correct(rec, where), problem=problem)

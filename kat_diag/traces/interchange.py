@@ -187,14 +187,15 @@ def iter_records(path: str | os.PathLike[str]) -> Iterator[tuple[str, dict[str, 
 # One record -> store values
 
 
-class _Fields:
-    """Format field -> the record's key, and error messages that name both."""
+class FieldMap:
+    """Format field -> the record's key (`--field KEY=NAME`), and error messages that name both.
+    `known`: the format's fields (the interchange format's by default; `kat-diag score` passes its own)."""
 
-    def __init__(self, mapping: Mapping[str, str] | None) -> None:
+    def __init__(self, mapping: Mapping[str, str] | None, known: Sequence[str] = FIELDS) -> None:
         mapping = dict(mapping or {})
-        unknown = sorted(set(mapping) - set(FIELDS))
+        unknown = sorted(set(mapping) - set(known))
         if unknown:
-            raise ValueError(f"unknown interchange field(s) {unknown} in the field mapping; known: {', '.join(FIELDS)}")
+            raise ValueError(f"unknown field(s) {unknown} in the field mapping; known: {', '.join(known)}")
         self.map = mapping
 
     def key(self, name: str) -> str:
@@ -276,7 +277,7 @@ def _correct(value: Any, where: str, label: str) -> bool | None:
     raise ValueError(f"{where}: {label} must be true, false, null, 1, 0 or -1, got {value!r}")
 
 
-def convert_record(rec: Mapping[str, Any], where: str, *, kl_source: str, fields: _Fields, top_n: int,
+def convert_record(rec: Mapping[str, Any], where: str, *, kl_source: str, fields: FieldMap, top_n: int,
                    vocab_size: int | None = None) -> dict[str, Any]:
     """One record as store values: scalar columns (Python values) and per-token numpy arrays, after the
     loss mask. Raises ValueError naming ``where`` and the field for anything malformed."""
@@ -447,7 +448,7 @@ def import_file(path: str | os.PathLike[str], out: str | os.PathLike[str], *, kl
     out = Path(out)
     header = read_header(path)
     source = _resolve_kl_source(kl_source, header)
-    fmap = _Fields(fields)
+    fmap = FieldMap(fields)
     if config is None:
         config = dict((header or {}).get("config") or {})
     if run_name is None:
