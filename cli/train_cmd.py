@@ -124,6 +124,7 @@ def register(app: typer.Typer) -> None:
         --resume continues the run in --out with its config.json; only --steps, --stop-after,
         --eval-every, --eval-k, --eval-n, --ckpt-every, --trace-every, --report-to, --tracker-project,
         --parallel and --shard-teacher may differ from it."""
+        from kat_diag.opd import distributed as D
         from kat_diag.opd import preflight
         from kat_diag.opd.config import CONFIG_NAME, RESUME_MUTABLE, SamplingConfig, TrainConfig
         from kat_diag.opd.tracking import parse_report_to
@@ -156,6 +157,9 @@ def register(app: typer.Typer) -> None:
             return
         preflight.check_train(cfg, resume=resume, overwrite=overwrite)
         last = run_train(cfg, resume=resume, overwrite=overwrite).metrics
+        # This process owns the group train() opened under torchrun: a gloo group left to interpreter
+        # exit can abort the process (SIGABRT, 'terminate called without an active exception').
+        D.shutdown()
         typer.echo(strict_json({k: v for k, v in last.items() if not k.startswith("policy/")}))
 
     @app.command("record")

@@ -51,6 +51,7 @@ def main() -> None:
         record_traces=True, data="world")
     trainer.train()
     trainer.save_model()  # the trained student in OUT (kat-diag gradproj finds it there)
+    trainer.end()  # under torchrun: destroy the process group (a gloo group left to exit can abort the process)
     last = [h for h in trainer.state.log_history if "kat/kept_share" in h][-1]
     print(f"{a.out}: step {trainer.state.global_step}, kat/tau {last['kat/tau']}, "
           f"kat/fired_share {last['kat/fired_share']:.2f}, kat/kept_share {last['kat/kept_share']:.2f}")

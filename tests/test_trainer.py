@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,8 @@ from kat_diag.opd.checkpoint import latest_checkpoint
 from kat_diag.opd.config import SamplingConfig, TrainConfig
 from kat_diag.opd.trainer import prompt_indices, train
 from kat_diag.traces.reader import TraceReader
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _cfg(world, out, **kw) -> TrainConfig:
@@ -142,6 +145,29 @@ def test_two_process_gloo_ddp_keeps_replicas_identical(quick_world, tmp_path):
     assert len(set(zip(cols["step"].tolist(), cols["prompt_id"].tolist(), strict=True))) == 18
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "loss" in m] == [0, 1, 2]
+
+
+def test_cli_train_under_torchrun_destroys_its_process_group(quick_world, tmp_path):
+    """`kat-diag train` owns the gloo group it opens: it destroys it before exit (a group left to
+    interpreter exit aborted a rank with SIGABRT now and then). An atexit hook on each rank records
+    whether the group is still up when the interpreter starts to finish."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import atexit, os\n"
+        "def _say():\n"
+        "    import torch.distributed as dist\n"
+        "    up = dist.is_available() and dist.is_initialized()\n"
+        f"    open(os.path.join({str(tmp_path)!r}, 'rank' + os.environ['RANK'] + '.txt'), 'w').write(str(up))\n"
+        "atexit.register(_say)\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{hook}{os.pathsep}{REPO}"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "cli.main",
+           "train", "--teacher", str(quick_world / "teacher"), "--student", str(quick_world / "student"),
+           "--out", str(tmp_path / "run"), "--steps", "1", "--batch-size", "2", "--max-new-tokens", "8",
+           "--chunk-size", "4", "--eval-n", "1", "--eval-k", "1", "--device", "cpu"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["False", "False"]
 
 
 def _cli(*args: str) -> list[str]:

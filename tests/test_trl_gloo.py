@@ -50,6 +50,7 @@ tr.train()
 rank = tr.accelerator.process_index
 (out / f"rank{rank}.json").write_text(json.dumps({"world": tr.accelerator.num_processes,
                                                   "type": str(tr.accelerator.distributed_type), "seen": seen}))
+tr.end()  # destroy the gloo group: left to interpreter exit, it aborts a rank now and then (SIGABRT)
 '''
 
 
